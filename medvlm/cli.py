@@ -1,0 +1,148 @@
+"""``medvlm-fl`` command line.
+
+    medvlm-fl build-foundation [--variant tiny|tiny-random] [--force]
+    medvlm-fl train-local [--config PRESET] [--hospital NAME ...] [--no-dp] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+log = logging.getLogger("medvlm")
+
+
+def _build_foundation(args: argparse.Namespace) -> int:
+    from medvlm.model.foundation import VARIANTS, build_foundation, foundation_dir
+
+    variants = VARIANTS if args.variant == "all" else (args.variant,)
+    for variant in variants:
+        if (foundation_dir(variant) / "build.json").is_file() and not args.force:
+            print(f"{variant}: already built at {foundation_dir(variant)} (use --force to rebuild)")
+            continue
+        started = time.perf_counter()
+        path = build_foundation(variant)
+        print(f"{variant}: built in {time.perf_counter() - started:.1f}s -> {path}")
+    return 0
+
+
+def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optional[Sequence[str]] = None,
+                    run_name: Optional[str] = None, progress: bool = True) -> tuple[Path, dict]:
+    """The train-local recipe, top to bottom: config -> model -> data -> train -> evaluate -> write."""
+    import torch
+
+    from medvlm.config import load_config
+    from medvlm.data.dataset import load_splits
+    from medvlm.evaluate import evaluate_with_baseline
+    from medvlm.model.vlm import build_medvlm
+    from medvlm.privacy import save_accountant_state
+    from medvlm.runs import export_trainable, new_run_dir, save_config, write_json
+    from medvlm.train import train_local
+
+    started = time.perf_counter()
+    cfg = load_config(preset, list(overrides))
+    torch.manual_seed(cfg.train.seed)
+    model = build_medvlm(cfg.model, seed=cfg.train.seed)
+    splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals)
+    run_dir = new_run_dir(cfg.output_dir, "train-local", run_name)
+    save_config(cfg, run_dir)
+    log.info("run folder %s: %d train / %d val / %d test questions", run_dir,
+             len(splits["train"]), len(splits["val"]), len(splits["test"]))
+
+    result = train_local(model, splits["train"], train=cfg.train, privacy=cfg.privacy, progress=progress)
+    test = evaluate_with_baseline(model, splits["test"], splits["train"].rows,
+                                  max_new_tokens=cfg.train.eval_max_new_tokens, progress=progress)
+    export_trainable(model, run_dir / "global")
+    if result.accountant_state is not None:
+        save_accountant_state(result.accountant_state, run_dir / "accountant.json")
+
+    trainable, total = model.count_parameters()
+    spent = result.privacy
+    summary = {
+        "final_accuracy": test["accuracy"], "closed_accuracy": test["closed_accuracy"],
+        "open_accuracy": test["open_accuracy"], "open_recall": test["open_recall"],
+        "baseline_accuracy": test["baseline"]["accuracy"],
+        "baseline_closed_accuracy": test["baseline"]["closed_accuracy"],
+        "baseline_open_accuracy": test["baseline"]["open_accuracy"],
+        "per_qtype": test["per_qtype"], "baseline_per_qtype": test["baseline"]["per_qtype"],
+        "test_questions": {"closed": test["closed_total"], "open": test["open_total"]},
+        "dp": cfg.privacy.enabled,
+        "epsilon": spent.epsilon if spent else None, "delta": cfg.privacy.delta if spent else None,
+        "privacy": spent.as_dict() if spent else None,
+        "train_loss": result.metrics["train_loss"], "steps": result.metrics["steps"],
+        "train_examples": result.metrics["examples"], "train_seconds": result.metrics["seconds"],
+        "trainable_parameters": trainable, "total_parameters": total,
+        "hospitals": list(hospitals or cfg.data.hospitals) if cfg.data.source == "synthetic" else None,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_json(run_dir / "summary.json", summary)
+    return run_dir, summary
+
+
+def _print_summary(run_dir: Path, s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    table = Table(title=f"train-local -> {run_dir}")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    table.add_column("per-question majority", justify="right")
+    table.add_row("overall accuracy", pct(s["final_accuracy"]), pct(s["baseline_accuracy"]))
+    table.add_row("closed accuracy", pct(s["closed_accuracy"]), pct(s["baseline_closed_accuracy"]))
+    table.add_row("open accuracy (exact)", pct(s["open_accuracy"]), pct(s["baseline_open_accuracy"]))
+    for qtype, acc in s["per_qtype"].items():
+        table.add_row(f"  {qtype}", pct(acc), pct(s["baseline_per_qtype"].get(qtype)))
+    console = Console()
+    console.print(table)
+    eps = "DP off" if s["epsilon"] is None else f"epsilon={s['epsilon']:.2f} at delta={s['delta']:g}"
+    console.print(f"{eps}; trainable {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters; "
+                  f"{s['wall_seconds']:.0f}s")
+
+
+def _train_local(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.no_dp:
+        overrides.append("privacy.enabled=false")
+    run_dir, summary = train_local_run(args.config, overrides, hospitals=args.hospital or None,
+                                       run_name=args.name)
+    _print_summary(run_dir, summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvlm-fl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-foundation", help="(re)build the built-in tiny pretrained ViT + LM (cached)")
+    p.add_argument("--variant", default="tiny", choices=["tiny", "tiny-random", "all"])
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_build_foundation)
+
+    p = sub.add_parser("train-local", help="train one model on pooled (or one hospital's) data")
+    p.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path (default: tiny)")
+    p.add_argument("--hospital", action="append", help="synthetic hospital profile(s) to use (default: all in config)")
+    p.add_argument("--no-dp", action="store_true", help="plain training (baseline): privacy.enabled=false")
+    p.add_argument("--name", help="run folder name under output_dir (default: timestamp)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 privacy.target_epsilon=4")
+    p.set_defaults(func=_train_local)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""One typed configuration tree for everything in medvlm.
+
+YAML presets in ``configs/`` and ``key=value`` overrides are merged onto these dataclasses
+in :func:`load_config`; nothing past that function sees an OmegaConf ``DictConfig``.
+Each dataclass validates itself in ``__post_init__`` with a message naming the bad field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+def _check(ok: bool, key: str, value: object, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"config: {key}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class VisionConfig:
+    # Where the frozen open_clip vision tower comes from (one loading path for all):
+    #   "builtin:tiny"        the project's tiny ViT, pretrained on its synthetic public corpus
+    #                         (built once by `medvlm-fl build-foundation`, then cached)
+    #   "builtin:tiny-random" the same architecture with random weights (for ablations/tests)
+    #   "local-dir:/models/BiomedCLIP"  an open_clip directory (open_clip_config.json + weights)
+    #   "hf-hub:org/name"     an open_clip model on the Hugging Face hub (needs network)
+    source: str = "builtin:tiny"
+    # Local directory to use for the HF text tower that some open_clip configs reference
+    # (BiomedCLIP's PubMedBERT). Only the vision tower is used, so it may stay unset.
+    hf_text_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        ok = self.source.startswith(("builtin:", "local-dir:", "hf-hub:"))
+        _check(ok, "model.vision.source", self.source,
+               "use builtin:tiny, builtin:tiny-random, local-dir:/path or hf-hub:org/name")
+
+
+@dataclass
+class FusionConfig:
+    # "qformer": learned queries cross-attending the patch tokens (BLIP-2 / seed design)
+    # "mlp":     LLaVA-style projector applied to every patch token
+    kind: str = "qformer"
+    num_queries: int = 8      # visual soft tokens handed to the LLM (qformer)
+    dim: int = 128            # internal width of the query transformer
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("qformer", "mlp"), "model.fusion.kind", self.kind, "use qformer or mlp")
+        for name in ("num_queries", "dim", "layers", "heads", "mlp_ratio"):
+            _check(getattr(self, name) > 0, f"model.fusion.{name}", getattr(self, name), "must be > 0")
+        _check(self.dim % self.heads == 0, "model.fusion.dim", self.dim,
+               f"must be divisible by model.fusion.heads={self.heads}")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "model.lora.r", self.r, "rank must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(len(self.target_modules) > 0, "model.lora.target_modules", self.target_modules,
+               "name at least one module, e.g. [q_proj, v_proj] (Llama) or [query_key_value] (BLOOM)")
+
+
+@dataclass
+class LanguageConfig:
+    # "builtin:tiny" (Llama-shaped, pretrained on the synthetic public corpus by
+    # `medvlm-fl build-foundation`), "builtin:tiny-random", a local directory with a Hugging
+    # Face causal LM + tokenizer (the hospital path for a 7B LLM), or a hub id when online.
+    source: str = "builtin:tiny"
+    dtype: str = "float32"    # dtype of the frozen base weights: float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.language.dtype", self.dtype,
+               "use float32, bfloat16 or float16")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    max_text_len: int = 32    # prompt + answer tokens, padded to this fixed length
+
+    def __post_init__(self) -> None:
+        _check(self.max_text_len >= 8, "model.max_text_len", self.max_text_len, "must be >= 8")
+
+
+@dataclass
+class DataConfig:
+    # "synthetic": the built-in generator; otherwise a path to a manifest.jsonl
+    source: str = "synthetic"
+    # synthetic: which hospital profiles to pool (names from medvlm.data.synthetic.PROFILES)
+    hospitals: list[str] = field(default_factory=lambda: ["general", "oncology", "cardiac"])
+    images_per_hospital: int = 400   # each image carries several questions
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+    # what to do with a bad manifest row: "error" (default, lists every bad row) or "skip"
+    on_bad_row: str = "error"
+
+    def __post_init__(self) -> None:
+        _check(self.images_per_hospital > 0, "data.images_per_hospital", self.images_per_hospital, "must be > 0")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        _check(0 <= self.test_fraction < 1, "data.test_fraction", self.test_fraction, "must be in [0, 1)")
+        _check(self.val_fraction + self.test_fraction < 1, "data.val_fraction+data.test_fraction",
+               self.val_fraction + self.test_fraction, "must leave some training data (< 1)")
+        _check(self.on_bad_row in ("error", "skip"), "data.on_bad_row", self.on_bad_row, "use error or skip")
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    # Give either a target epsilon (noise is calibrated for the planned steps) or a noise
+    # multiplier (epsilon follows from the steps taken). target_epsilon wins if both are set.
+    target_epsilon: Optional[float] = 8.0
+    noise_multiplier: Optional[float] = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"          # rdp | prv | gdp (Opacus accountants)
+    grad_sample_mode: str = "hooks"  # hooks | functorch | ew | ghost (Opacus)
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            _check(self.target_epsilon is not None or self.noise_multiplier is not None,
+                   "privacy.target_epsilon", self.target_epsilon,
+                   "set privacy.target_epsilon or privacy.noise_multiplier (or privacy.enabled=false)")
+        if self.target_epsilon is not None:
+            _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "must be > 0")
+        if self.noise_multiplier is not None:
+            _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
+        _check(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1), e.g. 1e-5")
+        _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be > 0")
+        _check(self.accountant in ("rdp", "prv", "gdp"), "privacy.accountant", self.accountant, "use rdp, prv or gdp")
+        _check(self.grad_sample_mode in ("hooks", "functorch", "ew", "ghost"), "privacy.grad_sample_mode",
+               self.grad_sample_mode, "use hooks, functorch, ew or ghost")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 10.0             # local epochs (fractions allowed: steps = epochs / sample_rate)
+    batch_size: int = 64             # expected logical batch size (Poisson sampling under DP)
+    physical_batch_size: int = 64    # memory cap per forward pass (Opacus BatchMemoryManager)
+    lr: float = 3e-3
+    optimizer: str = "adamw"         # adamw | sgd
+    weight_decay: float = 0.0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    eval_max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
+        _check(self.batch_size > 0, "train.batch_size", self.batch_size, "must be > 0")
+        _check(self.physical_batch_size > 0, "train.physical_batch_size", self.physical_batch_size, "must be > 0")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", self.optimizer, "use adamw or sgd")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{preset}.yaml"
+    if not candidate.exists():
+        raise ValueError(f"config preset {preset!r} not found: use one of {available_presets()} "
+                         f"or a path to a .yaml file")
+    return candidate
+
+
+def _load_yaml_chain(preset: str, seen: tuple[str, ...] = ()) -> list:
+    """A preset may name a ``base:`` preset it extends; returns the chain base-first."""
+    if preset in seen:
+        raise ValueError(f"config preset {preset!r} extends itself through {' -> '.join(seen)}")
+    path = _preset_path(preset)
+    node = OmegaConf.load(path)
+    base = node.pop("base", None)
+    chain = _load_yaml_chain(str(base), seen + (preset,)) if base else []
+    return chain + [(path, node)]
+
+
+def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Merge the schema defaults, the preset chain and ``key=value`` overrides; validate."""
+    merged = OmegaConf.structured(ExperimentConfig)
+    for path, node in _load_yaml_chain(preset):
+        try:
+            merged = OmegaConf.merge(merged, node)
+        except OmegaConfBaseException as err:
+            raise ValueError(f"config file {path}: {err.msg if hasattr(err, 'msg') else err}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as err:
+        raise ValueError(f"override rejected: {err}") from None
+    try:
+        return OmegaConf.to_object(merged)  # runs every __post_init__
+    except OmegaConfBaseException as err:
+        raise ValueError(f"config rejected: {err}") from None
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

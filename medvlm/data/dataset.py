@@ -1,0 +1,125 @@
+"""Tokenised VQA datasets with fixed-length text (DP-SGD wants fixed shapes per example).
+
+Every example is ``(pixels, input_ids, attention_mask, labels)``: the prompt
+``question: <q> answer:`` followed by `` <answer></s>``, right-padded to ``max_text_len``;
+labels are ``-100`` everywhere except the answer tokens. Images go through the vision
+encoder's own ``preprocess`` once, when the dataset is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from medvlm.config import DataConfig
+from medvlm.data.manifest import load_image, read_manifest
+from medvlm.data.synthetic import SyntheticSet, generate_hospital, split_images
+from medvlm.model.vlm import IGNORE_INDEX
+
+
+def prompt_text(question: str) -> str:
+    return f"question: {question.strip().lower()} answer:"
+
+
+def encode_pair(tokenizer, question: str, answer: str | None, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt (+ answer + eos) and the labels; truncates the question, never the answer end."""
+    prompt = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+    if answer is None:
+        return prompt[-max_len:], [IGNORE_INDEX] * min(len(prompt), max_len)
+    target = tokenizer(" " + answer.strip().lower(), add_special_tokens=False)["input_ids"][: max_len // 2]
+    target = target + [tokenizer.eos_token_id]
+    prompt = prompt[-(max_len - len(target)):]
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+@dataclass
+class VQARows:
+    """Questions about a shared pool of preprocessed images."""
+
+    pixels: torch.Tensor       # (N_images, 3, H, W)
+    rows: list[dict]           # each with image_index, question, answer, answer_type, qtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class VQADataset(Dataset):
+    def __init__(self, data: VQARows, tokenizer, max_len: int):
+        self.data, self.tokenizer, self.max_len = data, tokenizer, max_len
+        n = len(data.rows)
+        self.input_ids = torch.full((n, max_len), tokenizer.pad_token_id, dtype=torch.long)
+        self.attention_mask = torch.zeros((n, max_len), dtype=torch.long)
+        self.labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.long)
+        self.image_index = torch.tensor([r["image_index"] for r in data.rows], dtype=torch.long)
+        for i, r in enumerate(data.rows):
+            ids, labels = encode_pair(tokenizer, r["question"], r["answer"], max_len)
+            self.input_ids[i, : len(ids)] = torch.tensor(ids)
+            self.attention_mask[i, : len(ids)] = 1
+            self.labels[i, : len(labels)] = torch.tensor(labels)
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.data.rows
+
+    def __len__(self) -> int:
+        return len(self.data.rows)
+
+    def __getitem__(self, i: int):
+        return self.data.pixels[self.image_index[i]], self.input_ids[i], self.attention_mask[i], self.labels[i]
+
+
+def preprocess_images(images: Sequence, preprocess: Callable) -> torch.Tensor:
+    """uint8 arrays or PIL images -> the encoder's normalised tensors (one shared path)."""
+    out = [preprocess(im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))) for im in images]
+    return torch.stack(out) if out else torch.empty(0)
+
+
+def from_synthetic(ds: SyntheticSet, preprocess: Callable) -> VQARows:
+    return VQARows(preprocess_images(ds.images, preprocess), [dict(r) for r in ds.rows])
+
+
+def from_manifest(path: str, preprocess: Callable, *, on_bad_row: str = "error") -> VQARows:
+    manifest = read_manifest(path, on_bad_row=on_bad_row)
+    paths = list(dict.fromkeys(r["image"] for r in manifest.rows))
+    index = {p: i for i, p in enumerate(paths)}
+    pixels = preprocess_images([load_image(p) for p in paths], preprocess)
+    rows = [dict(r, image_index=index[r["image"]], qtype=r.get("qtype") or "all") for r in manifest.rows]
+    return VQARows(pixels, rows)
+
+
+def split_rows(data: VQARows, *, val_fraction: float, test_fraction: float, seed: int) -> dict[str, VQARows]:
+    """Split by image, so no image's questions straddle train and test."""
+    parts = split_images(len(data.pixels), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    out = {}
+    for name, keep in parts.items():
+        remap = {old: new for new, old in enumerate(keep)}
+        rows = [dict(r, image_index=remap[r["image_index"]]) for r in data.rows if r["image_index"] in remap]
+        out[name] = VQARows(data.pixels[keep] if keep else data.pixels[:0], rows)
+    return out
+
+
+def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[str] | None = None) -> dict[str, VQARows]:
+    """train/val/test VQARows for the configured data (synthetic hospitals pooled, or a manifest)."""
+    if cfg.source != "synthetic":
+        data = from_manifest(cfg.source, preprocess, on_bad_row=cfg.on_bad_row)
+        return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    merged: dict[str, list[VQARows]] = {"train": [], "val": [], "test": []}
+    for name in hospitals or cfg.hospitals:
+        data = from_synthetic(generate_hospital(name, cfg.images_per_hospital, seed=cfg.seed), preprocess)
+        for split, part in split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                      seed=cfg.seed).items():
+            merged[split].append(part)
+    return {split: concat(parts) for split, parts in merged.items()}
+
+
+def concat(parts: Sequence[VQARows]) -> VQARows:
+    rows, offset = [], 0
+    for p in parts:
+        rows += [dict(r, image_index=r["image_index"] + offset) for r in p.rows]
+        offset += len(p.pixels)
+    return VQARows(torch.cat([p.pixels for p in parts]), rows)

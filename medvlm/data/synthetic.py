@@ -1,0 +1,254 @@
+"""Deterministic synthetic radiology data: images whose findings are visible in the pixels,
+templated closed/open questions about them, and a short findings report.
+
+Findings per image: pulmonary nodules (count 0-3, all on one side), pleural effusion (none,
+left, right), enlarged heart (yes/no); modality style x-ray / CT / MRI. Sides are the
+*patient's* sides drawn in radiological convention (patient left = image right).
+
+Hospital profiles vary scanner contrast, noise, intensity inversion, disease prevalence and
+modality mix, so hospitals are non-IID. The ``public`` profile is the corpus the built-in
+foundation models are pretrained on; it uses a seed stream disjoint from every hospital.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SIZE = 64
+MODALITIES = ("x-ray", "ct", "mri")
+NUMBER_WORDS = ("no", "one", "two", "three")
+
+
+@dataclass(frozen=True)
+class HospitalProfile:
+    name: str
+    modality_mix: tuple[float, float, float]  # P(x-ray), P(ct), P(mri)
+    p_nodule: float
+    p_effusion: float
+    p_cardiomegaly: float
+    contrast: float = 1.0      # gamma applied to intensities (scanner/post-processing)
+    noise: float = 0.04        # std of additive Gaussian noise (intensity in [0, 1])
+    p_invert: float = 0.0      # probability an image is stored inverted (MONOCHROME1-like)
+    stream: int = 0            # seed stream: hospitals never share one with the public corpus
+
+
+PROFILES: dict[str, HospitalProfile] = {
+    p.name: p
+    for p in (
+        HospitalProfile("general", (0.7, 0.2, 0.1), 0.35, 0.3, 0.3, 1.0, 0.04, 0.0, stream=1),
+        HospitalProfile("oncology", (0.2, 0.7, 0.1), 0.7, 0.25, 0.15, 0.8, 0.05, 0.0, stream=2),
+        HospitalProfile("cardiac", (0.4, 0.1, 0.5), 0.2, 0.45, 0.65, 1.25, 0.03, 0.3, stream=3),
+        HospitalProfile("rural", (0.9, 0.1, 0.0), 0.35, 0.35, 0.35, 1.1, 0.09, 0.1, stream=4),
+        HospitalProfile("imaging", (0.2, 0.4, 0.4), 0.45, 0.35, 0.35, 0.9, 0.03, 0.05, stream=5),
+        HospitalProfile("public", (0.34, 0.33, 0.33), 0.5, 0.5, 0.5, 1.0, 0.05, 0.15, stream=1000),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Findings:
+    modality: str
+    nodules: int          # 0..3
+    nodule_side: str      # "left" | "right" | "" when no nodules
+    effusion: str         # "none" | "left" | "right"
+    cardiomegaly: bool
+
+    def abnormalities(self) -> list[str]:
+        out = []
+        if self.nodules:
+            out.append("nodule")
+        if self.effusion != "none":
+            out.append("pleural effusion")
+        if self.cardiomegaly:
+            out.append("enlarged heart")
+        return out
+
+
+@dataclass
+class SyntheticSet:
+    """Images plus question rows that reference them by index."""
+
+    images: np.ndarray                      # (N, H, W) uint8
+    findings: list[Findings]
+    rows: list[dict] = field(default_factory=list)  # image_index, question, answer, answer_type, qtype, report
+
+    def subset(self, image_indices: list[int]) -> "SyntheticSet":
+        keep = {old: new for new, old in enumerate(image_indices)}
+        rows = [dict(r, image_index=keep[r["image_index"]]) for r in self.rows if r["image_index"] in keep]
+        return SyntheticSet(self.images[image_indices], [self.findings[i] for i in image_indices], rows)
+
+
+# ----------------------------------------------------------------------------- findings
+def sample_findings(rng: np.random.Generator, profile: HospitalProfile) -> Findings:
+    modality = MODALITIES[int(rng.choice(3, p=np.asarray(profile.modality_mix) / sum(profile.modality_mix)))]
+    nodules = int(rng.integers(1, 4)) if rng.random() < profile.p_nodule else 0
+    nodule_side = ("left", "right")[int(rng.integers(2))] if nodules else ""
+    effusion = ("left", "right")[int(rng.integers(2))] if rng.random() < profile.p_effusion else "none"
+    cardiomegaly = bool(rng.random() < profile.p_cardiomegaly)
+    return Findings(modality, nodules, nodule_side, effusion, cardiomegaly)
+
+
+# ----------------------------------------------------------------------------- rendering
+def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def render(findings: Findings, rng: np.random.Generator, profile: HospitalProfile,
+           size: int = IMAGE_SIZE) -> np.ndarray:
+    """Draw one image (H, W) uint8. Patient left is image right (radiological convention)."""
+    s = float(size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    jitter = lambda scale: float(rng.normal(0, scale))  # noqa: E731 - small positional jitter
+    style = findings.modality
+    # tissue intensities per modality style: background, body, lung, heart, fluid, nodule
+    tones = {
+        "x-ray": (0.02, 0.55, 0.12, 0.85, 0.8, 0.95),
+        "ct": (0.0, 0.45, 0.05, 0.65, 0.55, 0.9),
+        "mri": (0.05, 0.35, 0.15, 0.5, 0.95, 0.75),
+    }[style]
+    bg, body_t, lung_t, heart_t, fluid_t, nod_t = tones
+    img = np.full((size, size), bg, np.float32)
+    cy, cx = s * 0.52 + jitter(1.0), s * 0.5 + jitter(1.0)
+    if style == "x-ray":   # frontal chest: tall lungs, heart low and to patient's left
+        img[_ellipse(yy, xx, cy, cx, s * 0.46, s * 0.44)] = body_t
+        lung_ry, lung_rx, lung_dy, lung_dx = s * 0.32, s * 0.15, -s * 0.02, s * 0.19
+    else:                  # axial slice: round body, lungs side by side, heart anterior
+        img[_ellipse(yy, xx, cy, cx, s * 0.40, s * 0.47)] = body_t
+        lung_ry, lung_rx, lung_dy, lung_dx = s * 0.24, s * 0.17, s * 0.0, s * 0.2
+    # image-left lung = patient's right; image-right lung = patient's left
+    lung_centres = {"right": (cy + lung_dy, cx - lung_dx), "left": (cy + lung_dy, cx + lung_dx)}
+    lung_masks = {}
+    for side, (ly, lx) in lung_centres.items():
+        m = _ellipse(yy, xx, ly, lx, lung_ry, lung_rx)
+        lung_masks[side] = m
+        img[m] = lung_t
+    if style == "mri":  # soft texture inside the body
+        img += 0.06 * np.sin(xx / 2.5 + jitter(1)) * np.cos(yy / 3.1) * (img > bg + 0.01)
+    # heart: larger radius when enlarged
+    hr = s * (0.2 if findings.cardiomegaly else 0.13) * (1 + jitter(0.04))
+    hy = cy + (s * 0.12 if style == "x-ray" else -s * 0.12)
+    hx = cx + s * 0.05
+    img[_ellipse(yy, xx, hy, hx, hr * 0.9, hr)] = heart_t
+    # pleural effusion: fluid filling the dependent part of one lung
+    if findings.effusion != "none":
+        ly, lx = lung_centres[findings.effusion]
+        level = ly + lung_ry * (0.15 if style == "x-ray" else 0.05) + jitter(1.0)
+        fluid = lung_masks[findings.effusion] & (yy > level)
+        img[fluid] = fluid_t
+    # nodules: bright round opacities within one lung, away from the fluid
+    if findings.nodules:
+        ly, lx = lung_centres[findings.nodule_side]
+        placed: list[tuple[float, float]] = []
+        for _ in range(findings.nodules):
+            for _attempt in range(50):
+                ny = ly + rng.uniform(-0.7, 0.1) * lung_ry
+                nx = lx + rng.uniform(-0.55, 0.55) * lung_rx
+                if all((ny - py) ** 2 + (nx - px) ** 2 > (s * 0.11) ** 2 for py, px in placed):
+                    break
+            placed.append((ny, nx))
+            r = s * rng.uniform(0.04, 0.055)
+            img[_ellipse(yy, xx, ny, nx, r, r)] = nod_t
+    # scanner: contrast curve, inversion, noise
+    img = np.clip(img, 0.0, 1.0) ** profile.contrast
+    if rng.random() < profile.p_invert:
+        img = 1.0 - img
+    img = img + rng.normal(0.0, profile.noise, img.shape).astype(np.float32)
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- text
+def report_text(f: Findings) -> str:
+    parts = [f"{f.modality} of the chest."]
+    if f.nodules:
+        noun = "nodule" if f.nodules == 1 else "nodules"
+        parts.append(f"{NUMBER_WORDS[f.nodules]} {noun} in the {f.nodule_side} lung.")
+    if f.effusion != "none":
+        parts.append(f"{f.effusion} pleural effusion.")
+    if f.cardiomegaly:
+        parts.append("the heart is enlarged.")
+    if len(parts) == 1:
+        parts.append("no acute findings.")
+    return " ".join(parts)
+
+
+def questions(f: Findings) -> list[tuple[str, str, str, str]]:
+    """(question, answer, answer_type, qtype) for one image's findings."""
+    yn = lambda b: "yes" if b else "no"  # noqa: E731
+    out = [
+        ("is there a pleural effusion?", yn(f.effusion != "none"), "closed", "effusion"),
+        ("is the heart enlarged?", yn(f.cardiomegaly), "closed", "cardiomegaly"),
+        ("are there any nodules?", yn(f.nodules > 0), "closed", "nodule"),
+        ("how many nodules are there?", str(f.nodules), "closed", "count"),
+        ("is this an x-ray, a ct or an mri?", f.modality, "closed", "modality"),
+        ("what abnormality is seen?", " and ".join(f.abnormalities()) or "no finding", "open", "abnormality"),
+    ]
+    if f.nodules:
+        out.append(("which lung has the nodule?", f.nodule_side, "closed", "nodule_side"))
+        out.append(("describe the nodules.", f"{NUMBER_WORDS[f.nodules]} in the {f.nodule_side} lung", "open",
+                    "nodule_description"))
+    if f.effusion != "none":
+        out.append(("where is the effusion?", f"{f.effusion} lung base", "open", "effusion_location"))
+    return out
+
+
+def public_corpus_text(findings: list[Findings]) -> list[str]:
+    """Text the tiny LM is pretrained on: reports and question/answer lines (public corpus)."""
+    lines = []
+    for f in findings:
+        lines.append(report_text(f))
+        for q, a, _, _ in questions(f):
+            lines.append(f"question: {q} answer: {a}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- generation
+def generate_hospital(profile: str | HospitalProfile, num_images: int, *, seed: int = 0,
+                      size: int = IMAGE_SIZE) -> SyntheticSet:
+    """Generate one hospital's images and questions, deterministically from (profile, seed)."""
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown hospital profile {profile!r}: use one of {sorted(PROFILES)}")
+        profile = PROFILES[profile]
+    root = np.random.SeedSequence([seed, profile.stream])
+    images = np.empty((num_images, size, size), np.uint8)
+    findings, rows = [], []
+    for i, child in enumerate(root.spawn(num_images)):
+        rng = np.random.default_rng(child)
+        f = sample_findings(rng, profile)
+        images[i] = render(f, rng, profile, size)
+        findings.append(f)
+        report = report_text(f)
+        for q, a, atype, qtype in questions(f):
+            rows.append({"image_index": i, "question": q, "answer": a, "answer_type": atype,
+                         "qtype": qtype, "report": report, "modality": f.modality})
+    return SyntheticSet(images, findings, rows)
+
+
+def split_images(n: int, *, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Split image indices (never questions: one image's questions stay in one split)."""
+    order = np.random.default_rng(seed + 7919).permutation(n).tolist()
+    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
+    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
+            "train": sorted(order[n_test + n_val:])}
+
+
+def write_manifest(ds: SyntheticSet, directory: str | Path, *, name: str = "manifest.jsonl") -> Path:
+    """Write PNG images and a JSONL manifest (image paths relative to the manifest)."""
+    from PIL import Image
+
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(ds.images):
+        Image.fromarray(img, mode="L").save(directory / "images" / f"{i:05d}.png")
+    path = directory / name
+    with path.open("w") as fh:
+        for r in ds.rows:
+            row = {"image": f"images/{r['image_index']:05d}.png", "question": r["question"],
+                   "answer": r["answer"], "answer_type": r["answer_type"], "qtype": r["qtype"],
+                   "report": r["report"], "modality": r["modality"]}
+            fh.write(json.dumps(row) + "\n")
+    return path

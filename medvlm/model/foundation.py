@@ -1,0 +1,182 @@
+"""The built-in tiny "foundation": a tiny ViT and a tiny LM pretrained on a synthetic *public*
+corpus, the miniature of freezing BiomedCLIP (pretrained on PMC-15M) and a radiology LLM.
+
+Random frozen encoders are a poor base (the fusion + LoRA must then do all the work), so the
+project pretrains its own, deterministically, from a seed stream that no hospital uses:
+  * tokenizer: byte-level BPE trained with ``tokenizers`` on the corpus text;
+  * vision: open_clip CLIP (tiny ViT + tiny text tower), contrastive image-report training;
+  * language: a Llama-shaped causal LM trained on reports and question/answer lines.
+The result is written as ordinary model directories (``vision/`` laid out like BiomedCLIP's
+open_clip directory, ``lm/`` as ``save_pretrained`` writes it) and loaded through the same code
+path a hospital uses for real models. ``medvlm-fl build-foundation`` (re)builds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medvlm.data.synthetic import generate_hospital, public_corpus_text, report_text
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+FOUNDATION_VERSION = 1          # bump when the recipe below changes: it invalidates caches
+VARIANTS = ("tiny", "tiny-random")
+PUBLIC_SEED = 20240416          # the public corpus' seed; hospitals use other seed streams
+PUBLIC_IMAGES = 3000
+CLIP_STEPS, CLIP_BATCH, CLIP_LR = 300, 96, 2e-3
+LM_STEPS, LM_BATCH, LM_LR, LM_MAX_LEN = 400, 64, 3e-3, 32
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEDVLM_CACHE", Path.home() / ".cache" / "medvlm-fl"))
+
+
+def foundation_key(variant: str) -> str:
+    recipe = {"version": FOUNDATION_VERSION, "variant": variant, "public_seed": PUBLIC_SEED,
+              "images": PUBLIC_IMAGES, "clip": [CLIP_STEPS, CLIP_BATCH, CLIP_LR], "lm": [LM_STEPS, LM_BATCH, LM_LR],
+              "vit": (BUILTIN_DIR / "tiny_vit.json").read_text(), "lm_cfg": (BUILTIN_DIR / "tiny_lm.json").read_text()}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def foundation_dir(variant: str) -> Path:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown built-in model {variant!r}: use one of builtin:{', builtin:'.join(VARIANTS)}")
+    return cache_root() / f"foundation-{variant}-{foundation_key(variant)}"
+
+
+def ensure_foundation(variant: str) -> Path:
+    """Return the built-in model directory, building it on first use (cached afterwards)."""
+    path = foundation_dir(variant)
+    if not (path / "build.json").is_file():
+        build_foundation(variant)
+    return path
+
+
+# ----------------------------------------------------------------------------- pieces
+def train_tokenizer(lines: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _pretrain_clip(clip, images: np.ndarray, captions: list[str], tokenizer, preprocess, progress: bool) -> float:
+    from open_clip import ClipLoss
+    from PIL import Image
+    from tqdm import tqdm
+
+    pixels = torch.stack([preprocess(Image.fromarray(im)) for im in images])
+    text = tokenizer(captions)
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW([p for p in clip.parameters() if p.requires_grad], lr=CLIP_LR, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=CLIP_LR, total_steps=CLIP_STEPS, pct_start=0.1)
+    gen = torch.Generator().manual_seed(PUBLIC_SEED)
+    clip.train()
+    losses = []
+    for _ in tqdm(range(CLIP_STEPS), desc="foundation: contrastive ViT", disable=not progress):
+        idx = torch.randint(len(pixels), (CLIP_BATCH,), generator=gen)
+        image_features, text_features, logit_scale = clip(pixels[idx], text[idx])[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    clip.eval()
+    return float(np.mean(losses[-50:]))
+
+
+def _pretrain_lm(lm, tokenizer, lines: list[str], progress: bool) -> float:
+    from tqdm import tqdm
+
+    enc = tokenizer([line + tokenizer.eos_token for line in lines], padding="max_length", truncation=True,
+                    max_length=LM_MAX_LEN, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    opt = torch.optim.AdamW(lm.parameters(), lr=LM_LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LM_LR, total_steps=LM_STEPS, pct_start=0.1)
+    gen = torch.Generator().manual_seed(PUBLIC_SEED + 1)
+    lm.train()
+    losses = []
+    for _ in tqdm(range(LM_STEPS), desc="foundation: language model", disable=not progress):
+        idx = torch.randint(len(ids), (LM_BATCH,), generator=gen)
+        logits = lm(input_ids=ids[idx], attention_mask=mask[idx]).logits[:, :-1]
+        target = ids[idx][:, 1:].masked_fill(mask[idx][:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    lm.eval()
+    return float(np.mean(losses[-50:]))
+
+
+def build_foundation(variant: str = "tiny", *, progress: bool = True) -> Path:
+    """Build (or rebuild) a built-in model directory; written atomically into the cache."""
+    import open_clip
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    target = foundation_dir(variant)
+    pretrain = variant == "tiny"
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        corpus = generate_hospital("public", PUBLIC_IMAGES if pretrain else 200, seed=PUBLIC_SEED)
+        lines = public_corpus_text(corpus.findings)
+        lm_cfg = json.loads((BUILTIN_DIR / "tiny_lm.json").read_text())
+        tokenizer = train_tokenizer(lines, lm_cfg["vocab_size"])
+
+        # --- vision: an open_clip directory like BiomedCLIP's
+        (work / "vision").mkdir()
+        shutil.copy(BUILTIN_DIR / "tiny_vit.json", work / "vision" / "open_clip_config.json")
+        torch.manual_seed(PUBLIC_SEED)
+        clip, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(work / "vision"))
+        clip_loss = None
+        if pretrain:
+            captions = [report_text(f) for f in corpus.findings]
+            clip_tok = open_clip.get_tokenizer("local-dir:" + str(work / "vision"))
+            clip_loss = _pretrain_clip(clip, corpus.images, captions, clip_tok, preprocess, progress)
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+                  str(work / "vision" / "open_clip_model.safetensors"))
+
+        # --- language: a save_pretrained directory like any Hugging Face causal LM
+        torch.manual_seed(PUBLIC_SEED + 1)
+        config = AutoConfig.for_model(**{**lm_cfg, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                                         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+        lm = AutoModelForCausalLM.from_config(config)
+        lm_loss = _pretrain_lm(lm, tokenizer, lines, progress) if pretrain else None
+        lm.save_pretrained(work / "lm")
+        tokenizer.save_pretrained(work / "lm")
+
+        info = {"variant": variant, "key": foundation_key(variant), "seconds": round(time.perf_counter() - started, 1),
+                "public_images": len(corpus.images), "clip_final_loss": clip_loss, "lm_final_loss": lm_loss,
+                "torch": torch.__version__}
+        (work / "build.json").write_text(json.dumps(info, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        work.rename(target)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("built %s foundation in %.1fs -> %s", variant, time.perf_counter() - started, target)
+    return target

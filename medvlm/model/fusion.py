@@ -1,0 +1,95 @@
+"""Fusion modules: patch tokens -> visual soft tokens in the LLM's embedding space.
+
+Both are trained and sent every round, so they are small on purpose, and built only from
+layers Opacus computes per-sample gradients for (Linear, LayerNorm, Embedding): attention is
+written with Linear projections and ``scaled_dot_product_attention`` rather than
+``nn.MultiheadAttention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlm.config import FusionConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: (B, Q, D) queries; context: (B, P, D) keys/values
+        b, q_len, d = x.shape
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(context)), split(self.v(context)))
+        return self.o(out.transpose(1, 2).reshape(b, q_len, d))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, heads)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+
+    def forward(self, queries: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        h = self.norm_self(queries)
+        queries = queries + self.self_attn(h, h)
+        queries = queries + self.cross_attn(self.norm_cross(queries), patches)
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class QFormer(nn.Module):
+    """Learned queries cross-attending the patch tokens (BLIP-2 / the seed paper's design)."""
+
+    def __init__(self, cfg: FusionConfig, vision_width: int, lm_width: int):
+        super().__init__()
+        self.num_queries = cfg.num_queries
+        self.queries = nn.Embedding(cfg.num_queries, cfg.dim)
+        self.patch_norm = nn.LayerNorm(vision_width)
+        self.patch_proj = nn.Linear(vision_width, cfg.dim)
+        self.layers = nn.ModuleList(QFormerLayer(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
+        self.out_norm = nn.LayerNorm(cfg.dim)
+        self.out_proj = nn.Linear(cfg.dim, lm_width)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # patches: (B, P, vision_width) -> (B, num_queries, lm_width)
+        b = patches.shape[0]
+        # .repeat (not .expand): Opacus' per-sample embedding grads need a contiguous index
+        idx = torch.arange(self.num_queries, device=patches.device).repeat(b, 1)
+        q = self.queries(idx)                                   # (B, Q, dim)
+        ctx = self.patch_proj(self.patch_norm(patches))         # (B, P, dim)
+        for layer in self.layers:
+            q = layer(q, ctx)
+        return self.out_proj(self.out_norm(q))
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-style two-layer projector applied to every patch token."""
+
+    def __init__(self, cfg: FusionConfig, vision_width: int, lm_width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(vision_width)
+        self.fc1 = nn.Linear(vision_width, cfg.dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(cfg.dim, lm_width)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # patches: (B, P, vision_width) -> (B, P, lm_width)
+        return self.fc2(self.act(self.fc1(self.norm(patches))))
+
+
+def build_fusion(cfg: FusionConfig, *, vision_width: int, lm_width: int) -> nn.Module:
+    if cfg.kind == "qformer":
+        return QFormer(cfg, vision_width, lm_width)
+    return MLPProjector(cfg, vision_width, lm_width)

@@ -1,0 +1,181 @@
+"""The composed Med-VLM: frozen vision tower -> trainable fusion -> frozen LLM + LoRA.
+
+``trainable_state()`` / ``load_trainable_state()`` are the only way weights leave or enter a
+model: names are ``fusion.<param>`` and ``language.<...lora_...>``, and the allow-list of
+(name, shape, dtype) is derived from the model itself (:meth:`MedVLM.trainable_spec`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlm.config import ModelConfig
+from medvlm.model.fusion import build_fusion
+from medvlm.model.language import build_language_model
+from medvlm.model.vision import build_vision_encoder
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+
+
+class TrainableStateError(ValueError):
+    """A tensor offered to load_trainable_state does not match the model's allow-list."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def validate_state(state: Mapping[str, object], spec: Mapping[str, TensorSpec], *, strict: bool = True) -> None:
+    """Raise TrainableStateError naming the first tensor that is unknown, missing, mis-shaped,
+    of the wrong dtype or non-finite. Accepts torch tensors and numpy arrays."""
+    unknown = sorted(set(state) - set(spec))
+    if unknown:
+        raise TrainableStateError(f"unknown tensor name(s) {unknown[:5]}{'...' if len(unknown) > 5 else ''}: "
+                                  "only LoRA and fusion tensors of this model may be loaded")
+    if strict:
+        missing = sorted(set(spec) - set(state))
+        if missing:
+            raise TrainableStateError(f"missing tensor(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for name, value in state.items():
+        want = spec[name]
+        if isinstance(value, np.ndarray):
+            shape, dtype = tuple(value.shape), str(value.dtype)
+            finite = bool(np.isfinite(value).all())
+        elif isinstance(value, torch.Tensor):
+            shape, dtype = tuple(value.shape), _dtype_name(value.dtype)
+            finite = bool(torch.isfinite(value).all())
+        else:
+            raise TrainableStateError(f"tensor {name!r}: expected a tensor or array, got {type(value).__name__}")
+        if shape != want.shape:
+            raise TrainableStateError(f"tensor {name!r}: shape {shape} does not match the model's {want.shape}")
+        if dtype != want.dtype:
+            raise TrainableStateError(f"tensor {name!r}: dtype {dtype} does not match the model's {want.dtype}")
+        if not finite:
+            raise TrainableStateError(f"tensor {name!r}: contains NaN or infinite values")
+
+
+class MedVLM(nn.Module):
+    def __init__(self, vision: nn.Module, fusion: nn.Module, language: nn.Module, tokenizer, cfg: ModelConfig):
+        super().__init__()
+        self.vision = vision
+        self.fusion = fusion
+        self.language = language  # peft.PeftModel around the frozen causal LM
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self._trainable = self._collect_trainable()
+
+    # ------------------------------------------------------------------ parameters
+    def _collect_trainable(self) -> dict[str, nn.Parameter]:
+        params: dict[str, nn.Parameter] = {}
+        for name, p in self.fusion.named_parameters():
+            params[f"fusion.{name}"] = p
+        for name, p in self.language.named_parameters():
+            if "lora_" in name:
+                params[f"language.{name}"] = p
+        return params
+
+    def freeze_base(self) -> None:
+        """Trainable = fusion.* + LoRA tensors, nothing else (the vision tower and base LLM stay frozen)."""
+        self.requires_grad_(False)
+        for p in self._trainable.values():
+            p.requires_grad_(True)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self._trainable)
+
+    def trainable_spec(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(tuple(p.shape), _dtype_name(p.dtype)) for n, p in self._trainable.items()}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Exactly the LoRA + fusion tensors, by name, detached copies on the CPU."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self._trainable.items()}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: Mapping[str, object], *, strict: bool = True) -> None:
+        validate_state(state, self.trainable_spec(), strict=strict)
+        for name, value in state.items():
+            tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            self._trainable[name].copy_(tensor)
+
+    def count_parameters(self) -> tuple[int, int]:
+        total = sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self._trainable.values()), total
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def device(self) -> torch.device:
+        return next(self.fusion.parameters()).device
+
+    def _visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        # frozen tower under autocast on GPU; fusion in fp32 (its grads are what DP-SGD clips)
+        with torch.autocast(device_type=pixels.device.type, dtype=torch.bfloat16, enabled=pixels.device.type == "cuda"):
+            patches = self.vision(pixels)                       # (B, P, Dv)
+        visual = self.fusion(patches.float())                   # (B, Q, Dl)
+        return visual.to(self.language.get_input_embeddings().weight.dtype)
+
+    def _embed(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        visual = self._visual_tokens(pixels)                                   # (B, Q, Dl)
+        text = self.language.get_input_embeddings()(input_ids)                 # (B, T, Dl)
+        return torch.cat([visual, text], dim=1)                                # (B, Q+T, Dl)
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits over the text (B, T-1, V) and their targets (B, T-1).
+
+        The loss is left to :func:`sequence_loss` (or to Opacus' ghost-clipping criterion,
+        which computes the same per-sequence masked mean from logits and targets).
+        """
+        embeds = self._embed(pixels, input_ids)                 # (B, Q+T, Dl)
+        n_vis = embeds.shape[1] - input_ids.shape[1]
+        mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], n_vis), attention_mask], dim=1)
+        logits = self.language(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q+T, V)
+        return logits[:, n_vis:-1].float(), labels[:, 1:]       # predict text token t+1 from t
+
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor, prompt_ids: torch.Tensor, *, max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers for a batch whose prompts all have the same length (no padding)."""
+        embeds = self._embed(pixels, prompt_ids)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        tok = self.tokenizer
+        out = self.language.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return [tok.decode(seq, skip_special_tokens=True).strip() for seq in out]
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example loss (B,): masked mean over each sequence's answer tokens.
+
+    Per-sequence losses (not a token-weighted batch mean) keep each example's share of the
+    gradient independent of the others', as DP-SGD's per-example clipping assumes; callers
+    take ``.mean()`` over the batch (Opacus ``loss_reduction="mean"``).
+    """
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
+    valid = (targets != IGNORE_INDEX).float()
+    return (tok * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+
+
+def build_medvlm(cfg: ModelConfig, *, seed: int = 0, device: Optional[str] = None) -> MedVLM:
+    """Build vision (frozen), language (frozen + LoRA) and fusion (fresh, seeded)."""
+    vision = build_vision_encoder(cfg.vision)
+    torch.manual_seed(seed)  # LoRA A and fusion initialisation are seeded
+    language, tokenizer = build_language_model(cfg.language, cfg.lora)
+    fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=language.get_input_embeddings().embedding_dim)
+    model = MedVLM(vision, fusion, language, tokenizer, cfg)
+    model.freeze_base()
+    if device is not None:
+        model.to(device)
+    return model

@@ -1,0 +1,179 @@
+"""Local training of the trainable state (LoRA + fusion), with DP-SGD through Opacus.
+
+One visible loop: Poisson-sampled logical batches, split into physical batches by Opacus'
+``BatchMemoryManager``, per-example clipping + Gaussian noise in the ``DPOptimizer``. The
+accountant's history is passed in and handed back, so a caller (a hospital, once per
+federation round) keeps spending accumulating across calls and restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from medvlm.config import PrivacyConfig, TrainConfig
+from medvlm.data.dataset import VQADataset, VQARows
+from medvlm.model.vlm import MedVLM, sequence_loss
+from medvlm.privacy import PrivacySpent, calibrate_noise, epsilon
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalResult:
+    state: dict[str, torch.Tensor]        # the new trainable state (CPU tensors)
+    metrics: dict                         # aggregate only: loss, steps, examples, seconds
+    privacy: Optional[PrivacySpent]       # None when DP is off
+    accountant_state: Optional[dict] = field(default=None)  # {"mechanism", "history"} to persist
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def planned_steps(num_examples: int, train: TrainConfig) -> tuple[float, int]:
+    """(sample rate, optimizer steps) for ``train.epochs`` passes at the expected batch size."""
+    sample_rate = min(1.0, train.batch_size / num_examples)
+    return sample_rate, max(1, math.ceil(train.epochs / sample_rate))
+
+
+def _cosine(total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def _noise_only_grads(params: list[torch.nn.Parameter]) -> None:
+    """An empty Poisson batch still is a DP-SGD step (noise only, counted by the accountant)."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: PrivacyConfig,
+                accountant_state: Optional[dict] = None, max_steps: Optional[int] = None,
+                progress: bool = True) -> LocalResult:
+    """Train ``model``'s trainable state on ``data``; returns the new state, metrics and privacy spent."""
+    if len(data) == 0:
+        raise ValueError("no training examples: the data set is empty")
+    device = resolve_device(train.device)
+    model.to(device)
+    model.freeze_base()
+    model.train()  # Opacus refuses eval-mode modules; the frozen vision tower stays in eval
+    dataset = VQADataset(data, model.tokenizer, model.cfg.max_text_len)
+    sample_rate, steps = planned_steps(len(dataset), train)
+    steps = min(steps, max_steps) if max_steps else steps
+    params = [p for p in model.trainable_parameters().values()]
+    if train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(train.seed))
+    torch.manual_seed(train.seed)
+
+    engine = criterion = None
+    prior = (accountant_state or {}).get("history", [])
+    net: torch.nn.Module = model
+    noise = 0.0
+    if privacy.enabled:
+        from opacus import PrivacyEngine
+
+        if accountant_state and accountant_state.get("mechanism") != privacy.accountant:
+            raise ValueError(f"accountant state is {accountant_state.get('mechanism')!r} but privacy.accountant="
+                             f"{privacy.accountant!r}: keep one accountant for a hospital's whole history")
+        if privacy.target_epsilon is not None:
+            noise = calibrate_noise(target_epsilon=privacy.target_epsilon, delta=privacy.delta,
+                                    sample_rate=sample_rate, steps=steps, accountant=privacy.accountant,
+                                    history=prior)
+        else:
+            noise = float(privacy.noise_multiplier)
+        engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=False)
+        if prior:
+            engine.accountant.load_state_dict({"mechanism": privacy.accountant, "history": list(prior)})
+        made = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
+            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
+            grad_sample_mode=privacy.grad_sample_mode,
+            criterion=torch.nn.CrossEntropyLoss(ignore_index=-100))
+        if privacy.grad_sample_mode == "ghost":
+            net, optimizer, criterion, loader = made
+        else:
+            net, optimizer, loader = made
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps, max(1, steps // 20)))
+
+    net.train()
+    done, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()
+    bar = tqdm(total=steps, desc="local training" + (" (DP)" if privacy.enabled else ""), disable=not progress)
+    memory = (_batch_memory(loader, train.physical_batch_size, optimizer) if privacy.enabled
+              else contextlib.nullcontext(loader))
+    try:
+        with memory as batches:
+            while done < steps:
+                for pixels, input_ids, attention_mask, labels in batches:
+                    if len(pixels) == 0:
+                        _noise_only_grads(params)
+                    else:
+                        pixels, input_ids = pixels.to(device), input_ids.to(device)
+                        attention_mask, labels = attention_mask.to(device), labels.to(device)
+                        logits, targets = net(pixels, input_ids, attention_mask, labels)
+                        per_example = sequence_loss(logits.detach(), targets)
+                        if criterion is not None:   # ghost clipping: Opacus' criterion runs the backward
+                            loss = criterion(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             shape=logits.shape)
+                        else:
+                            loss = sequence_loss(logits, targets).mean()
+                        loss.backward()
+                        loss_sum += per_example.sum().item()
+                        seen += len(pixels)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if getattr(optimizer, "_is_last_step_skipped", False):
+                        continue  # a physical batch inside a larger logical batch
+                    scheduler.step()
+                    done += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}")
+                    if done >= steps:
+                        break
+    finally:
+        bar.close()
+        if engine is not None and hasattr(net, "_close"):
+            net._close()  # remove Opacus hooks so the model can be wrapped again next round
+        for p in params:
+            for attr in ("grad_sample", "_forward_counter", "_current_grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+    seconds = time.perf_counter() - started
+    metrics = {"train_loss": loss_sum / max(seen, 1), "steps": done, "examples": len(dataset),
+               "samples_seen": seen, "seconds": seconds}
+    spent, state = None, None
+    if engine is not None:
+        state = engine.accountant.state_dict()
+        state = {"mechanism": state["mechanism"], "history": [tuple(h) for h in state["history"]]}
+        total = sum(int(h[2]) for h in state["history"])
+        spent = PrivacySpent(epsilon=epsilon(state["history"], delta=privacy.delta, accountant=privacy.accountant),
+                             delta=privacy.delta, noise_multiplier=noise, sample_rate=sample_rate, steps=done,
+                             total_steps=total, accountant=privacy.accountant, max_grad_norm=privacy.max_grad_norm)
+        metrics["epsilon"] = spent.epsilon
+    return LocalResult(model.trainable_state(), metrics, spent, state)
+
+
+def _batch_memory(loader, max_physical: int, optimizer):
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    return BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical, optimizer=optimizer)

@@ -1,0 +1,45 @@
+"""Shared tiny fixtures. Tests are offline: the built-in random-init tiny models are built
+from config into a per-session cache (a few seconds); nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    old = os.environ.get("MEDVLM_CACHE")
+    os.environ["MEDVLM_CACHE"] = str(tmp_path_factory.mktemp("medvlm-cache"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield
+    if old is None:
+        os.environ.pop("MEDVLM_CACHE", None)
+    else:
+        os.environ["MEDVLM_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from medvlm.config import load_config
+
+    return load_config("tiny", ["model.vision.source=builtin:tiny-random", "model.language.source=builtin:tiny-random",
+                                "model.fusion.dim=32", "model.fusion.layers=1", "model.fusion.num_queries=4",
+                                "data.images_per_hospital=20", "train.batch_size=16", "train.epochs=1"])
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    from medvlm.model.vlm import build_medvlm
+
+    return build_medvlm(tiny_cfg.model, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(tiny_cfg):
+    from medvlm.data.dataset import load_splits
+    from medvlm.model.vision import build_vision_encoder
+
+    return load_splits(tiny_cfg.data, build_vision_encoder(tiny_cfg.model.vision).preprocess)

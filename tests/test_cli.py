@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from medvlm.cli import main, train_local_run
+
+TINY = ["model.vision.source=builtin:tiny-random", "model.language.source=builtin:tiny-random",
+        "model.fusion.dim=32", "model.fusion.layers=1", "data.images_per_hospital=12",
+        "train.epochs=1", "train.batch_size=32"]
+
+SUMMARY_KEYS = {"final_accuracy", "closed_accuracy", "open_accuracy", "baseline_accuracy", "epsilon", "delta",
+                "trainable_parameters", "total_parameters", "wall_seconds"}
+
+
+def test_train_local_writes_a_run_folder(tmp_path):
+    run_dir, summary = train_local_run("tiny", TINY + [f"output_dir={tmp_path}"], run_name="r", progress=False)
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(on_disk)
+    assert 0 < on_disk["epsilon"] <= 8.0 and on_disk["delta"] == 1e-5
+    assert 0 <= on_disk["final_accuracy"] <= 1 and 0 < on_disk["baseline_accuracy"] < 1
+    assert on_disk["trainable_parameters"] < on_disk["total_parameters"]
+    assert (run_dir / "global" / "adapter_config.json").is_file()
+    assert (run_dir / "global" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "global" / "fusion.safetensors").is_file()
+    assert json.loads((run_dir / "accountant.json").read_text())["mechanism"] == "rdp"
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_exported_adapter_loads_with_peft_and_back(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from medvlm.config import load_config
+    from medvlm.model.language import language_model_dir
+    from medvlm.model.vlm import build_medvlm
+    from medvlm.runs import load_trainable
+
+    run_dir, _ = train_local_run("tiny", TINY + [f"output_dir={tmp_path}", "train.lr=0.05"], run_name="r",
+                                 progress=False)
+    cfg = load_config("tiny", TINY)
+    fresh = build_medvlm(cfg.model, seed=5)
+    load_trainable(fresh, run_dir / "global")
+    base = AutoModelForCausalLM.from_pretrained(language_model_dir(cfg.model.language))
+    peft_model = PeftModel.from_pretrained(base, run_dir / "global")
+    ids = torch.tensor([[1, 7, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, fresh.language(input_ids=ids).logits, atol=1e-5)
+    fusion_file = {k for k in fresh.trainable_state() if k.startswith("fusion.")}
+    assert fusion_file
+
+
+def test_cli_reports_config_errors(capsys, caplog):
+    assert main(["train-local", "model.fusion.kind=nope"]) == 2
+    assert "model.fusion.kind" in caplog.text
+
+
+def test_build_foundation_cli(capsys):
+    assert main(["build-foundation", "--variant", "tiny-random"]) == 0
+    assert "tiny-random" in capsys.readouterr().out

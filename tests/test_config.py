@@ -1,0 +1,47 @@
+import pytest
+
+from medvlm.config import ExperimentConfig, available_presets, load_config
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.model.fusion.kind in ("qformer", "mlp")
+
+
+def test_presets_exist():
+    assert {"tiny", "tiny-mlp", "biomedclip-7b"} <= set(available_presets())
+
+
+def test_base_chain_and_overrides():
+    cfg = load_config("tiny-mlp", ["train.epochs=3", "privacy.target_epsilon=4"])
+    assert cfg.model.fusion.kind == "mlp"          # from tiny-mlp
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]  # inherited from tiny
+    assert cfg.train.epochs == 3 and cfg.privacy.target_epsilon == 4
+
+
+def test_biomedclip_preset_points_at_local_dirs():
+    cfg = load_config("biomedclip-7b")
+    assert cfg.model.vision.source.startswith("local-dir:")
+    assert cfg.model.language.source.startswith("/")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.fusion.kind=transformer", "model.fusion.kind"),
+    ("privacy.delta=2", "privacy.delta"),
+    ("model.vision.source=ViT-B-16", "model.vision.source"),
+    ("train.optimizer=lion", "train.optimizer"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+def test_unknown_key_and_malformed_override():
+    with pytest.raises(ValueError, match="nonexistent"):
+        load_config("tiny", ["train.nonexistent=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config("tiny", ["train.epochs"])
+    with pytest.raises(ValueError, match="not found"):
+        load_config("no-such-preset")

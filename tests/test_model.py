@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+from medvlm.model.vlm import TrainableStateError, build_medvlm
+
+
+def test_trainable_is_exactly_lora_and_fusion(tiny_model):
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    names = set(tiny_model.trainable_state())
+    assert names and len(trainable) == len(names)
+    for n in names:
+        assert n.startswith("fusion.") or (n.startswith("language.") and "lora_" in n), n
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert not any(p.requires_grad for p in tiny_model.vision.parameters())
+    t, total = tiny_model.count_parameters()
+    assert 0 < t < total
+
+
+def test_state_round_trip(tiny_cfg, tiny_model):
+    other = build_medvlm(tiny_cfg.model, seed=1)
+    state = tiny_model.trainable_state()
+    assert any(not torch.equal(state[k], v) for k, v in other.trainable_state().items())
+    other.load_trainable_state({k: v.numpy() for k, v in state.items()})
+    for k, v in other.trainable_state().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s: s.update({"vision.visual.conv1.weight": torch.zeros(1)}), "unknown tensor"),
+    (lambda s: s.update({"language.base_model.model.lm_head.weight": torch.zeros(1)}), "unknown tensor"),
+    (lambda s: s.update({"fusion.out_proj.bias": torch.zeros(3)}), "fusion.out_proj.bias.*shape"),
+    (lambda s: s.update({"fusion.out_proj.bias": s["fusion.out_proj.bias"].double()}), "fusion.out_proj.bias.*dtype"),
+    (lambda s: s["fusion.out_proj.weight"].view(-1)[0].fill_(float("nan")), "fusion.out_proj.weight.*NaN"),
+    (lambda s: s.pop("fusion.out_proj.weight"), "missing"),
+])
+def test_load_refuses_bad_tensors(tiny_model, mutate, message):
+    before = tiny_model.trainable_state()
+    state = tiny_model.trainable_state()
+    mutate(state)
+    with pytest.raises(TrainableStateError, match=message):
+        tiny_model.load_trainable_state(state)
+    for k, v in tiny_model.trainable_state().items():  # nothing half-loaded
+        assert torch.equal(v, before[k])
+
+
+def test_forward_shapes_and_generate(tiny_model, tiny_splits):
+    from medvlm.data.dataset import VQADataset, encode_pair
+
+    ds = VQADataset(tiny_splits["train"], tiny_model.tokenizer, tiny_model.cfg.max_text_len)
+    pixels, ids, mask, labels = (t.unsqueeze(0) for t in ds[0])
+    logits, targets = tiny_model(pixels, ids, mask, labels)
+    assert logits.shape[:2] == targets.shape == (1, tiny_model.cfg.max_text_len - 1)
+    prompt, _ = encode_pair(tiny_model.tokenizer, "is the heart enlarged?", None, 32)
+    out = tiny_model.generate(pixels.repeat(2, 1, 1, 1), torch.tensor([prompt, prompt]), max_new_tokens=3)
+    assert len(out) == 2 and all(isinstance(a, str) for a in out)
+
+
+def test_mlp_fusion(tiny_cfg):
+    from dataclasses import replace
+
+    cfg = replace(tiny_cfg.model, fusion=replace(tiny_cfg.model.fusion, kind="mlp"))
+    model = build_medvlm(cfg)
+    patches = torch.randn(2, model.vision.num_patches, model.vision.width)
+    out = model.fusion(patches)
+    assert out.shape == (2, model.vision.num_patches, model.language.get_input_embeddings().embedding_dim)
+
+
+def test_qformer_output_is_num_queries_tokens(tiny_model):
+    patches = torch.randn(3, tiny_model.vision.num_patches, tiny_model.vision.width)
+    assert tiny_model.fusion(patches).shape[:2] == (3, tiny_model.cfg.fusion.num_queries)
+
+
+def test_unknown_lora_target(tiny_cfg):
+    from dataclasses import replace
+
+    cfg = replace(tiny_cfg.model, lora=replace(tiny_cfg.model.lora, target_modules=["query_key_value"]))
+    with pytest.raises(ValueError, match="query_key_value.*not found"):
+        build_medvlm(cfg)
+
+
+def test_numpy_state_dtype_checked(tiny_model):
+    state = {k: v.numpy().astype(np.float64) for k, v in tiny_model.trainable_state().items()}
+    with pytest.raises(TrainableStateError, match="dtype float64"):
+        tiny_model.load_trainable_state(state)

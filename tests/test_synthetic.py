@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pytest
+
+from medvlm.data.synthetic import PROFILES, generate_hospital, split_images, write_manifest
+
+
+def test_deterministic():
+    a, b = generate_hospital("general", 12, seed=3), generate_hospital("general", 12, seed=3)
+    assert np.array_equal(a.images, b.images) and a.rows == b.rows
+    c = generate_hospital("general", 12, seed=4)
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_public_corpus_is_disjoint_from_hospitals():
+    streams = [p.stream for p in PROFILES.values()]
+    assert len(set(streams)) == len(streams)
+    pub, gen = generate_hospital("public", 5, seed=0), generate_hospital("general", 5, seed=0)
+    assert not np.array_equal(pub.images, gen.images)
+
+
+def test_profiles_are_non_iid():
+    onc, card = generate_hospital("oncology", 300, seed=0), generate_hospital("cardiac", 300, seed=0)
+    nod = lambda ds: np.mean([f.nodules > 0 for f in ds.findings])  # noqa: E731
+    cm = lambda ds: np.mean([f.cardiomegaly for f in ds.findings])  # noqa: E731
+    ct = lambda ds: np.mean([f.modality == "ct" for f in ds.findings])  # noqa: E731
+    assert nod(onc) > nod(card) + 0.3
+    assert cm(card) > cm(onc) + 0.3
+    assert ct(onc) > ct(card) + 0.3
+
+
+def test_findings_are_visible_in_pixels():
+    """Enlarged hearts cover more bright pixels than normal ones (same modality, no inversion)."""
+    ds = generate_hospital("general", 300, seed=1)
+    bright = lambda i: float((ds.images[i].astype(float) > 170).mean())  # noqa: E731
+    xr = [i for i, f in enumerate(ds.findings) if f.modality == "x-ray" and f.effusion == "none" and not f.nodules]
+    big = [bright(i) for i in xr if ds.findings[i].cardiomegaly]
+    small = [bright(i) for i in xr if not ds.findings[i].cardiomegaly]
+    assert big and small and np.mean(big) > np.mean(small) * 1.5
+
+
+def test_questions_match_findings():
+    ds = generate_hospital("oncology", 40, seed=0)
+    for r in ds.rows:
+        f = ds.findings[r["image_index"]]
+        if r["qtype"] == "count":
+            assert r["answer"] == str(f.nodules)
+        if r["qtype"] == "effusion":
+            assert r["answer"] == ("yes" if f.effusion != "none" else "no")
+        assert r["answer_type"] in ("closed", "open")
+        assert r["report"]
+
+
+def test_split_by_image_has_no_overlap():
+    parts = split_images(100, val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert sum(len(v) for v in parts.values()) == 100
+    assert not set(parts["train"]) & set(parts["test"])
+
+
+def test_write_manifest(tmp_path):
+    ds = generate_hospital("rural", 4, seed=0)
+    path = write_manifest(ds, tmp_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == len(ds.rows)
+    assert all((tmp_path / r["image"]).is_file() for r in rows)
+    assert {"image", "question", "answer", "answer_type", "report"} <= set(rows[0])
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match="unknown hospital profile"):
+        generate_hospital("mars", 2)

@@ -1,0 +1,109 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from medvlm.config import PrivacyConfig, TrainConfig
+from medvlm.data.dataset import VQARows
+from medvlm.model.vlm import build_medvlm
+from medvlm.privacy import (PrivacyBudgetExceeded, calibrate_noise, epsilon, load_accountant_state,
+                            save_accountant_state)
+from medvlm.train import train_local
+
+FAST = TrainConfig(epochs=1, batch_size=16, physical_batch_size=8, lr=1e-2)
+
+
+def small(rows: VQARows, n: int) -> VQARows:
+    return VQARows(rows.pixels, rows.rows[:n])
+
+
+def test_frozen_weights_byte_identical_after_dp_training(tiny_model, tiny_splits):
+    frozen = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if not p.requires_grad}
+    before = tiny_model.trainable_state()
+    result = train_local(tiny_model, small(tiny_splits["train"], 64), train=FAST, privacy=PrivacyConfig(),
+                         max_steps=3, progress=False)
+    for n, p in tiny_model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), f"frozen weight {n} changed"
+    changed = [k for k, v in result.state.items() if not torch.equal(v, before[k])]
+    assert changed, "no trainable tensor changed"
+    assert set(result.state) == set(before)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_dp_step_equals_plain_step_without_noise_or_clipping(tiny_cfg, tiny_splits, mode):
+    """Guards silent LoRA-update corruption seen with some Opacus + PEFT version pairs."""
+    data = small(tiny_splits["train"], 12)
+    # batch_size >= N: sample rate 1, so the Poisson batch is the whole set, like the plain batch
+    train = replace(FAST, batch_size=12, physical_batch_size=12, optimizer="sgd", lr=0.5)
+    plain = build_medvlm(tiny_cfg.model, seed=0)
+    dp = build_medvlm(tiny_cfg.model, seed=0)
+    # make LoRA B non-zero so that LoRA A receives gradient too
+    start = {k: (v + 0.05 * torch.randn_like(v) if "lora_B" in k else v) for k, v in plain.trainable_state().items()}
+    plain.load_trainable_state(start)
+    dp.load_trainable_state(start)
+    a = train_local(plain, data, train=train, privacy=PrivacyConfig(enabled=False), max_steps=1, progress=False)
+    no_noise = PrivacyConfig(target_epsilon=None, noise_multiplier=0.0, max_grad_norm=1e9, grad_sample_mode=mode)
+    b = train_local(dp, data, train=train, privacy=no_noise, max_steps=1, progress=False)
+    moved = 0
+    for k, v in a.state.items():
+        assert torch.allclose(v, b.state[k], rtol=1e-4, atol=1e-6), f"{mode}: {k} differs"
+        moved += int(not torch.equal(v, start[k]))
+    assert moved > len(a.state) // 2
+    assert any("lora_A" in k and not torch.equal(a.state[k], start[k]) for k in a.state)
+
+
+def test_epsilon_grows_and_survives_save_restore(tiny_model, tiny_splits, tmp_path):
+    data = small(tiny_splits["train"], 64)
+    privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=1.0)
+    r1 = train_local(tiny_model, data, train=FAST, privacy=privacy, max_steps=2, progress=False)
+    save_accountant_state(r1.accountant_state, tmp_path / "acc.json")
+    restored = load_accountant_state(tmp_path / "acc.json")
+    r2 = train_local(tiny_model, data, train=FAST, privacy=privacy, accountant_state=restored, max_steps=3,
+                     progress=False)
+    assert 0 < r1.privacy.epsilon < r2.privacy.epsilon
+    assert r2.privacy.total_steps == 5 and r2.privacy.steps == 3
+    # epsilon is recomputable from the mechanism alone
+    assert abs(epsilon([(1.0, r1.privacy.sample_rate, 5)], delta=1e-5) - r2.privacy.epsilon) < 1e-9
+    # a fresh start without the state would under-report
+    r3 = train_local(tiny_model, data, train=FAST, privacy=privacy, max_steps=3, progress=False)
+    assert r3.privacy.epsilon < r2.privacy.epsilon
+
+
+def test_target_epsilon_accounts_for_prior_spending(tiny_model, tiny_splits):
+    data = small(tiny_splits["train"], 64)
+    privacy = PrivacyConfig(target_epsilon=3.0)
+    r1 = train_local(tiny_model, data, train=FAST, privacy=privacy, max_steps=2, progress=False)
+    assert r1.privacy.epsilon <= 3.0 + 0.02
+    with pytest.raises(PrivacyBudgetExceeded, match="already spent"):
+        train_local(tiny_model, data, train=FAST, privacy=privacy, accountant_state=r1.accountant_state,
+                    max_steps=2, progress=False)
+
+
+def test_calibrate_noise_meets_target():
+    sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.01, steps=1000)
+    eps = epsilon([(sigma, 0.01, 1000)], delta=1e-5)
+    assert 7.9 <= eps <= 8.0
+
+
+def test_empty_poisson_batches_are_noise_only_steps(tiny_model, tiny_splits):
+    data = small(tiny_splits["train"], 4)
+    train = replace(FAST, batch_size=1, epochs=4)  # q = 1/4: about a third of batches are empty
+    r = train_local(tiny_model, data, train=train, privacy=PrivacyConfig(target_epsilon=None, noise_multiplier=1.0),
+                    progress=False)
+    assert r.privacy.total_steps == r.metrics["steps"] == 16
+    assert r.metrics["samples_seen"] < 16 * 3
+
+
+def test_accountant_mechanism_mismatch(tiny_model, tiny_splits):
+    with pytest.raises(ValueError, match="keep one accountant"):
+        train_local(tiny_model, small(tiny_splits["train"], 8), train=FAST,
+                    privacy=PrivacyConfig(accountant="prv"),
+                    accountant_state={"mechanism": "rdp", "history": [(1.0, 0.1, 5)]}, progress=False)
+
+
+def test_model_can_train_again_after_dp(tiny_model, tiny_splits):
+    data = small(tiny_splits["train"], 16)
+    for _ in range(2):  # Opacus hooks are removed after each call ("hooks twice" otherwise)
+        train_local(tiny_model, data, train=FAST, privacy=PrivacyConfig(), max_steps=1, progress=False)
+    assert not any(hasattr(p, "grad_sample") for p in tiny_model.parameters())
