@@ -48,10 +48,14 @@ class FusionConfig:
     # "mlp":     LLaVA-style projector applied to every patch token
     kind: str = "qformer"
     num_queries: int = 8      # visual soft tokens handed to the LLM (qformer)
-    dim: int = 128            # internal width of the query transformer
-    layers: int = 2
+    dim: int = 64             # internal width of the query transformer
+    layers: int = 1
     heads: int = 4
     mlp_ratio: int = 2
+    # Initial fusion weights: "random", "public-align" (the seed paper's stage 1 in miniature:
+    # the fusion alone is trained to caption the built-in *public* corpus, once, cached; needs
+    # the builtin:tiny vision and language models), or a path to a fusion.safetensors file.
+    init: str = "random"
 
     def __post_init__(self) -> None:
         _check(self.kind in ("qformer", "mlp"), "model.fusion.kind", self.kind, "use qformer or mlp")
@@ -155,12 +159,13 @@ class TrainConfig:
     epochs: float = 10.0             # local epochs (fractions allowed: steps = epochs / sample_rate)
     batch_size: int = 64             # expected logical batch size (Poisson sampling under DP)
     physical_batch_size: int = 64    # memory cap per forward pass (Opacus BatchMemoryManager)
-    lr: float = 3e-3
+    lr: float = 1e-3
     optimizer: str = "adamw"         # adamw | sgd
+    trainable: list[str] = field(default_factory=lambda: ["fusion", "lora"])  # which parts train
     weight_decay: float = 0.0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     seed: int = 0
-    eval_max_new_tokens: int = 8
+    eval_max_new_tokens: int = 12
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
@@ -168,6 +173,8 @@ class TrainConfig:
         _check(self.physical_batch_size > 0, "train.physical_batch_size", self.physical_batch_size, "must be > 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", self.optimizer, "use adamw or sgd")
+        _check(bool(self.trainable) and set(self.trainable) <= {"fusion", "lora"}, "train.trainable",
+               self.trainable, "name a non-empty subset of [fusion, lora]")
 
 
 @dataclass

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from medvlm.data.dataset import VQARows, encode_pair
+from medvlm.features import with_frozen_features
 from medvlm.metrics import accuracies, baseline_predictions, majority_answers, vqa_counts
 from medvlm.model.vlm import MedVLM
 
@@ -18,6 +19,7 @@ def predict(model: MedVLM, data: VQARows, *, max_new_tokens: int = 8, batch_size
     """Greedy answers, batched by prompt length so no prompt is padded (exact generation)."""
     model.eval()
     device = model.device
+    data = with_frozen_features(model, data)
     max_len = model.cfg.max_text_len
     groups: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
     for i, r in enumerate(data.rows):

@@ -52,18 +52,20 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     Opacus' ``get_noise_multiplier`` calibrates a fresh run only; here prior spending (earlier
     rounds) counts too, so the search composes it with the planned steps.
     """
-    if epsilon(history, delta=delta, accountant=accountant) >= target_epsilon:
+    spent = epsilon(history, delta=delta, accountant=accountant)
+    if spent >= target_epsilon:
         raise PrivacyBudgetExceeded(
-            f"epsilon already spent ({epsilon(history, delta=delta, accountant=accountant):.3f}) "
-            f"reaches the target {target_epsilon} at delta={delta}: no further DP-SGD steps are possible")
+            f"epsilon already spent ({spent:.3f}) reaches the target {target_epsilon} at delta={delta}: "
+            "no further DP-SGD steps are possible")
     eps_at = lambda sigma: epsilon(list(history) + [(sigma, sample_rate, steps)], delta=delta,  # noqa: E731
                                    accountant=accountant)
     low, high = 0.0, 10.0
     while eps_at(high) > target_epsilon:
         high *= 2
         if high > 1e4:
-            raise PrivacyBudgetExceeded(f"no noise multiplier <= 1e4 keeps epsilon <= {target_epsilon} "
-                                        f"for {steps} steps at sample rate {sample_rate}")
+            raise PrivacyBudgetExceeded(
+                f"epsilon already spent ({spent:.3f}) leaves no room under the target {target_epsilon} for "
+                f"{steps} more steps at sample rate {sample_rate}: no noise multiplier <= 1e4 fits")
     while eps_at(high) < target_epsilon - tolerance and high - low > 1e-4:
         mid = (low + high) / 2
         if eps_at(mid) > target_epsilon:

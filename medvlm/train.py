@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from medvlm.config import PrivacyConfig, TrainConfig
 from medvlm.data.dataset import VQADataset, VQARows
+from medvlm.features import with_frozen_features
 from medvlm.model.vlm import MedVLM, sequence_loss
 from medvlm.privacy import PrivacySpent, calibrate_noise, epsilon
 
@@ -71,12 +72,12 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
         raise ValueError("no training examples: the data set is empty")
     device = resolve_device(train.device)
     model.to(device)
-    model.freeze_base()
+    model.freeze_base(train.trainable)
     model.train()  # Opacus refuses eval-mode modules; the frozen vision tower stays in eval
-    dataset = VQADataset(data, model.tokenizer, model.cfg.max_text_len)
+    dataset = VQADataset(with_frozen_features(model, data), model.tokenizer, model.cfg.max_text_len)
     sample_rate, steps = planned_steps(len(dataset), train)
     steps = min(steps, max_steps) if max_steps else steps
-    params = [p for p in model.trainable_parameters().values()]
+    params = [p for p in model.trainable_parameters().values() if p.requires_grad]
     if train.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay)
     else:

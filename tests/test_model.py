@@ -29,10 +29,10 @@ def test_state_round_trip(tiny_cfg, tiny_model):
 @pytest.mark.parametrize("mutate, message", [
     (lambda s: s.update({"vision.visual.conv1.weight": torch.zeros(1)}), "unknown tensor"),
     (lambda s: s.update({"language.base_model.model.lm_head.weight": torch.zeros(1)}), "unknown tensor"),
-    (lambda s: s.update({"fusion.out_proj.bias": torch.zeros(3)}), "fusion.out_proj.bias.*shape"),
-    (lambda s: s.update({"fusion.out_proj.bias": s["fusion.out_proj.bias"].double()}), "fusion.out_proj.bias.*dtype"),
-    (lambda s: s["fusion.out_proj.weight"].view(-1)[0].fill_(float("nan")), "fusion.out_proj.weight.*NaN"),
-    (lambda s: s.pop("fusion.out_proj.weight"), "missing"),
+    (lambda s: s.update({"fusion.out_proj.proj.bias": torch.zeros(3)}), "fusion.out_proj.proj.bias.*shape"),
+    (lambda s: s.update({"fusion.out_proj.proj.bias": s["fusion.out_proj.proj.bias"].double()}), "fusion.out_proj.proj.bias.*dtype"),
+    (lambda s: s["fusion.out_proj.proj.weight"].view(-1)[0].fill_(float("nan")), "fusion.out_proj.proj.weight.*NaN"),
+    (lambda s: s.pop("fusion.out_proj.proj.weight"), "missing"),
 ])
 def test_load_refuses_bad_tensors(tiny_model, mutate, message):
     before = tiny_model.trainable_state()
@@ -83,3 +83,25 @@ def test_numpy_state_dtype_checked(tiny_model):
     state = {k: v.numpy().astype(np.float64) for k, v in tiny_model.trainable_state().items()}
     with pytest.raises(TrainableStateError, match="dtype float64"):
         tiny_model.load_trainable_state(state)
+
+
+def test_fusion_init_from_file(tiny_cfg, tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    fusion = {k[len("fusion."):]: v for k, v in tiny_model.trainable_state().items() if k.startswith("fusion.")}
+    save_file(fusion, str(tmp_path / "fusion.safetensors"))
+    cfg = replace(tiny_cfg.model, fusion=replace(tiny_cfg.model.fusion, init=str(tmp_path / "fusion.safetensors")))
+    other = build_medvlm(cfg, seed=7)
+    for k, v in other.trainable_state().items():
+        if k.startswith("fusion."):
+            assert torch.equal(v, tiny_model.trainable_state()[k]), k
+
+
+def test_public_align_needs_the_builtin_models(tiny_cfg):
+    from dataclasses import replace
+
+    cfg = replace(tiny_cfg.model, fusion=replace(tiny_cfg.model.fusion, init="public-align"))
+    with pytest.raises(ValueError, match="builtin:tiny"):
+        build_medvlm(cfg)

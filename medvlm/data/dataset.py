@@ -41,8 +41,11 @@ def encode_pair(tokenizer, question: str, answer: str | None, max_len: int) -> t
 class VQARows:
     """Questions about a shared pool of preprocessed images."""
 
-    pixels: torch.Tensor       # (N_images, 3, H, W)
+    pixels: torch.Tensor       # (N_images, 3, H, W), or frozen patch tokens (N_images, P, D)
     rows: list[dict]           # each with image_index, question, answer, answer_type, qtype
+
+    def with_pixels(self, pixels: torch.Tensor) -> "VQARows":
+        return VQARows(pixels, self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -145,12 +145,12 @@ def render(findings: Findings, rng: np.random.Generator, profile: HospitalProfil
         placed: list[tuple[float, float]] = []
         for _ in range(findings.nodules):
             for _attempt in range(50):
-                ny = ly + rng.uniform(-0.7, 0.1) * lung_ry
-                nx = lx + rng.uniform(-0.55, 0.55) * lung_rx
-                if all((ny - py) ** 2 + (nx - px) ** 2 > (s * 0.11) ** 2 for py, px in placed):
+                ny = ly + rng.uniform(-0.75, 0.15) * lung_ry
+                nx = lx + rng.uniform(-0.45, 0.45) * lung_rx
+                if all((ny - py) ** 2 + (nx - px) ** 2 > (s * 0.15) ** 2 for py, px in placed):
                     break
             placed.append((ny, nx))
-            r = s * rng.uniform(0.04, 0.055)
+            r = s * rng.uniform(0.055, 0.075)
             img[_ellipse(yy, xx, ny, nx, r, r)] = nod_t
     # scanner: contrast curve, inversion, noise
     img = np.clip(img, 0.0, 1.0) ** profile.contrast

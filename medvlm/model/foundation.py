@@ -31,7 +31,7 @@ from medvlm.data.synthetic import generate_hospital, public_corpus_text, report_
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-FOUNDATION_VERSION = 1          # bump when the recipe below changes: it invalidates caches
+FOUNDATION_VERSION = 2          # bump when the recipe below changes: it invalidates caches
 VARIANTS = ("tiny", "tiny-random")
 PUBLIC_SEED = 20240416          # the public corpus' seed; hospitals use other seed streams
 PUBLIC_IMAGES = 3000
@@ -180,3 +180,58 @@ def build_foundation(variant: str = "tiny", *, progress: bool = True) -> Path:
             shutil.rmtree(work, ignore_errors=True)
     log.info("built %s foundation in %.1fs -> %s", variant, time.perf_counter() - started, target)
     return target
+
+
+# ----------------------------------------------------------------------------- stage-1 alignment
+ALIGN_EPOCHS, ALIGN_BATCH, ALIGN_LR, ALIGN_MAX_LEN = 10, 64, 1e-3, 64
+ALIGN_QUESTION = "what are the findings?"
+
+
+def aligned_fusion_path(cfg) -> Path:
+    """Fusion weights aligned on the public corpus for this fusion architecture (built on first use).
+
+    The seed paper's stage 1 ("medical concept alignment through image captioning" on public
+    PMC-OA) in miniature: only the fusion module trains, to make the frozen LM describe public
+    images; hospitals then fine-tune from it with DP. Public data only: no hospital is involved.
+    """
+    if cfg.vision.source != "builtin:tiny" or cfg.language.source != "builtin:tiny":
+        raise ValueError("model.fusion.init=public-align aligns on the built-in public corpus and needs "
+                         "model.vision.source=builtin:tiny and model.language.source=builtin:tiny; for other "
+                         "models use model.fusion.init=random or a path to a fusion.safetensors file")
+    arch = {k: v for k, v in vars(cfg.fusion).items() if k != "init"}
+    recipe = {"fusion": arch, "parametrisation": 2, "align": [ALIGN_EPOCHS, ALIGN_BATCH, ALIGN_LR, ALIGN_MAX_LEN, ALIGN_QUESTION]}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = ensure_foundation("tiny") / "aligned" / f"fusion-{key}.safetensors"
+    if not path.is_file():
+        build_aligned_fusion(cfg, path)
+    return path
+
+
+def build_aligned_fusion(cfg, path: Path, *, progress: bool = True) -> Path:
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from medvlm.config import PrivacyConfig, TrainConfig
+    from medvlm.data.dataset import VQARows, preprocess_images
+    from medvlm.model.vlm import build_medvlm
+    from medvlm.train import train_local
+
+    started = time.perf_counter()
+    model_cfg = replace(cfg, fusion=replace(cfg.fusion, init="random"), max_text_len=ALIGN_MAX_LEN)
+    model = build_medvlm(model_cfg, seed=PUBLIC_SEED)
+    corpus = generate_hospital("public", PUBLIC_IMAGES, seed=PUBLIC_SEED)
+    rows = [{"image_index": i, "question": ALIGN_QUESTION, "answer": report_text(f), "answer_type": "open",
+             "qtype": "report"} for i, f in enumerate(corpus.findings)]
+    data = VQARows(preprocess_images(corpus.images, model.vision.preprocess), rows)
+    train = TrainConfig(epochs=ALIGN_EPOCHS, batch_size=ALIGN_BATCH, physical_batch_size=ALIGN_BATCH, lr=ALIGN_LR,
+                        trainable=["fusion"], seed=PUBLIC_SEED, device="cpu")
+    result = train_local(model, data, train=train, privacy=PrivacyConfig(enabled=False), progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k[len("fusion."):]: v.contiguous() for k, v in result.state.items() if k.startswith("fusion.")},
+              str(tmp))
+    tmp.replace(path)
+    log.info("aligned fusion on the public corpus in %.1fs (caption loss %.3f) -> %s",
+             time.perf_counter() - started, result.metrics["train_loss"], path)
+    return path

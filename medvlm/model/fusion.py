@@ -49,10 +49,31 @@ class QFormerLayer(nn.Module):
         return queries + self.mlp(self.norm_mlp(queries))
 
 
+class ScaledOutput(nn.Module):
+    """Linear projection into the LLM's embedding space, times a fixed scale.
+
+    Visual tokens must start at the frozen LLM's embedding scale (default init makes them ~10x
+    larger and the LLM learns to ignore them). Rather than initialising the weights tiny, which
+    Adam's ~lr-sized steps (and DP noise) then swamp, the weights keep a normal scale and a
+    constant, derived from the LLM's embeddings, scales the output. The constant is a buffer:
+    it is not trained, not sent, and every site derives the same value from the same base LLM.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, target_rms: float):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        nn.init.normal_(self.proj.weight, std=1.0 / in_dim ** 0.5)   # unit-RMS output for unit-RMS input
+        nn.init.zeros_(self.proj.bias)
+        self.register_buffer("scale", torch.tensor(float(target_rms)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.scale
+
+
 class QFormer(nn.Module):
     """Learned queries cross-attending the patch tokens (BLIP-2 / the seed paper's design)."""
 
-    def __init__(self, cfg: FusionConfig, vision_width: int, lm_width: int):
+    def __init__(self, cfg: FusionConfig, vision_width: int, lm_width: int, embed_rms: float):
         super().__init__()
         self.num_queries = cfg.num_queries
         self.queries = nn.Embedding(cfg.num_queries, cfg.dim)
@@ -60,7 +81,8 @@ class QFormer(nn.Module):
         self.patch_proj = nn.Linear(vision_width, cfg.dim)
         self.layers = nn.ModuleList(QFormerLayer(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.out_norm = nn.LayerNorm(cfg.dim)
-        self.out_proj = nn.Linear(cfg.dim, lm_width)
+        self.out_proj = ScaledOutput(cfg.dim, lm_width, embed_rms)
+        nn.init.normal_(self.queries.weight, std=0.02)  # small, as BLIP-2: image content dominates
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         # patches: (B, P, vision_width) -> (B, num_queries, lm_width)
@@ -77,19 +99,20 @@ class QFormer(nn.Module):
 class MLPProjector(nn.Module):
     """LLaVA-style two-layer projector applied to every patch token."""
 
-    def __init__(self, cfg: FusionConfig, vision_width: int, lm_width: int):
+    def __init__(self, cfg: FusionConfig, vision_width: int, lm_width: int, embed_rms: float):
         super().__init__()
         self.norm = nn.LayerNorm(vision_width)
         self.fc1 = nn.Linear(vision_width, cfg.dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(cfg.dim, lm_width)
+        self.fc2 = ScaledOutput(cfg.dim, lm_width, embed_rms * 2.0)  # GELU output: about half unit RMS
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         # patches: (B, P, vision_width) -> (B, P, lm_width)
         return self.fc2(self.act(self.fc1(self.norm(patches))))
 
 
-def build_fusion(cfg: FusionConfig, *, vision_width: int, lm_width: int) -> nn.Module:
+def build_fusion(cfg: FusionConfig, *, vision_width: int, lm_width: int, embed_rms: float = 0.02) -> nn.Module:
+    """``embed_rms``: per-dimension RMS of the LLM's input embeddings (the scale to match)."""
     if cfg.kind == "qformer":
-        return QFormer(cfg, vision_width, lm_width)
-    return MLPProjector(cfg, vision_width, lm_width)
+        return QFormer(cfg, vision_width, lm_width, embed_rms)
+    return MLPProjector(cfg, vision_width, lm_width, embed_rms)

@@ -8,7 +8,7 @@ model: names are ``fusion.<param>`` and ``language.<...lora_...>``, and the allo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -86,11 +86,12 @@ class MedVLM(nn.Module):
                 params[f"language.{name}"] = p
         return params
 
-    def freeze_base(self) -> None:
-        """Trainable = fusion.* + LoRA tensors, nothing else (the vision tower and base LLM stay frozen)."""
+    def freeze_base(self, parts: Sequence[str] = ("fusion", "lora")) -> None:
+        """Trainable = fusion.* and/or LoRA tensors, nothing else (vision tower and base LLM stay frozen)."""
         self.requires_grad_(False)
-        for p in self._trainable.values():
-            p.requires_grad_(True)
+        for name, p in self._trainable.items():
+            part = "fusion" if name.startswith("fusion.") else "lora"
+            p.requires_grad_(part in parts)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self._trainable)
@@ -118,26 +119,34 @@ class MedVLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.fusion.parameters()).device
 
-    def _visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        # frozen tower under autocast on GPU; fusion in fp32 (its grads are what DP-SGD clips)
-        with torch.autocast(device_type=pixels.device.type, dtype=torch.bfloat16, enabled=pixels.device.type == "cuda"):
-            patches = self.vision(pixels)                       # (B, P, Dv)
-        visual = self.fusion(patches.float())                   # (B, Q, Dl)
+    def _visual_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images: pixels (B, 3, H, W), or the frozen tower's patch tokens (B, P, Dv) when the
+        caller encoded them once up front (see :meth:`encode_images`)."""
+        if images.dim() == 4:
+            images = self.encode_images(images)                 # (B, P, Dv)
+        visual = self.fusion(images.float())                    # (B, Q, Dl); fp32: DP-SGD clips its grads
         return visual.to(self.language.get_input_embeddings().weight.dtype)
 
-    def _embed(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        visual = self._visual_tokens(pixels)                                   # (B, Q, Dl)
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen vision tower (autocast on GPU): pixels (B, 3, H, W) -> patch tokens (B, P, Dv)."""
+        with torch.autocast(device_type=pixels.device.type, dtype=torch.bfloat16,
+                            enabled=pixels.device.type == "cuda"):
+            return self.vision(pixels).float()
+
+    def _embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        visual = self._visual_tokens(images)                                   # (B, Q, Dl)
         text = self.language.get_input_embeddings()(input_ids)                 # (B, T, Dl)
         return torch.cat([visual, text], dim=1)                                # (B, Q+T, Dl)
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits over the text (B, T-1, V) and their targets (B, T-1).
 
         The loss is left to :func:`sequence_loss` (or to Opacus' ghost-clipping criterion,
         which computes the same per-sequence masked mean from logits and targets).
         """
-        embeds = self._embed(pixels, input_ids)                 # (B, Q+T, Dl)
+        embeds = self._embed(images, input_ids)                 # (B, Q+T, Dl)
         n_vis = embeds.shape[1] - input_ids.shape[1]
         mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], n_vis), attention_mask], dim=1)
         logits = self.language(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q+T, V)
@@ -145,9 +154,9 @@ class MedVLM(nn.Module):
 
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor, prompt_ids: torch.Tensor, *, max_new_tokens: int = 8) -> list[str]:
+    def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor, *, max_new_tokens: int = 8) -> list[str]:
         """Greedy answers for a batch whose prompts all have the same length (no padding)."""
-        embeds = self._embed(pixels, prompt_ids)
+        embeds = self._embed(images, prompt_ids)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         tok = self.tokenizer
         out = self.language.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -173,8 +182,17 @@ def build_medvlm(cfg: ModelConfig, *, seed: int = 0, device: Optional[str] = Non
     vision = build_vision_encoder(cfg.vision)
     torch.manual_seed(seed)  # LoRA A and fusion initialisation are seeded
     language, tokenizer = build_language_model(cfg.language, cfg.lora)
-    fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=language.get_input_embeddings().embedding_dim)
+    embeddings = language.get_input_embeddings().weight
+    fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=embeddings.shape[1],
+                          embed_rms=float(embeddings.detach().float().pow(2).mean().sqrt()))
     model = MedVLM(vision, fusion, language, tokenizer, cfg)
+    if cfg.fusion.init != "random":
+        from safetensors.torch import load_file
+
+        from medvlm.model.foundation import aligned_fusion_path
+
+        path = aligned_fusion_path(cfg) if cfg.fusion.init == "public-align" else cfg.fusion.init
+        model.load_trainable_state({f"fusion.{k}": v for k, v in load_file(str(path)).items()}, strict=False)
     model.freeze_base()
     if device is not None:
         model.to(device)
