@@ -161,6 +161,7 @@ class TrainConfig:
     physical_batch_size: int = 64    # memory cap per forward pass (Opacus BatchMemoryManager)
     lr: float = 1e-3
     optimizer: str = "adamw"         # adamw | sgd
+    momentum: float = 0.0            # sgd only
     trainable: list[str] = field(default_factory=lambda: ["fusion", "lora"])  # which parts train
     weight_decay: float = 0.0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
@@ -173,6 +174,7 @@ class TrainConfig:
         _check(self.physical_batch_size > 0, "train.physical_batch_size", self.physical_batch_size, "must be > 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", self.optimizer, "use adamw or sgd")
+        _check(0.0 <= self.momentum < 1.0, "train.momentum", self.momentum, "must be in [0, 1)")
         _check(bool(self.trainable) and set(self.trainable) <= {"fusion", "lora"}, "train.trainable",
                self.trainable, "name a non-empty subset of [fusion, lora]")
 

@@ -79,7 +79,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     steps = min(steps, max_steps) if max_steps else steps
     params = [p for p in model.trainable_parameters().values() if p.requires_grad]
     if train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True,

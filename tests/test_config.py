@@ -32,6 +32,7 @@ def test_biomedclip_preset_points_at_local_dirs():
     ("privacy.delta=2", "privacy.delta"),
     ("model.vision.source=ViT-B-16", "model.vision.source"),
     ("train.optimizer=lion", "train.optimizer"),
+    ("train.momentum=1.5", "train.momentum"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
