@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from medvlm.config import ExperimentConfig, to_dict
-from medvlm.model.vlm import MedVLM
+from medvlm.model.vlm import MedVLM, read_fusion, save_fusion
 
 
 def new_run_dir(root: str | Path, kind: str, name: Optional[str] = None) -> Path:
@@ -34,8 +34,7 @@ def export_trainable(model: MedVLM, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.language.save_pretrained(directory)
-    fusion = {k[len("fusion."):]: v.contiguous() for k, v in model.trainable_state().items() if k.startswith("fusion.")}
-    save_file(fusion, str(directory / "fusion.safetensors"))
+    save_fusion(model.trainable_state(), directory / "fusion.safetensors")
     return directory
 
 
@@ -45,7 +44,7 @@ def load_trainable(model: MedVLM, directory: str | Path) -> None:
     for name in ("adapter_model.safetensors", "fusion.safetensors"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name}: not an exported medvlm adapter directory")
-    state = {f"fusion.{k}": v for k, v in load_file(str(directory / "fusion.safetensors")).items()}
+    state = read_fusion(directory / "fusion.safetensors")
     adapter = load_file(str(directory / "adapter_model.safetensors"))
     by_suffix = {k.replace(".default.", "."): k for k in model.trainable_spec() if k.startswith("language.")}
     for key, value in adapter.items():

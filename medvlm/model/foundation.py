@@ -210,11 +210,9 @@ def aligned_fusion_path(cfg) -> Path:
 def build_aligned_fusion(cfg, path: Path, *, progress: bool = True) -> Path:
     from dataclasses import replace
 
-    from safetensors.torch import save_file
-
     from medvlm.config import PrivacyConfig, TrainConfig
     from medvlm.data.dataset import VQARows, preprocess_images
-    from medvlm.model.vlm import build_medvlm
+    from medvlm.model.vlm import build_medvlm, save_fusion
     from medvlm.train import train_local
 
     started = time.perf_counter()
@@ -227,11 +225,7 @@ def build_aligned_fusion(cfg, path: Path, *, progress: bool = True) -> Path:
     train = TrainConfig(epochs=ALIGN_EPOCHS, batch_size=ALIGN_BATCH, physical_batch_size=ALIGN_BATCH, lr=ALIGN_LR,
                         trainable=["fusion"], seed=PUBLIC_SEED, device="cpu")
     result = train_local(model, data, train=train, privacy=PrivacyConfig(enabled=False), progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k[len("fusion."):]: v.contiguous() for k, v in result.state.items() if k.startswith("fusion.")},
-              str(tmp))
-    tmp.replace(path)
+    save_fusion(result.state, path)
     log.info("aligned fusion on the public corpus in %.1fs (caption loss %.3f) -> %s",
              time.perf_counter() - started, result.metrics["train_loss"], path)
     return path

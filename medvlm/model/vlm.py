@@ -8,6 +8,7 @@ model: names are ``fusion.<param>`` and ``language.<...lora_...>``, and the allo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -64,6 +65,27 @@ def validate_state(state: Mapping[str, object], spec: Mapping[str, TensorSpec], 
             raise TrainableStateError(f"tensor {name!r}: dtype {dtype} does not match the model's {want.dtype}")
         if not finite:
             raise TrainableStateError(f"tensor {name!r}: contains NaN or infinite values")
+
+
+def save_fusion(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Write the ``fusion.*`` tensors of a trainable state as safetensors (prefix dropped), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k[len("fusion."):]: v.contiguous() for k, v in state.items() if k.startswith("fusion.")}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def read_fusion(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a fusion safetensors file back into trainable-state names (``fusion.<param>``)."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"fusion weights {path} not found")
+    return {f"fusion.{k}": v for k, v in load_file(str(path)).items()}
 
 
 class MedVLM(nn.Module):
@@ -187,12 +209,10 @@ def build_medvlm(cfg: ModelConfig, *, seed: int = 0, device: Optional[str] = Non
                           embed_rms=float(embeddings.detach().float().pow(2).mean().sqrt()))
     model = MedVLM(vision, fusion, language, tokenizer, cfg)
     if cfg.fusion.init != "random":
-        from safetensors.torch import load_file
-
         from medvlm.model.foundation import aligned_fusion_path
 
         path = aligned_fusion_path(cfg) if cfg.fusion.init == "public-align" else cfg.fusion.init
-        model.load_trainable_state({f"fusion.{k}": v for k, v in load_file(str(path)).items()}, strict=False)
+        model.load_trainable_state(read_fusion(path), strict=False)
     model.freeze_base()
     if device is not None:
         model.to(device)
