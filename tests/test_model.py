@@ -105,3 +105,19 @@ def test_public_align_needs_the_builtin_models(tiny_cfg):
     cfg = replace(tiny_cfg.model, fusion=replace(tiny_cfg.model.fusion, init="public-align"))
     with pytest.raises(ValueError, match="builtin:tiny"):
         build_medvlm(cfg)
+
+
+def test_fusion_init_file_must_be_complete(tiny_cfg, tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from medvlm.model.vlm import save_fusion
+
+    state = tiny_model.trainable_state()
+    state.pop("fusion.queries.weight")
+    save_fusion(state, tmp_path / "partial.safetensors")
+    cfg = replace(tiny_cfg.model, fusion=replace(tiny_cfg.model.fusion, init=str(tmp_path / "partial.safetensors")))
+    with pytest.raises(TrainableStateError, match="fusion.queries.weight"):
+        build_medvlm(cfg)
+    cfg = replace(tiny_cfg.model, fusion=replace(tiny_cfg.model.fusion, init=str(tmp_path / "nope.safetensors")))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        build_medvlm(cfg)

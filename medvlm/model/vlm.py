@@ -212,7 +212,12 @@ def build_medvlm(cfg: ModelConfig, *, seed: int = 0, device: Optional[str] = Non
         from medvlm.model.foundation import aligned_fusion_path
 
         path = aligned_fusion_path(cfg) if cfg.fusion.init == "public-align" else cfg.fusion.init
-        model.load_trainable_state(read_fusion(path), strict=False)
+        state = read_fusion(path)
+        missing = sorted(k for k in model.trainable_spec() if k.startswith("fusion.") and k not in state)
+        if missing:  # a partial file would silently leave the rest at random init
+            raise TrainableStateError(f"model.fusion.init={path}: missing tensor(s) {missing[:5]}; it was saved "
+                                      "for another fusion architecture (model.fusion.*)")
+        model.load_trainable_state(state, strict=False)  # LoRA tensors are not in a fusion file
     model.freeze_base()
     if device is not None:
         model.to(device)
