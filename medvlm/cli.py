@@ -1,7 +1,8 @@
-"""``medvlm-fl`` command line.
+"""``medvlm-fl`` command line (library commands; ``simulations.cli`` adds the federation ones).
 
     medvlm-fl build-foundation [--variant tiny|tiny-random] [--force]
     medvlm-fl train-local [--config PRESET] [--hospital NAME ...] [--no-dp] [key=value ...]
+    medvlm-fl evaluate RUN_DIR [--split val|test]
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 log = logging.getLogger("medvlm")
 
@@ -114,10 +115,57 @@ def _train_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medvlm-fl", description=__doc__,
+def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = True) -> dict:
+    """Score a run's exported ``global/`` adapter + fusion on each hospital's own split, as the
+    federation does: counts summed over hospitals, baseline = each hospital's per-question majority."""
+    from medvlm.config import load_config
+    from medvlm.data.dataset import load_splits
+    from medvlm.evaluate import evaluate_counts
+    from medvlm.metrics import accuracies, baseline_predictions, majority_answers, merge_counts, vqa_counts
+    from medvlm.model.vlm import build_medvlm
+    from medvlm.runs import load_trainable
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a medvlm-fl run folder")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    model = build_medvlm(cfg.model, seed=cfg.federation.seed)
+    load_trainable(model, run_dir / "global")
+    counts, base = [], []
+    groups = [[h] for h in cfg.data.hospitals] if cfg.data.source == "synthetic" else [None]
+    for hospitals in groups:
+        splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals)
+        rows = splits[split].rows
+        counts.append(evaluate_counts(model, splits[split], max_new_tokens=cfg.train.eval_max_new_tokens,
+                                      progress=progress))
+        base.append(vqa_counts(baseline_predictions(majority_answers(splits["train"].rows), rows), rows))
+    result = accuracies(merge_counts(counts))
+    result["baseline"] = accuracies(merge_counts(base))
+    return result
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    result = evaluate_run(args.run_dir, split=args.split)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    print(f"{args.run_dir} ({args.split} split): accuracy {pct(result['accuracy'])} (closed "
+          f"{pct(result['closed_accuracy'])}, open {pct(result['open_accuracy'])}); per-question majority "
+          f"{pct(result['baseline']['accuracy'])}")
+    summary = Path(args.run_dir) / "summary.json"
+    if args.split == "val" and summary.is_file():
+        reported = json.loads(summary.read_text()).get("final_accuracy")
+        print(f"summary.json reports {pct(reported)} for the same split")
+    return 0
+
+
+def build_parser(extend: Optional[Callable] = None, description: str = __doc__) -> argparse.ArgumentParser:
+    """The library's subcommands; ``extend(subparsers)`` adds more (the federation's, in simulations.cli)."""
+    parser = argparse.ArgumentParser(prog="medvlm-fl", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    if extend is not None:
+        extend(sub)
 
     p = sub.add_parser("build-foundation", help="(re)build the built-in tiny pretrained ViT + LM (cached)")
     p.add_argument("--variant", default="tiny", choices=["tiny", "tiny-random", "all"])
@@ -131,13 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run folder name under output_dir (default: timestamp)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 privacy.target_epsilon=4")
     p.set_defaults(func=_train_local)
+
+    p = sub.add_parser("evaluate", help="score a run's exported global/ adapter on the hospitals' data")
+    p.add_argument("run_dir", help="a run folder (with config.yaml and global/)")
+    p.add_argument("--split", default="val", choices=["val", "test"], help="val = what the federation reports")
+    p.set_defaults(func=_evaluate)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)  # our own progress; libraries (open_clip logs on root) stay at WARNING
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -99,9 +99,15 @@ class ModelConfig:
     language: LanguageConfig = field(default_factory=LanguageConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     max_text_len: int = 32    # prompt + answer tokens, padded to this fixed length
+    # Initial trainable state (fusion + LoRA): "random"; "public" (the seed paper's stages 1-2 in
+    # miniature: captioning + VQA on the built-in *public* corpus, no hospital data, built once and
+    # cached; needs the builtin:tiny models); or an exported adapter folder (a run's global/).
+    init: str = "random"
 
     def __post_init__(self) -> None:
         _check(self.max_text_len >= 8, "model.max_text_len", self.max_text_len, "must be >= 8")
+        _check(self.init == "random" or self.fusion.init == "random", "model.init", self.init,
+               f"model.fusion.init={self.fusion.init!r} is set too: choose one of them")
 
 
 @dataclass
@@ -180,11 +186,36 @@ class TrainConfig:
 
 
 @dataclass
+class FederationConfig:
+    """The coordinator's round plan. Each sampled hospital runs ``local_epochs`` of DP-SGD per round."""
+
+    rounds: int = 5
+    local_epochs: float = 2.0        # per round; a hospital's DP plan covers rounds * local_epochs
+    fraction_train: float = 1.0      # share of connected hospitals sampled per round
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 1               # wait for at least this many hospitals; rounds go on with fewer replies
+    timeout_s: float = 600.0         # a hospital that has not replied by then is left out of the round
+    max_update_mb: float = 64.0      # a reply larger than this is rejected unread
+    seed: int = 0                    # initial global state
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
+        _check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "must be > 0")
+        _check(0 < self.fraction_train <= 1, "federation.fraction_train", self.fraction_train, "must be in (0, 1]")
+        _check(0 <= self.fraction_evaluate <= 1, "federation.fraction_evaluate", self.fraction_evaluate,
+               "must be in [0, 1]")
+        _check(self.min_nodes >= 1, "federation.min_nodes", self.min_nodes, "must be >= 1")
+        _check(self.timeout_s > 0, "federation.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.max_update_mb > 0, "federation.max_update_mb", self.max_update_mb, "must be > 0")
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     output_dir: str = "runs"
 
 
@@ -237,3 +268,13 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = N
 
 def to_dict(cfg: ExperimentConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_run_config(run_config: Mapping[str, object]) -> ExperimentConfig:
+    """The experiment config a Flower run carries: ``preset`` plus space-separated ``overrides``
+    (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . --run-config``)."""
+    import shlex
+
+    preset = str(run_config.get("preset") or DEFAULT_PRESET)
+    overrides = shlex.split(str(run_config.get("overrides") or ""))
+    return load_config(preset, overrides)

@@ -45,8 +45,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def planned_steps(num_examples: int, train: TrainConfig) -> tuple[float, int]:
-    """(sample rate, optimizer steps) for ``train.epochs`` passes at the expected batch size."""
-    sample_rate = min(1.0, train.batch_size / num_examples)
+    """(sample rate, optimizer steps) for ``train.epochs`` passes at the expected batch size.
+
+    The sample rate is Opacus' own (``1 / len(data_loader)``, i.e. 1 / ceil(N / batch)), so what
+    a ledger plans with is exactly what the accountant records."""
+    sample_rate = 1.0 / math.ceil(num_examples / train.batch_size)
     return sample_rate, max(1, math.ceil(train.epochs / sample_rate))
 
 

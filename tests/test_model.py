@@ -121,3 +121,30 @@ def test_fusion_init_file_must_be_complete(tiny_cfg, tiny_model, tmp_path):
     cfg = replace(tiny_cfg.model, fusion=replace(tiny_cfg.model.fusion, init=str(tmp_path / "nope.safetensors")))
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         build_medvlm(cfg)
+
+
+def test_coordinator_skeleton_never_loads_the_llm_and_exports_a_peft_adapter(tiny_cfg, tiny_model, tmp_path):
+    """The server's model: same allow-list as a hospital's, base LLM on the meta device, and its
+    export loads with PeftModel.from_pretrained onto the real base LM, reproducing the logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from medvlm.model.language import language_model_dir
+    from medvlm.model.vlm import build_skeleton
+    from medvlm.runs import export_trainable
+
+    skeleton = build_skeleton(tiny_cfg.model, seed=3)
+    assert skeleton.trainable_spec() == tiny_model.trainable_spec()
+    base_devices = {p.device.type for n, p in skeleton.language.named_parameters() if "lora_" not in n}
+    assert base_devices == {"meta"}
+    assert all(p.device.type == "cpu" for p in skeleton.trainable_parameters().values())
+
+    trained = {k: torch.randn_like(v) * 0.1 for k, v in tiny_model.trainable_state().items()}
+    skeleton.load_trainable_state(trained)
+    export_trainable(skeleton, tmp_path / "global")
+    tiny_model.load_trainable_state(trained)
+    base = AutoModelForCausalLM.from_pretrained(language_model_dir(tiny_cfg.model.language))
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "global")).eval()
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.allclose(peft(input_ids=ids).logits, tiny_model.language(input_ids=ids).logits, atol=1e-5)

@@ -199,7 +199,7 @@ def aligned_fusion_path(cfg) -> Path:
                          "model.vision.source=builtin:tiny and model.language.source=builtin:tiny; for other "
                          "models use model.fusion.init=random or a path to a fusion.safetensors file")
     arch = {k: v for k, v in vars(cfg.fusion).items() if k != "init"}
-    recipe = {"fusion": arch, "parametrisation": 2, "align": [ALIGN_EPOCHS, ALIGN_BATCH, ALIGN_LR, ALIGN_MAX_LEN, ALIGN_QUESTION]}
+    recipe = {"fusion": arch, "parametrisation": 3, "align": [ALIGN_EPOCHS, ALIGN_BATCH, ALIGN_LR, ALIGN_MAX_LEN, ALIGN_QUESTION]}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = ensure_foundation("tiny") / "aligned" / f"fusion-{key}.safetensors"
     if not path.is_file():
@@ -228,4 +228,62 @@ def build_aligned_fusion(cfg, path: Path, *, progress: bool = True) -> Path:
     save_fusion(result.state, path)
     log.info("aligned fusion on the public corpus in %.1fs (caption loss %.3f) -> %s",
              time.perf_counter() - started, result.metrics["train_loss"], path)
+    return path
+
+
+# ----------------------------------------------------------------------------- stages 1-2 on public data
+PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR = 1200, 3, 64, 2e-3
+PUBLIC_TUNE_SEED = PUBLIC_SEED + 7   # fresh public images, disjoint from the pretraining draw
+
+
+def public_state_path(cfg) -> Path:
+    """Fusion + LoRA trained on the public corpus for this architecture (built on first use).
+
+    The seed paper's stage 1 (caption alignment on public PMC-OA) and stage 2 (instruction
+    tuning) in miniature, as one non-private run on *public* data only: a hospital federation then
+    starts from a model that already speaks, and spends its privacy budget on what is specific
+    to its patients. No hospital is involved, so no privacy is spent here.
+    """
+    if cfg.vision.source != "builtin:tiny" or cfg.language.source != "builtin:tiny":
+        raise ValueError("model.init=public trains on the built-in public corpus and needs "
+                         "model.vision.source=builtin:tiny and model.language.source=builtin:tiny; for other "
+                         "models use model.init=random or an exported adapter folder")
+    recipe = {"fusion": {k: v for k, v in vars(cfg.fusion).items() if k != "init"}, "lora": vars(cfg.lora),
+              "max_text_len": cfg.max_text_len, "parametrisation": 3,
+              "tune": [PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR, PUBLIC_TUNE_SEED]}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    path = ensure_foundation("tiny") / "public-tuned" / f"state-{key}.safetensors"
+    if not path.is_file():
+        build_public_state(cfg, path)
+    return path
+
+
+def build_public_state(cfg, path: Path, *, progress: bool = True) -> Path:
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from medvlm.config import PrivacyConfig, TrainConfig
+    from medvlm.data.dataset import VQARows, preprocess_images
+    from medvlm.data.synthetic import questions
+    from medvlm.model.vlm import build_medvlm
+    from medvlm.train import train_local
+
+    started = time.perf_counter()
+    model = build_medvlm(replace(cfg, init="random"), seed=PUBLIC_TUNE_SEED)
+    corpus = generate_hospital("public", PUBLIC_TUNE_IMAGES, seed=PUBLIC_TUNE_SEED)
+    rows = [{"image_index": i, "question": q, "answer": a, "answer_type": t, "qtype": k}
+            for i, f in enumerate(corpus.findings) for q, a, t, k in questions(f)]
+    data = VQARows(preprocess_images(corpus.images, model.vision.preprocess), rows)
+    train = TrainConfig(epochs=PUBLIC_TUNE_EPOCHS, batch_size=PUBLIC_TUNE_BATCH,
+                        physical_batch_size=PUBLIC_TUNE_BATCH, lr=PUBLIC_TUNE_LR, seed=PUBLIC_TUNE_SEED,
+                        device="cpu")
+    log.info("tuning fusion + LoRA on the public corpus (%d questions, once; cached)", len(rows))
+    result = train_local(model, data, train=train, privacy=PrivacyConfig(enabled=False), progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in result.state.items()}, str(tmp))
+    tmp.replace(path)
+    log.info("public stage-1/2 state in %.1fs (loss %.3f) -> %s", time.perf_counter() - started,
+             result.metrics["train_loss"], path)
     return path

@@ -70,6 +70,25 @@ class ScaledOutput(nn.Module):
         return self.proj(x) * self.scale
 
 
+def sincos_2d(num_patches: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position code for a square patch grid (MAE's), (P, dim).
+
+    The queries' cross-attention is blind to token order, and a CLIP-trained ViT's last-layer
+    patch tokens keep little of their position: without this, "which side?" and "how many?"
+    cannot be answered. Fixed, so it adds nothing to the trained (and noised, and sent) state."""
+    side = int(round(num_patches ** 0.5))
+    if side * side != num_patches or dim % 4:
+        return torch.zeros(num_patches, dim)
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angles = coord[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)
+
+
 class QFormer(nn.Module):
     """Learned queries cross-attending the patch tokens (BLIP-2 / the seed paper's design)."""
 
@@ -91,9 +110,18 @@ class QFormer(nn.Module):
         idx = torch.arange(self.num_queries, device=patches.device).repeat(b, 1)
         q = self.queries(idx)                                   # (B, Q, dim)
         ctx = self.patch_proj(self.patch_norm(patches))         # (B, P, dim)
+        ctx = ctx + self._position(ctx.shape[1], ctx)            # where each patch is
         for layer in self.layers:
             q = layer(q, ctx)
         return self.out_proj(self.out_norm(q))
+
+
+    def _position(self, num_patches: int, like: torch.Tensor) -> torch.Tensor:
+        pos = getattr(self, "_pos_cache", None)
+        if pos is None or pos.shape[0] != num_patches or pos.device != like.device:
+            pos = sincos_2d(num_patches, like.shape[-1]).to(like.device)
+            self._pos_cache = pos
+        return pos.to(like.dtype)
 
 
 class MLPProjector(nn.Module):

@@ -50,16 +50,43 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
                       target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
-def build_language_model(cfg: LanguageConfig, lora: LoraSettings) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    directory = language_model_dir(cfg)
-    base = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[cfg.dtype])
-    base.requires_grad_(False)
+def _check_targets(base, lora: LoraSettings, directory: str) -> None:
     names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     missing = [m for m in lora.target_modules if m not in names]
     if missing:
         raise ValueError(f"model.lora.target_modules: {missing} not found in {directory} "
                          f"({base.config.model_type}); its linear layers include "
                          f"{sorted(n for n in names if 'proj' in n or 'query' in n or 'dense' in n)[:12]}")
+
+
+def build_language_model(cfg: LanguageConfig, lora: LoraSettings) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    directory = language_model_dir(cfg)
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[cfg.dtype])
+    base.requires_grad_(False)
+    _check_targets(base, lora, directory)
     model = get_peft_model(base, lora_config(lora))   # LoRA tensors are the only trainable LM weights
     model.eval()
     return model, load_tokenizer(directory)
+
+
+def build_language_skeleton(cfg: LanguageConfig, lora: LoraSettings) -> PeftModel:
+    """The LoRA-wrapped LM with the frozen base on the *meta* device (no weights read or allocated)
+    and real, freshly initialised LoRA tensors: what a coordinator needs to know the allow-list
+    and the initial adapter without loading a 7B model."""
+    from peft.tuners.lora.layer import LoraLayer
+    from transformers import AutoConfig
+
+    directory = language_model_dir(cfg)
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
+    base.requires_grad_(False)
+    _check_targets(base, lora, directory)
+    model = get_peft_model(base, lora_config(lora))
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                module.lora_A[adapter].to_empty(device="cpu")
+                module.lora_B[adapter].to_empty(device="cpu")
+                module.reset_lora_parameters(adapter, True)
+    return model

@@ -1,0 +1,114 @@
+"""The hospital's Flower ClientApp: receive the global trainable state, train it with DP-SGD on
+local data (charging the on-site ledger), or evaluate it, and reply through the egress guard."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from typing import Mapping
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.egress import reply_content
+from client.ledger import Ledger
+from client.site import get_site
+from medvlm.metrics import baseline_predictions, majority_answers, vqa_counts
+from medvlm.privacy import PrivacyBudgetExceeded
+from medvlm.wire import from_wire
+
+log = logging.getLogger("medvlm.client")
+
+def _load_global(site, msg: Message) -> None:
+    arrays = {name: arr.numpy() for name, arr in msg.content["arrays"].items()}
+    site.model.load_trainable_state(from_wire(arrays, site.spec))
+
+
+def _site(msg: Message, context: Context, defaults: Mapping):
+    run_config = {**defaults, **context.run_config}
+    if "run-dir" in msg.content["config"]:  # simulation: hospitals' ledgers live in the run folder
+        run_config["run-dir"] = str(msg.content["config"]["run-dir"])
+    return get_site(run_config, context.node_config)
+
+
+def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006 (read-only)
+    """Load the global state, check the ledger, run DP-SGD for the round, charge the ledger, reply."""
+    from medvlm.train import planned_steps, train_local
+
+    site = _site(msg, context, defaults)
+    cfg, round_cfg = site.cfg, msg.content["config"]
+    server_round, num_rounds = int(round_cfg["server-round"]), int(round_cfg["num-rounds"])
+    train_cfg = replace(cfg.train, epochs=float(round_cfg["local-epochs"]), lr=float(round_cfg["lr"]))
+    _load_global(site, msg)
+
+    metrics: dict[str, float] = {"num-examples": len(site.train)}
+    privacy = cfg.privacy
+    ledger = None
+    if privacy.enabled:
+        ledger = Ledger.open(site.state_dir, hospital=site.name, budget=site.budget, delta=site.delta,
+                             accountant=privacy.accountant, max_grad_norm=privacy.max_grad_norm)
+        sample_rate, steps = planned_steps(len(site.train), train_cfg)
+        try:
+            sigma = ledger.plan(sample_rate=sample_rate, steps_per_round=steps,
+                                rounds_left=max(1, num_rounds - server_round + 1))
+            ledger.check(steps)
+        except PrivacyBudgetExceeded as err:
+            log.warning("%s", err)
+            ledger.save(site.state_dir)
+            metrics.update(epsilon=ledger.epsilon, budget=ledger.budget, delta=ledger.delta)
+            return Message(reply_content(kind="train", metrics=metrics, spec=site.spec, status={
+                "hospital": site.name, "status": "budget-exhausted", "reason": str(err)}), reply_to=msg)
+        privacy = replace(privacy, target_epsilon=None, noise_multiplier=sigma, delta=site.delta)
+
+    result = train_local(site.model, site.train, train=train_cfg, privacy=privacy,
+                         accountant_state=({"mechanism": ledger.accountant, "history": ledger.history}
+                                           if ledger else None), progress=False)
+    metrics.update({"train-loss": result.metrics["train_loss"], "steps": result.metrics["steps"],
+                    "seconds": result.metrics["seconds"]})
+    if ledger is not None:
+        ledger.record(history=result.accountant_state["history"], server_round=server_round)
+        ledger.save(site.state_dir)  # charged before anything is released
+        metrics.update({"epsilon": ledger.epsilon, "delta": ledger.delta, "budget": ledger.budget,
+                        "noise-multiplier": ledger.noise_multiplier, "sample-rate": ledger.sample_rate,
+                        "total-steps": ledger.total_steps, "max-grad-norm": ledger.max_grad_norm})
+    return Message(reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status={
+        "hospital": site.name, "status": "trained", "accountant": privacy.accountant if ledger else "none"}),
+        reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006
+    """Score the global state on the local validation split; reply with counts only."""
+    from medvlm.evaluate import predict
+
+    site = _site(msg, context, defaults)
+    _load_global(site, msg)
+    started = time.perf_counter()
+    predictions = predict(site.model, site.val, max_new_tokens=site.cfg.train.eval_max_new_tokens)
+    counts = vqa_counts(predictions, site.val.rows)
+    baseline = vqa_counts(baseline_predictions(majority_answers(site.train.rows), site.val.rows), site.val.rows)
+    metrics = {**counts, **{f"baseline/{k}": v for k, v in baseline.items()},
+               "num-examples": len(site.val), "seconds": time.perf_counter() - started}
+    return Message(reply_content(kind="evaluate", metrics=metrics, spec=site.spec,
+                                 status={"hospital": site.name, "status": "evaluated"}), reply_to=msg)
+
+
+def make_app(defaults: Mapping[str, object] = {}) -> ClientApp:  # noqa: B006 (read-only)
+    """A ClientApp whose run config falls back to ``defaults`` (``medvlm-fl simulate`` passes the
+    preset, overrides and run folder this way; ``flwr run`` passes them as the run config)."""
+    defaults = dict(defaults)
+    client_app = ClientApp()
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, defaults)
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, defaults)
+
+    return client_app
+
+
+app = make_app()

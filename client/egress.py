@@ -1,0 +1,39 @@
+"""Egress guard: every reply a hospital sends is built here, and only from allowed parts.
+
+A reply may hold (1) the trainable state, checked name by name against the model's allow-list
+(shape, dtype, finite); (2) aggregate metrics from a closed vocabulary (counts, means, privacy
+figures); (3) a short status record. Anything else — an image, a text, a per-example prediction,
+an extra tensor — raises :class:`EgressError` and nothing is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from medvlm.model.vlm import TensorSpec, validate_state
+from medvlm.wire import EgressError, check_metrics, check_status, to_wire
+
+__all__ = ["EgressError", "reply_content"]
+
+
+def reply_content(*, kind: str, metrics: Mapping[str, float], status: Mapping[str, str],
+                  spec: Mapping[str, TensorSpec], state: Optional[Mapping[str, torch.Tensor]] = None) -> RecordDict:
+    """The only way a ClientApp handler builds its reply (``kind`` = train | evaluate)."""
+    check_metrics(metrics, kind=kind)
+    check_status(status)
+    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
+                          "status": ConfigRecord(dict(status))})
+    if state is not None:
+        if kind != "train":
+            raise EgressError("only a train reply may carry tensors")
+        try:
+            validate_state(state, spec, strict=True)
+        except ValueError as err:
+            raise EgressError(f"refusing to send the trainable state: {err}") from None
+        # keep the allow-list's order: Flower's clipping mods expect the order the server sent
+        content["arrays"] = ArrayRecord({name: Array(array) for name, array in to_wire(
+            {name: state[name] for name in spec}).items()})
+    return content

@@ -1,0 +1,114 @@
+"""The hospital's on-site privacy ledger: one accountant state for the whole federation.
+
+Flower's Opacus example builds a new PrivacyEngine every round, so its epsilon covers one round.
+Here a hospital fixes its DP mechanism once (noise multiplier for its whole planned
+participation at its own budget), appends every round's DP-SGD steps to one persisted history,
+and refuses any round that would take it past its budget. The coordinator cannot override it:
+the budget comes from the hospital's node config, and the ledger lives in its state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from medvlm.privacy import History, PrivacyBudgetExceeded, calibrate_noise, epsilon
+
+LEDGER_FILE = "privacy-ledger.json"
+
+
+@dataclass
+class Ledger:
+    hospital: str
+    budget: float                    # target epsilon: the hospital's, not the coordinator's
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    noise_multiplier: Optional[float] = None   # fixed at first participation
+    sample_rate: Optional[float] = None
+    history: History = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)   # server rounds this hospital trained in
+
+    # ----------------------------------------------------------------------------- persistence
+    @classmethod
+    def open(cls, state_dir: str | Path, *, hospital: str, budget: float, delta: float, accountant: str,
+             max_grad_norm: float) -> "Ledger":
+        """Load the hospital's ledger, or start one. A ledger for another delta/accountant is refused:
+        mixing them would make the recorded epsilon meaningless."""
+        path = Path(state_dir) / LEDGER_FILE
+        if not path.exists():
+            return cls(hospital, budget, delta, accountant, max_grad_norm)
+        try:
+            data = json.loads(path.read_text())
+            ledger = cls(**{**data, "history": [tuple(h) for h in data["history"]]})
+        except (json.JSONDecodeError, TypeError, KeyError) as err:
+            raise ValueError(f"privacy ledger {path} is unreadable ({err}); it records this hospital's spent "
+                             "privacy, so it must be restored from backup, not deleted") from None
+        for key, want in (("delta", delta), ("accountant", accountant)):
+            if getattr(ledger, key) != want:
+                raise ValueError(f"privacy ledger {path} was kept with {key}={getattr(ledger, key)!r}, but this "
+                                 f"run asks for {key}={want!r}; one hospital keeps one accountant")
+        ledger.budget = budget  # the node config may lower (or raise) the hospital's own budget
+        return ledger
+
+    def save(self, state_dir: str | Path) -> Path:
+        """Atomic write: a crash never leaves a half-written ledger (spending is never lost)."""
+        path = Path(state_dir) / LEDGER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        data = asdict(self)
+        data["history"] = [list(h) for h in self.history]
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+        return path
+
+    # ----------------------------------------------------------------------------- accounting
+    @property
+    def epsilon(self) -> float:
+        return epsilon(self.history, delta=self.delta, accountant=self.accountant)
+
+    @property
+    def total_steps(self) -> int:
+        return int(sum(h[2] for h in self.history))
+
+    def plan(self, *, sample_rate: float, steps_per_round: int, rounds_left: int) -> float:
+        """Fix the noise multiplier once, so the planned rounds end at the budget; later calls reuse it.
+
+        A fixed (sigma, q) makes the whole history one mechanism, so anyone can recompute epsilon
+        from (noise_multiplier, sample_rate, steps, delta)."""
+        if self.noise_multiplier is not None:
+            if not math.isclose(self.sample_rate, sample_rate, rel_tol=1e-9):
+                raise ValueError(f"{self.hospital}: sample rate changed from {self.sample_rate} to {sample_rate} "
+                                 "(batch size or data size changed); the ledger keeps one mechanism per hospital")
+            return self.noise_multiplier
+        self.noise_multiplier = calibrate_noise(
+            target_epsilon=self.budget, delta=self.delta, sample_rate=sample_rate,
+            steps=steps_per_round * rounds_left, accountant=self.accountant, history=self.history)
+        self.sample_rate = sample_rate
+        return self.noise_multiplier
+
+    def epsilon_after(self, steps: int) -> float:
+        assert self.noise_multiplier is not None and self.sample_rate is not None, "plan() first"
+        return epsilon(self.history + [(self.noise_multiplier, self.sample_rate, steps)], delta=self.delta,
+                       accountant=self.accountant)
+
+    def check(self, steps: int) -> None:
+        """Raise PrivacyBudgetExceeded if ``steps`` more DP-SGD steps would exceed the budget."""
+        after = self.epsilon_after(steps)
+        if after > self.budget + 1e-6:
+            raise PrivacyBudgetExceeded(
+                f"{self.hospital}: {steps} more DP-SGD steps would take epsilon from {self.epsilon:.3f} to "
+                f"{after:.3f}, past this hospital's budget {self.budget:g} at delta={self.delta:g}")
+
+    def record(self, *, history: History, server_round: int) -> None:
+        """Adopt the accountant's history after a round. Opacus merges consecutive steps of one
+        mechanism into one entry, so the check is on what matters: spending never goes down."""
+        new_total = int(sum(h[2] for h in history))
+        if new_total < self.total_steps:
+            raise ValueError(f"{self.hospital}: the accountant's history has {new_total} steps, fewer than the "
+                             f"{self.total_steps} already in the ledger; refusing to rewrite recorded spending")
+        self.history = [tuple(h) for h in history]
+        self.rounds.append(server_round)

@@ -1,0 +1,110 @@
+"""A hospital site: who it is, where its data and ledger live, and its model — from its node config.
+
+Node config keys (``flower-supernode --node-config '...'``; strings quoted):
+
+    hospital   = "st-mary"            name used in logs and the ledger (simulation: a profile name)
+    data-path  = "/data/vqa.jsonl"    a manifest (JSONL); without it, the run's synthetic profile
+    state-dir  = "/var/lib/medvlm"    where the privacy ledger persists (must survive restarts)
+    device     = "cuda:0"             overrides train.device
+    epsilon    = 4.0                  this hospital's own budget (default: privacy.target_epsilon)
+    delta      = 1e-5                 (default: privacy.delta)
+
+In a simulation Flower injects ``partition-id``; hospital ``i`` is then profile ``data.hospitals[i]``
+and its state lives in ``<run-dir>/hospitals/<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+from medvlm.config import ExperimentConfig, from_run_config
+from medvlm.data.dataset import VQARows, load_splits
+from medvlm.features import with_frozen_features
+from medvlm.model.vlm import MedVLM, TensorSpec, build_medvlm
+
+log = logging.getLogger("medvlm.client")
+
+
+@dataclass
+class Site:
+    name: str
+    cfg: ExperimentConfig
+    state_dir: Path
+    budget: float
+    delta: float
+    model: MedVLM
+    spec: dict[str, TensorSpec]
+    train: VQARows            # frozen patch tokens, encoded once per process
+    val: VQARows
+
+
+def _hospital_identity(cfg: ExperimentConfig, node_config: Mapping, run_config: Mapping) -> tuple[str, Path]:
+    if "hospital" in node_config:
+        name = str(node_config["hospital"])
+    elif "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        if cfg.data.source != "synthetic":
+            raise ValueError("node config has a partition-id but data.source is a manifest: give each hospital "
+                             "its own data-path and hospital name in its node config")
+        if not 0 <= pid < len(cfg.data.hospitals):
+            raise ValueError(f"partition-id {pid} but data.hospitals has {len(cfg.data.hospitals)} profiles "
+                             f"{cfg.data.hospitals}: run as many supernodes as hospitals")
+        name = cfg.data.hospitals[pid]
+    else:
+        raise ValueError("node config names no hospital: set hospital=\"<name>\" (and data-path, state-dir)")
+    if "state-dir" in node_config:
+        state_dir = Path(str(node_config["state-dir"]))
+    elif run_config.get("run-dir") and "partition-id" in node_config:  # simulation only
+        state_dir = Path(str(run_config["run-dir"])) / "hospitals" / name
+    else:
+        raise ValueError(f"hospital {name}: node config has no state-dir for its privacy ledger; set "
+                         "state-dir=\"/path/that/survives/restarts\"")
+    return name, state_dir
+
+
+def build_site(run_config: Mapping, node_config: Mapping) -> Site:
+    """Read config -> identify the hospital -> load its data -> build the model (frozen features)."""
+    cfg = from_run_config(run_config)
+    name, state_dir = _hospital_identity(cfg, node_config, run_config)
+    if "device" in node_config:
+        cfg = replace(cfg, train=replace(cfg.train, device=str(node_config["device"])))
+    data_cfg = cfg.data
+    if "data-path" in node_config:
+        data_cfg = replace(cfg.data, source=str(node_config["data-path"]))
+    elif cfg.data.source == "synthetic" and name not in cfg.data.hospitals:
+        raise ValueError(f"hospital {name!r} has no data-path and is not a synthetic profile in data.hospitals "
+                         f"{cfg.data.hospitals}")
+    budget = float(node_config.get("epsilon", cfg.privacy.target_epsilon or 0.0))
+    delta = float(node_config.get("delta", cfg.privacy.delta))
+    if cfg.privacy.enabled and budget <= 0:
+        raise ValueError(f"hospital {name}: no privacy budget; set privacy.target_epsilon or node config epsilon")
+
+    model = build_medvlm(cfg.model, seed=cfg.federation.seed)
+    from medvlm.train import resolve_device
+
+    model.to(resolve_device(cfg.train.device))
+    splits = load_splits(data_cfg, model.vision.preprocess,
+                         hospitals=[name] if data_cfg.source == "synthetic" else None)
+    train = with_frozen_features(model, splits["train"])
+    val = with_frozen_features(model, splits["val"])
+    log.info("hospital %s: %d train / %d val questions, ledger in %s", name, len(train), len(val), state_dir)
+    return Site(name, cfg, state_dir, budget, delta, model, model.trainable_spec(), train, val)
+
+
+_SITES: dict[str, Site] = {}
+MAX_CACHED_SITES = 4
+
+
+def get_site(run_config: Mapping, node_config: Mapping) -> Site:
+    """One site per (run config, node config) per process: a simulation's workers serve many
+    messages, so data loading and image encoding happen once, not every round."""
+    key = json.dumps([dict(run_config), dict(node_config)], sort_keys=True, default=str)
+    if key not in _SITES:
+        while len(_SITES) >= MAX_CACHED_SITES:  # a worker may serve several simulated hospitals
+            _SITES.pop(next(iter(_SITES)))
+        _SITES[key] = build_site(run_config, node_config)
+    return _SITES[key]

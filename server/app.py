@@ -1,0 +1,146 @@
+"""The coordinator's Flower ServerApp: rounds of sample -> train (DP, on site) -> validate ->
+FedAvg -> federated evaluation -> checkpoint -> log, resumable from its run folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from medvlm.config import ExperimentConfig, from_run_config, to_dict
+from medvlm.model.vlm import build_skeleton
+from medvlm.runs import new_run_dir, save_config
+from medvlm.wire import from_wire, to_wire
+from server.checkpoint import Checkpoints
+from server.report import RoundLog, build_summary, eval_block, write_summary
+from server.strategy import MedFedAvg, RoundReport
+
+log = logging.getLogger("medvlm.server")
+
+
+def _arrays(state) -> ArrayRecord:
+    return ArrayRecord({name: Array(a) for name, a in to_wire(state).items()})
+
+
+def round_record(server_round: int, report: RoundReport, train: Optional[MetricRecord],
+                 evaluation: Optional[MetricRecord], privacy: dict, seconds: float) -> dict:
+    """One line of metrics.jsonl: aggregate figures only."""
+    record: dict = {"round": server_round, "train_loss": float(train["train-loss"]) if train and "train-loss" in train
+                    else None}
+    if evaluation is not None:
+        ev = eval_block(dict(evaluation))
+        model, base = ev["model"], ev["baseline"]
+        record.update({k: model[k] for k in ("accuracy", "closed_accuracy", "open_accuracy", "open_recall")})
+        record.update({f"baseline_{k}": base[k] for k in ("accuracy", "closed_accuracy", "open_accuracy")})
+        record.update(per_qtype=model["per_qtype"], baseline_per_qtype=base["per_qtype"],
+                      eval_questions={"closed": model["closed_total"], "open": model["open_total"]})
+    else:
+        record.update(accuracy=None, baseline_accuracy=None)
+    record.update({
+        "epsilon": {name: p["epsilon"] for name, p in privacy.items()},
+        "budget": {name: p.get("budget") for name, p in privacy.items()},
+        "examples": {name: h.get("num-examples") for name, h in report.hospitals.items()},
+        "hospitals": report.hospitals, "rejected": report.rejected, "failed": report.failed,
+        "bytes_up": sum(h.get("bytes_up", 0) for h in report.hospitals.values()),
+        "bytes_down": report.bytes_down, "seconds": seconds,
+    })
+    return record
+
+
+def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
+    """Keep each hospital's latest privacy report: enough to recompute its epsilon."""
+    for name, h in report.hospitals.items():
+        if "epsilon" not in h:
+            continue
+        previous = privacy.get(name, {})
+        privacy[name] = {
+            "epsilon": h["epsilon"], "delta": h.get("delta", delta), "budget": h.get("budget"),
+            "noise_multiplier": h.get("noise-multiplier", previous.get("noise_multiplier")),
+            "sample_rate": h.get("sample-rate", previous.get("sample_rate")),
+            "steps": int(h.get("total-steps", previous.get("steps", 0))),
+            "max_grad_norm": h.get("max-grad-norm", previous.get("max_grad_norm")),
+            "accountant": h.get("accountant", previous.get("accountant")),
+        }
+    return privacy
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """Set up (or resume) -> rounds -> summary. Returns the summary."""
+    started = time.perf_counter()
+    fed = cfg.federation
+    run_dir.mkdir(parents=True, exist_ok=True)
+    skeleton = build_skeleton(cfg.model, seed=fed.seed)    # the LLM's weights are never loaded here
+    spec, trainable = skeleton.trainable_spec(), sum(p.numel() for p in skeleton.trainable_parameters().values())
+    checkpoints = Checkpoints(run_dir, skeleton)
+    resumed = checkpoints.load(cfg)
+    if resumed:
+        server_state, state = resumed
+        first, records, privacy = server_state["round"] + 1, server_state["records"], server_state["privacy"]
+        log.info("resuming %s after round %d", run_dir, first - 1)
+    else:
+        state, first, records, privacy = skeleton.trainable_state(), 1, [], {}
+        save_config(cfg, run_dir)
+    rounds = RoundLog(run_dir, records)
+    rounds.rewrite()
+    strategy = MedFedAvg(spec=spec, num_rounds=fed.rounds, local_epochs=fed.local_epochs, lr=cfg.train.lr,
+                         max_update_bytes=int(fed.max_update_mb * 2**20), fraction_train=fed.fraction_train,
+                         fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,
+                         min_available_nodes=fed.min_nodes)
+    arrays = _arrays(state)
+    base_config = ConfigRecord({"run-dir": str(run_dir.resolve())})
+    stopped = "completed" if first <= fed.rounds else "already complete"
+    for server_round in range(first, fed.rounds + 1):
+        t0 = time.perf_counter()
+        replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(
+            dict(base_config)), grid), timeout=fed.timeout_s))
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        report = strategy.report
+        if new_arrays is not None:
+            arrays = new_arrays
+        evaluation = None
+        if fed.fraction_evaluate > 0:
+            evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(base_config)), grid),
+                timeout=fed.timeout_s))
+        privacy = update_privacy(privacy, report, cfg.privacy.delta)
+        record = round_record(server_round, report, train_metrics, evaluation, privacy, time.perf_counter() - t0)
+        state = from_wire({k: a.numpy() for k, a in arrays.items()}, spec)
+        checkpoints.save(server_round, state, {"config": to_dict(cfg), "records": rounds.records + [record],
+                                               "privacy": privacy})
+        rounds.add(record)
+        statuses = [h["status"] for h in report.hospitals.values()]
+        if statuses and all(s == "budget-exhausted" for s in statuses) and not report.failed:
+            stopped = f"every hospital's privacy budget is spent (after round {server_round})"
+            log.warning("no hospital can train any more: %s", stopped)
+            break
+    summary = build_summary(rounds.records, privacy, trainable=trainable, dp=cfg.privacy.enabled,
+                            wall_seconds=time.perf_counter() - started, stopped=stopped)
+    summary["run_dir"] = str(run_dir)
+    write_summary(run_dir, summary)
+    return summary
+
+
+def resolve_run_dir(cfg: ExperimentConfig, run_config: Mapping) -> Path:
+    given = str(run_config.get("run-dir") or "")
+    return Path(given).resolve() if given else new_run_dir(cfg.output_dir, "federation").resolve()
+
+
+def make_app(defaults: Mapping[str, object] = {}) -> ServerApp:  # noqa: B006 (read-only)
+    """A ServerApp whose run config falls back to ``defaults`` (see client.app.make_app)."""
+    defaults = dict(defaults)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_config = {**defaults, **context.run_config}
+        cfg = from_run_config(run_config)
+        run_federation(grid, cfg, resolve_run_dir(cfg, run_config))
+
+    return server_app
+
+
+app = make_app()

@@ -1,0 +1,134 @@
+"""Round records: ``metrics.jsonl`` (one object per round), a live console table, PNG plots and
+the final ``summary.json``, all in the run folder and all rewritten after every round (a killed
+run still has its figures up to the last completed round)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from medvlm.metrics import accuracies
+from medvlm.runs import write_json
+
+log = logging.getLogger("medvlm.server")
+
+
+def pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:5.1f}%"
+
+
+def eval_block(counts: dict) -> dict:
+    """Model and baseline accuracies from summed counts (``baseline/`` keys are the baseline's)."""
+    model = {k: v for k, v in counts.items() if not k.startswith("baseline/")}
+    base = {k[len("baseline/"):]: v for k, v in counts.items() if k.startswith("baseline/")}
+    return {"model": accuracies(model), "baseline": accuracies(base)}
+
+
+class RoundLog:
+    HEADER = f"{'round':>5} {'accuracy':>9} {'baseline':>9} {'loss':>7} {'max eps':>8} {'trained':>8} " \
+             f"{'rejected':>8} {'KB up':>8} {'sec':>6}"
+
+    def __init__(self, run_dir: Path, records: Optional[list[dict]] = None):
+        self.run_dir = run_dir
+        self.records = list(records or [])
+        self._printed_header = False
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        self.print_row(record)
+        try:
+            self.plot()
+        except Exception as err:  # a plotting problem must never stop a federation
+            log.warning("could not draw plots: %s", err)
+
+    def rewrite(self) -> None:
+        """metrics.jsonl from the records kept in the server state (after a resume)."""
+        with open(self.run_dir / "metrics.jsonl", "w") as f:
+            for record in self.records:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def print_row(self, r: dict) -> None:
+        if not self._printed_header:
+            print(self.HEADER, flush=True)
+            self._printed_header = True
+        eps = [v for v in r["epsilon"].values() if v is not None]
+        trained = sum(1 for h in r["hospitals"].values() if h.get("status") == "trained")
+        loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
+        print(f"{r['round']:>5} {pct(r['accuracy']):>9} {pct(r['baseline_accuracy']):>9} {loss:>7} "
+              f"{(max(eps) if eps else 0):>8.2f} {trained:>8} {len(r['rejected']):>8} "
+              f"{r['bytes_up'] / 1024:>8.0f} {r['seconds']:>6.1f}", flush=True)
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.records]
+        fig, (ax_acc, ax_loss, ax_eps) = plt.subplots(1, 3, figsize=(15, 4.2))
+        for key, label, style in (("accuracy", "global model", "o-"), ("closed_accuracy", "closed", "s--"),
+                                  ("open_accuracy", "open", "^--"),
+                                  ("baseline_accuracy", "per-question majority", "k:")):
+            ys = [r.get(key) for r in self.records]
+            if any(y is not None for y in ys):
+                ax_acc.plot(rounds, [float("nan") if y is None else 100 * y for y in ys], style, label=label)
+        ax_acc.set(title="federated validation accuracy", xlabel="round", ylabel="accuracy (%)")
+        ax_acc.legend(fontsize=8)
+        ax_loss.plot(rounds, [float("nan") if r["train_loss"] is None else r["train_loss"] for r in self.records], "o-")
+        ax_loss.set(title="mean local training loss", xlabel="round", ylabel="loss")
+        names = sorted({h for r in self.records for h in r["epsilon"]})
+        for name in names:
+            ax_eps.plot(rounds, [r["epsilon"].get(name) or float("nan") for r in self.records], "o-", label=name)
+        budgets = {b for r in self.records for b in r.get("budget", {}).values() if b}
+        for b in budgets:
+            ax_eps.axhline(b, color="red", linestyle=":", linewidth=1)
+        ax_eps.set(title="privacy spent per hospital (red: budget)", xlabel="round", ylabel="epsilon")
+        if names:
+            ax_eps.legend(fontsize=8)
+        for ax in (ax_acc, ax_loss, ax_eps):
+            ax.grid(alpha=0.3)
+            ax.set_xticks(rounds)
+        fig.tight_layout()
+        path = self.run_dir / "plots.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def build_summary(records: list[dict], privacy: dict, *, trainable: int, dp: bool, wall_seconds: float,
+                  stopped: str) -> dict:
+    """``summary.json``: the core's keys for the last evaluated round, plus the federation's."""
+    evaluated = [r for r in records if r.get("accuracy") is not None]
+    last = evaluated[-1] if evaluated else (records[-1] if records else {})
+    sent = [h["bytes_up"] for r in records for h in r["hospitals"].values() if h.get("bytes_up")]
+    epsilon = {name: p["epsilon"] for name, p in privacy.items()}
+    return {
+        "final_accuracy": last.get("accuracy"), "closed_accuracy": last.get("closed_accuracy"),
+        "open_accuracy": last.get("open_accuracy"), "open_recall": last.get("open_recall"),
+        "baseline_accuracy": last.get("baseline_accuracy"),
+        "baseline_closed_accuracy": last.get("baseline_closed_accuracy"),
+        "baseline_open_accuracy": last.get("baseline_open_accuracy"),
+        "per_qtype": last.get("per_qtype"), "baseline_per_qtype": last.get("baseline_per_qtype"),
+        "eval_questions": last.get("eval_questions"), "evaluated_round": last.get("round"),
+        "initial_accuracy": records[0].get("initial_accuracy") if records else None,
+        "dp": dp, "delta": next(iter(privacy.values()))["delta"] if privacy else None,
+        "rounds": len(records), "hospitals": sorted({h for r in records for h in r["hospitals"]}),
+        "epsilon": epsilon, "privacy": privacy,
+        "bytes_sent_per_round": (sum(sent) / len(sent)) if sent else 0,
+        "bytes_received_per_round": (sum(r["bytes_down"] for r in records) / max(1, sum(
+            len(r["hospitals"]) + len(r["failed"]) for r in records))) if records else 0,
+        "train_loss": last.get("train_loss"), "trainable_parameters": trainable,
+        "rejected_updates": sum(len(r["rejected"]) for r in records),
+        "failed_replies": sum(len(r["failed"]) for r in records),
+        "stopped": stopped, "wall_seconds": wall_seconds,
+    }
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    path = run_dir / "summary.json"
+    write_json(path, summary)
+    return path

@@ -1,0 +1,63 @@
+"""The on-site ledger: one mechanism per hospital, persisted, never past its budget."""
+
+import json
+
+import pytest
+
+from client.ledger import LEDGER_FILE, Ledger
+from medvlm.privacy import PrivacyBudgetExceeded, epsilon
+
+
+def _open(tmp_path, budget=8.0, delta=1e-5):
+    return Ledger.open(tmp_path, hospital="general", budget=budget, delta=delta, accountant="rdp", max_grad_norm=1.0)
+
+
+def test_plan_fixes_one_mechanism_that_ends_at_the_budget(tmp_path):
+    ledger = _open(tmp_path)
+    sigma = ledger.plan(sample_rate=0.05, steps_per_round=40, rounds_left=5)
+    for rnd in range(1, 6):
+        ledger.check(40)
+        ledger.record(history=ledger.history + [(sigma, 0.05, 40)], server_round=rnd)
+        ledger.save(tmp_path)
+        ledger = _open(tmp_path)                      # a restart between every round
+        assert ledger.plan(sample_rate=0.05, steps_per_round=40, rounds_left=5 - rnd) == sigma
+    assert 7.9 < ledger.epsilon <= 8.0
+    assert ledger.total_steps == 200
+    # anyone can recompute epsilon from (sigma, q, steps, delta) alone
+    assert abs(epsilon([(sigma, 0.05, 200)], delta=1e-5) - ledger.epsilon) < 1e-6
+    with pytest.raises(PrivacyBudgetExceeded, match="past this hospital's budget 8"):
+        ledger.check(40)
+
+
+def test_a_lower_node_budget_takes_effect_and_refuses(tmp_path):
+    ledger = _open(tmp_path)
+    sigma = ledger.plan(sample_rate=0.05, steps_per_round=40, rounds_left=2)
+    ledger.record(history=[(sigma, 0.05, 40)], server_round=1)
+    ledger.save(tmp_path)
+    spent = ledger.epsilon
+    stricter = _open(tmp_path, budget=spent)          # the hospital lowered its own budget
+    stricter.plan(sample_rate=0.05, steps_per_round=40, rounds_left=1)
+    with pytest.raises(PrivacyBudgetExceeded):
+        stricter.check(40)
+
+
+def test_ledger_refuses_mixing_mechanisms_and_rewrites(tmp_path):
+    ledger = _open(tmp_path)
+    sigma = ledger.plan(sample_rate=0.05, steps_per_round=10, rounds_left=1)
+    ledger.record(history=[(sigma, 0.05, 10)], server_round=1)
+    ledger.save(tmp_path)
+    with pytest.raises(ValueError, match="delta"):
+        _open(tmp_path, delta=1e-6)
+    with pytest.raises(ValueError, match="sample rate changed"):
+        _open(tmp_path).plan(sample_rate=0.1, steps_per_round=10, rounds_left=1)
+    with pytest.raises(ValueError, match="fewer than"):
+        _open(tmp_path).record(history=[(sigma, 0.05, 3)], server_round=2)
+
+
+def test_corrupt_ledger_is_an_error_not_a_fresh_start(tmp_path):
+    (tmp_path / LEDGER_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="restored from backup"):
+        _open(tmp_path)
+    (tmp_path / LEDGER_FILE).write_text(json.dumps({"hospital": "general"}))
+    with pytest.raises(ValueError, match="unreadable"):
+        _open(tmp_path)

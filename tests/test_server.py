@@ -1,0 +1,132 @@
+"""The coordinator: update validation, aggregation, and the round loop (checkpoints, resume,
+crash tolerance, budget exhaustion) through the real ServerApp loop and ClientApp handlers."""
+
+import json
+import shlex
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from client import app as client_app
+from medvlm.config import load_config
+from medvlm.runs import load_trainable
+from medvlm.wire import spec_of, to_wire
+from server.app import run_federation
+from server.strategy import MedFedAvg
+from tests.conftest import TINY_OVERRIDES
+from tests.fakes import InProcessGrid, Killed, set_task_identity
+
+SPEC_STATE = {"fusion.w": torch.zeros(2, 3), "language.x.lora_A.default.weight": torch.zeros(4)}
+
+
+def _reply(to: Message, state=None, *, examples=10, hospital="h", status="trained", extra=None, arrays=None):
+    content = RecordDict({"metrics": MetricRecord({"num-examples": examples}),
+                          "status": ConfigRecord({"hospital": hospital, "status": status})})
+    if arrays is not None or state is not None:
+        content["arrays"] = arrays or ArrayRecord({k: Array(v) for k, v in to_wire(state).items()})
+    if extra:
+        content["extra"] = extra
+    return Message(content, reply_to=to)
+
+
+def test_only_valid_updates_are_averaged_and_every_rejection_has_a_reason():
+    set_task_identity()
+    strategy = MedFedAvg(spec=spec_of(SPEC_STATE), num_rounds=1, local_epochs=1, lr=1e-3, max_update_bytes=10_000,
+                         min_available_nodes=1, min_train_nodes=1)
+    out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    good_a = {k: torch.full_like(v, 1.0) for k, v in SPEC_STATE.items()}
+    good_b = {k: torch.full_like(v, 4.0) for k, v in SPEC_STATE.items()}
+    nan = {k: torch.full_like(v, float("nan")) for k, v in SPEC_STATE.items()}
+    shaped = {**good_a, "fusion.w": torch.zeros(3, 2)}
+    extra = {**good_a, "vision.visual.proj": torch.zeros(2)}
+    replies = [
+        _reply(out, good_a, examples=10, hospital="a"), _reply(out, good_b, examples=30, hospital="b"),
+        _reply(out, nan, hospital="nan"), _reply(out, shaped, hospital="shape"), _reply(out, extra, hospital="extra"),
+        _reply(out, hospital="exhausted", status="budget-exhausted"),
+        Message(Error(code=0, reason="RuntimeError: hospital crashed"), reply_to=out),
+        _reply(out, good_a, hospital="smuggler", extra=ConfigRecord({"texts": "a report"})),
+        _reply(out, hospital="empty"),
+    ]
+    strategy.max_update_bytes = 10_000
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    mean = arrays["fusion.w"].numpy()
+    assert np.allclose(mean, (10 * 1.0 + 30 * 4.0) / 40)            # FedAvg weighted by num-examples
+    reasons = {r["hospital"]: r["reason"] for r in strategy.report.rejected}
+    assert "NaN" in reasons["nan"] and "shape" in reasons["shape"] and "unknown tensor" in reasons["extra"]
+    assert "unexpected record" in reasons["smuggler"] and "no trainable state" in reasons["empty"]
+    assert strategy.report.hospitals["exhausted"]["status"] == "budget-exhausted"
+    assert "crashed" in strategy.report.failed[0]["reason"]
+    strategy.max_update_bytes = 10                                    # oversized payloads are not even read
+    strategy.aggregate_train(2, [_reply(out, good_a, hospital="big")])
+    assert "exceeds federation.max_update_mb" in strategy.report.rejected[-1]["reason"]
+
+
+@pytest.fixture
+def federation(tmp_path):
+    overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]", "federation.local_epochs=1"]
+
+    def start(rounds: int, *, extra=(), crash_node=None, run_dir=None, kill_at_round=None):
+        run_config = {"preset": "tiny", "overrides": shlex.join(overrides + list(extra))}
+        cfg = load_config("tiny", overrides + list(extra) + [f"federation.rounds={rounds}"])
+        nodes = {10 + i: {"partition-id": i} for i in range(3)}
+
+        def crash(msg, context):
+            raise RuntimeError("simulated hospital crash")
+
+        grid = InProcessGrid(nodes, {"train": client_app.train, "evaluate": client_app.evaluate}, run_config,
+                             overrides={crash_node: {"train": crash}} if crash_node else None,
+                             kill_at_round=kill_at_round)
+        summary = run_federation(grid, cfg, run_dir or tmp_path / "run")
+        return summary, grid
+    return start, tmp_path / "run"
+
+
+def test_federation_runs_checkpoints_and_resumes_with_ledgers_intact(federation, tiny_model):
+    start, run_dir = federation
+    with pytest.raises(Killed):
+        start(2, kill_at_round=2)                                     # the coordinator dies in round 2
+    state = json.loads((run_dir / "server-state.json").read_text())
+    assert state["round"] == 1 and set(state["privacy"]) == {"general", "oncology", "cardiac"}
+    load_trainable(tiny_model, run_dir / "global")                   # the exported PEFT adapter + fusion
+    saved = {k: v.numpy() for k, v in tiny_model.trainable_state().items()}
+    ledgers = {h: json.loads((run_dir / "hospitals" / h / "privacy-ledger.json").read_text())
+               for h in state["privacy"]}
+
+    summary, grid = start(2)                                          # started again
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert {int(m.content["config"]["server-round"]) for m in train_msgs} == {2}   # resumed at round 2
+    sent = train_msgs[0].content.array_records["arrays"]
+    assert all(np.array_equal(sent[k].numpy(), saved[k]) for k in saved)  # with the checkpointed state
+    for h, before in ledgers.items():
+        after = json.loads((run_dir / "hospitals" / h / "privacy-ledger.json").read_text())
+        assert after["rounds"] == [1, 2] and after["noise_multiplier"] == before["noise_multiplier"]
+        assert summary["privacy"][h]["steps"] == sum(x[2] for x in after["history"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert summary["rounds"] == 2 and all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values())
+    for key in ("final_accuracy", "baseline_accuracy", "bytes_sent_per_round", "privacy", "hospitals"):
+        assert summary[key] is not None
+    assert (run_dir / "plots.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="train.lr"):               # resuming with another experiment
+        start(3, extra=["train.lr=0.5"])
+
+
+def test_a_crashing_hospital_does_not_stop_the_federation(federation):
+    start, run_dir = federation
+    summary, _ = start(1, crash_node=11)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(record["failed"]) == 1 and "simulated hospital crash" in record["failed"][0]["reason"]
+    assert sum(h["status"] == "trained" for h in record["hospitals"].values()) == 2
+    assert summary["final_accuracy"] is not None and summary["failed_replies"] == 1
+
+
+def test_federation_finishes_cleanly_when_every_budget_is_spent(federation):
+    start, run_dir = federation
+    first, _ = start(1)                   # each hospital plans its whole budget for this one round
+    summary, _ = start(3)                 # extended: nobody can train any more
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["round"] == 2 and {h["status"] for h in last["hospitals"].values()} == {"budget-exhausted"}
+    assert "privacy budget is spent" in summary["stopped"] and summary["rounds"] == 2
+    assert summary["epsilon"] == first["epsilon"] and all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values())
