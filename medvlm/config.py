@@ -191,6 +191,7 @@ class FederationConfig:
 
     rounds: int = 5
     local_epochs: float = 2.0        # per round; a hospital's DP plan covers rounds * local_epochs
+    lr: Optional[float] = None       # local learning rate in rounds (default: train.lr)
     fraction_train: float = 1.0      # share of connected hospitals sampled per round
     fraction_evaluate: float = 1.0
     min_nodes: int = 1               # wait for at least this many hospitals; rounds go on with fewer replies
@@ -201,6 +202,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
         _check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "must be > 0")
+        _check(self.lr is None or self.lr > 0, "federation.lr", self.lr, "must be > 0 (or null for train.lr)")
         _check(0 < self.fraction_train <= 1, "federation.fraction_train", self.fraction_train, "must be in (0, 1]")
         _check(0 <= self.fraction_evaluate <= 1, "federation.fraction_evaluate", self.fraction_evaluate,
                "must be in [0, 1]")

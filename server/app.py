@@ -86,13 +86,22 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         save_config(cfg, run_dir)
     rounds = RoundLog(run_dir, records)
     rounds.rewrite()
-    strategy = MedFedAvg(spec=spec, num_rounds=fed.rounds, local_epochs=fed.local_epochs, lr=cfg.train.lr,
+    strategy = MedFedAvg(spec=spec, num_rounds=fed.rounds, local_epochs=fed.local_epochs,
+                         lr=fed.lr if fed.lr is not None else cfg.train.lr,
                          max_update_bytes=int(fed.max_update_mb * 2**20), fraction_train=fed.fraction_train,
                          fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,
                          min_available_nodes=fed.min_nodes)
     arrays = _arrays(state)
     base_config = ConfigRecord({"run-dir": str(run_dir.resolve())})
     stopped = "completed" if first <= fed.rounds else "already complete"
+    if not records and fed.fraction_evaluate > 0:   # round 0: where the federation starts from
+        t0 = time.perf_counter()
+        strategy.report = RoundReport()
+        evaluation = strategy.aggregate_evaluate(0, grid.send_and_receive(
+            strategy.configure_evaluate(0, arrays, ConfigRecord(dict(base_config)), grid), timeout=fed.timeout_s))
+        record = round_record(0, strategy.report, None, evaluation, privacy, time.perf_counter() - t0)
+        checkpoints.save(0, state, {"config": to_dict(cfg), "records": rounds.records + [record], "privacy": privacy})
+        rounds.add(record)
     for server_round in range(first, fed.rounds + 1):
         t0 = time.perf_counter()
         replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(

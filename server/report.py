@@ -114,9 +114,9 @@ def build_summary(records: list[dict], privacy: dict, *, trainable: int, dp: boo
         "baseline_open_accuracy": last.get("baseline_open_accuracy"),
         "per_qtype": last.get("per_qtype"), "baseline_per_qtype": last.get("baseline_per_qtype"),
         "eval_questions": last.get("eval_questions"), "evaluated_round": last.get("round"),
-        "initial_accuracy": records[0].get("initial_accuracy") if records else None,
+        "initial_accuracy": records[0].get("accuracy") if records and records[0]["round"] == 0 else None,
         "dp": dp, "delta": next(iter(privacy.values()))["delta"] if privacy else None,
-        "rounds": len(records), "hospitals": sorted({h for r in records for h in r["hospitals"]}),
+        "rounds": sum(1 for r in records if r["round"] > 0), "hospitals": sorted({h for r in records for h in r["hospitals"]}),
         "epsilon": epsilon, "privacy": privacy,
         "bytes_sent_per_round": (sum(sent) / len(sent)) if sent else 0,
         "bytes_received_per_round": (sum(r["bytes_down"] for r in records) / max(1, sum(

@@ -28,10 +28,16 @@ def simulate(preset: str = "tiny", overrides: Sequence[str] = (), *, run_dir: Op
     if cfg.data.source != "synthetic":
         raise ValueError("simulate runs synthetic hospitals (data.source=synthetic); a manifest belongs to one "
                          "hospital: deploy it with a SuperNode and node config data-path")
+    # build the built-in models (and the public stage-1/2 state) once, here, before the hospitals
+    # start: otherwise every simulated hospital would build them at the same time
+    from medvlm.model.vlm import build_skeleton
+
+    build_skeleton(cfg.model, seed=cfg.federation.seed)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, "federation")
     run_dir = run_dir.resolve()
     defaults = {"preset": preset, "overrides": shlex.join(overrides), "run-dir": str(run_dir)}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").propagate = False   # Flower has its own console handler
     run_simulation(server_app=make_server_app(defaults), client_app=make_client_app(defaults),
                    num_supernodes=len(cfg.data.hospitals),
                    backend_config={"client_resources": {"num_cpus": cpus_per_hospital,

@@ -21,7 +21,7 @@ def _isolated_cache(tmp_path_factory):
         os.environ["MEDVLM_CACHE"] = old
 
 
-TINY_OVERRIDES = ["model.vision.source=builtin:tiny-random", "model.language.source=builtin:tiny-random",
+TINY_OVERRIDES = ["model.init=random", "model.vision.source=builtin:tiny-random", "model.language.source=builtin:tiny-random",
                   "model.fusion.dim=32", "model.fusion.layers=1", "model.fusion.num_queries=4",
                   "data.images_per_hospital=20", "train.batch_size=16", "train.epochs=1"]
 

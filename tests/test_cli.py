@@ -5,7 +5,7 @@ import torch
 
 from medvlm.cli import main, train_local_run
 
-TINY = ["model.vision.source=builtin:tiny-random", "model.language.source=builtin:tiny-random",
+TINY = ["model.init=random", "model.vision.source=builtin:tiny-random", "model.language.source=builtin:tiny-random",
         "model.fusion.dim=32", "model.fusion.layers=1", "data.images_per_hospital=12",
         "train.epochs=1", "train.batch_size=32"]
 

@@ -104,7 +104,7 @@ def test_federation_runs_checkpoints_and_resumes_with_ledgers_intact(federation,
         assert after["rounds"] == [1, 2] and after["noise_multiplier"] == before["noise_multiplier"]
         assert summary["privacy"][h]["steps"] == sum(x[2] for x in after["history"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r["round"] for r in records] == [0, 1, 2]         # round 0: the starting point, evaluated
     assert summary["rounds"] == 2 and all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values())
     for key in ("final_accuracy", "baseline_accuracy", "bytes_sent_per_round", "privacy", "hospitals"):
         assert summary[key] is not None
@@ -116,7 +116,7 @@ def test_federation_runs_checkpoints_and_resumes_with_ledgers_intact(federation,
 def test_a_crashing_hospital_does_not_stop_the_federation(federation):
     start, run_dir = federation
     summary, _ = start(1, crash_node=11)
-    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert len(record["failed"]) == 1 and "simulated hospital crash" in record["failed"][0]["reason"]
     assert sum(h["status"] == "trained" for h in record["hospitals"].values()) == 2
     assert summary["final_accuracy"] is not None and summary["failed_replies"] == 1
