@@ -84,22 +84,30 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
     return run_dir, summary
 
 
-def _print_summary(run_dir: Path, s: dict) -> None:
-    from rich.console import Console
+def accuracy_table(title: str, s: dict, *, model_label: str = "model"):
+    """The model's accuracies next to the per-question-majority baseline's (a rich Table)."""
     from rich.table import Table
 
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    table = Table(title=f"train-local -> {run_dir}")
-    table.add_column("metric")
-    table.add_column("model", justify="right")
-    table.add_column("per-question majority", justify="right")
+    table = Table(title=title)
+    for name, justify in (("metric", "left"), (model_label, "right"), ("per-question majority", "right")):
+        table.add_column(name, justify=justify)
     table.add_row("overall accuracy", pct(s["final_accuracy"]), pct(s["baseline_accuracy"]))
     table.add_row("closed accuracy", pct(s["closed_accuracy"]), pct(s["baseline_closed_accuracy"]))
     table.add_row("open accuracy (exact)", pct(s["open_accuracy"]), pct(s["baseline_open_accuracy"]))
-    for qtype, acc in s["per_qtype"].items():
-        table.add_row(f"  {qtype}", pct(acc), pct(s["baseline_per_qtype"].get(qtype)))
+    for qtype, acc in (s.get("per_qtype") or {}).items():
+        table.add_row(f"  {qtype}", pct(acc), pct((s.get("baseline_per_qtype") or {}).get(qtype)))
+    return table
+
+
+def pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _print_summary(run_dir: Path, s: dict) -> None:
+    from rich.console import Console
+
     console = Console()
-    console.print(table)
+    console.print(accuracy_table(f"train-local -> {run_dir}", s))
     eps = "DP off" if s["epsilon"] is None else f"epsilon={s['epsilon']:.2f} at delta={s['delta']:g}"
     console.print(f"{eps}; trainable {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters; "
                   f"{s['wall_seconds']:.0f}s")
@@ -148,7 +156,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     result = evaluate_run(args.run_dir, split=args.split)
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     print(f"{args.run_dir} ({args.split} split): accuracy {pct(result['accuracy'])} (closed "
           f"{pct(result['closed_accuracy'])}, open {pct(result['open_accuracy'])}); per-question majority "
           f"{pct(result['baseline']['accuracy'])}")

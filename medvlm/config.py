@@ -52,9 +52,8 @@ class FusionConfig:
     layers: int = 1
     heads: int = 4
     mlp_ratio: int = 2
-    # Initial fusion weights: "random", "public-align" (the seed paper's stage 1 in miniature:
-    # the fusion alone is trained to caption the built-in *public* corpus, once, cached; needs
-    # the builtin:tiny vision and language models), or a path to a fusion.safetensors file.
+    # Initial fusion weights: "random" or a path to a fusion.safetensors file (see model.init
+    # for starting the whole trainable state from public-data training or an earlier run).
     init: str = "random"
 
     def __post_init__(self) -> None:
@@ -100,7 +99,7 @@ class ModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     max_text_len: int = 32    # prompt + answer tokens, padded to this fixed length
     # Initial trainable state (fusion + LoRA): "random"; "public" (the seed paper's stages 1-2 in
-    # miniature: captioning + VQA on the built-in *public* corpus, no hospital data, built once and
+    # miniature: VQA on images of the built-in *public* corpus, no hospital data, built once and
     # cached; needs the builtin:tiny models); or an exported adapter folder (a run's global/).
     init: str = "random"
 

@@ -82,11 +82,13 @@ class RoundLog:
         ax_loss.set(title="mean local training loss", xlabel="round", ylabel="loss")
         names = sorted({h for r in self.records for h in r["epsilon"]})
         for name in names:
-            ax_eps.plot(rounds, [r["epsilon"].get(name) or float("nan") for r in self.records], "o-", label=name)
+            ax_eps.plot(rounds, [r["epsilon"].get(name, 0.0 if r["round"] == 0 else float("nan"))
+                                 for r in self.records], "o-", label=name)
         budgets = {b for r in self.records for b in r.get("budget", {}).values() if b}
         for b in budgets:
             ax_eps.axhline(b, color="red", linestyle=":", linewidth=1)
         ax_eps.set(title="privacy spent per hospital (red: budget)", xlabel="round", ylabel="epsilon")
+        ax_eps.set_ylim(bottom=0)
         if names:
             ax_eps.legend(fontsize=8)
         for ax in (ax_acc, ax_loss, ax_eps):

@@ -29,18 +29,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def print_summary(s: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    table = Table(title=f"federation -> {s['run_dir']} ({s['rounds']} rounds, {s['stopped']})")
-    table.add_column("federated validation")
-    table.add_column("global model", justify="right")
-    table.add_column("per-question majority", justify="right")
-    table.add_row("overall accuracy", pct(s["final_accuracy"]), pct(s["baseline_accuracy"]))
-    table.add_row("closed accuracy", pct(s["closed_accuracy"]), pct(s["baseline_closed_accuracy"]))
-    table.add_row("open accuracy (exact)", pct(s["open_accuracy"]), pct(s["baseline_open_accuracy"]))
-    for qtype, acc in (s.get("per_qtype") or {}).items():
-        table.add_row(f"  {qtype}", pct(acc), pct((s.get("baseline_per_qtype") or {}).get(qtype)))
+    table = library_cli.accuracy_table(f"federation -> {s['run_dir']} ({s['rounds']} rounds, {s['stopped']})", s,
+                                       model_label="global model")
     console = Console()
     console.print(table)
     for name, p in s["privacy"].items():

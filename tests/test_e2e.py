@@ -1,9 +1,9 @@
-"""End-to-end on the built-in foundation (built once per session: ~1.5 min), training for real
-(1-2 min each on 2 cores). Marked slow; CI runs them with ``-m slow``.
+"""End-to-end on the built-in foundation (built once per session: ~2 min), training for real
+(1-3 min each on 2 cores). Marked slow; CI runs them with ``-m slow``.
 
 Thresholds come from measured runs (see the issue notes): without DP the model reads the images
-(+19 points over the per-question majority, modality 0.90 vs 0.40); with DP at epsilon <= 8 the
-tiny default does not yet beat the baseline, so the DP test checks the privacy contract only.
+(modality well above the majority answer); with DP at epsilon <= 8 the tiny default stays a
+little above the per-question majority, so the DP tests check the privacy contract and that.
 """
 
 import json
@@ -34,3 +34,19 @@ def test_default_dp_train_local_keeps_its_privacy_contract(tmp_path):
 
     assert abs(epsilon(history, delta=1e-5) - s["epsilon"]) < 1e-9  # recomputable from the mechanism
     assert s["final_accuracy"] > 0.3  # answers come from the answer vocabulary, not garbage
+
+
+@pytest.mark.slow
+def test_default_federation_keeps_every_budget_and_beats_the_baseline(tmp_path):
+    """The README's main command (`medvlm-fl simulate`) on the built-in default."""
+    from medvlm.cli import evaluate_run
+    from simulations.run import simulate
+
+    s = simulate("tiny", [f"output_dir={tmp_path}"], run_dir=tmp_path / "default")
+    assert s["rounds"] == 3 and s["stopped"] == "completed" and s["rejected_updates"] == 0
+    assert all(0 < e <= 8.0 for e in s["epsilon"].values()) and len(s["epsilon"]) == 3
+    # measured: about 60% vs 58.0% for each hospital's own per-question majority (issue notes):
+    # above the baseline, and DP rounds do not wash out the public start
+    assert s["final_accuracy"] > s["baseline_accuracy"], s
+    assert s["final_accuracy"] >= s["initial_accuracy"] - 0.02, s
+    assert evaluate_run(tmp_path / "default", progress=False)["accuracy"] == s["final_accuracy"]

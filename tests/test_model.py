@@ -99,12 +99,11 @@ def test_fusion_init_from_file(tiny_cfg, tiny_model, tmp_path):
             assert torch.equal(v, tiny_model.trainable_state()[k]), k
 
 
-def test_public_align_needs_the_builtin_models(tiny_cfg):
+def test_public_init_needs_the_builtin_models(tiny_cfg):
     from dataclasses import replace
 
-    cfg = replace(tiny_cfg.model, fusion=replace(tiny_cfg.model.fusion, init="public-align"))
     with pytest.raises(ValueError, match="builtin:tiny"):
-        build_medvlm(cfg)
+        build_medvlm(replace(tiny_cfg.model, init="public"))
 
 
 def test_fusion_init_file_must_be_complete(tiny_cfg, tiny_model, tmp_path):
@@ -148,3 +147,17 @@ def test_coordinator_skeleton_never_loads_the_llm_and_exports_a_peft_adapter(tin
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.allclose(peft(input_ids=ids).logits, tiny_model.language(input_ids=ids).logits, atol=1e-5)
+
+
+def test_model_init_from_an_exported_adapter_folder(tiny_cfg, tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from medvlm.runs import export_trainable
+
+    trained = {k: torch.randn_like(v) for k, v in tiny_model.trainable_state().items()}
+    tiny_model.load_trainable_state(trained)
+    export_trainable(tiny_model, tmp_path / "global")
+    again = build_medvlm(replace(tiny_cfg.model, init=str(tmp_path / "global")), seed=9)
+    assert all(torch.equal(v, trained[k]) for k, v in again.trainable_state().items())
+    with pytest.raises(ValueError, match="choose one"):
+        replace(tiny_cfg.model, init="public", fusion=replace(tiny_cfg.model.fusion, init="x.safetensors"))

@@ -182,65 +182,19 @@ def build_foundation(variant: str = "tiny", *, progress: bool = True) -> Path:
     return target
 
 
-# ----------------------------------------------------------------------------- stage-1 alignment
-ALIGN_EPOCHS, ALIGN_BATCH, ALIGN_LR, ALIGN_MAX_LEN = 10, 64, 1e-3, 64
-ALIGN_QUESTION = "what are the findings?"
-
-
-def aligned_fusion_path(cfg) -> Path:
-    """Fusion weights aligned on the public corpus for this fusion architecture (built on first use).
-
-    The seed paper's stage 1 ("medical concept alignment through image captioning" on public
-    PMC-OA) in miniature: only the fusion module trains, to make the frozen LM describe public
-    images; hospitals then fine-tune from it with DP. Public data only: no hospital is involved.
-    """
-    if cfg.vision.source != "builtin:tiny" or cfg.language.source != "builtin:tiny":
-        raise ValueError("model.fusion.init=public-align aligns on the built-in public corpus and needs "
-                         "model.vision.source=builtin:tiny and model.language.source=builtin:tiny; for other "
-                         "models use model.fusion.init=random or a path to a fusion.safetensors file")
-    arch = {k: v for k, v in vars(cfg.fusion).items() if k != "init"}
-    recipe = {"fusion": arch, "parametrisation": 3, "align": [ALIGN_EPOCHS, ALIGN_BATCH, ALIGN_LR, ALIGN_MAX_LEN, ALIGN_QUESTION]}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    path = ensure_foundation("tiny") / "aligned" / f"fusion-{key}.safetensors"
-    if not path.is_file():
-        build_aligned_fusion(cfg, path)
-    return path
-
-
-def build_aligned_fusion(cfg, path: Path, *, progress: bool = True) -> Path:
-    from dataclasses import replace
-
-    from medvlm.config import PrivacyConfig, TrainConfig
-    from medvlm.data.dataset import VQARows, preprocess_images
-    from medvlm.model.vlm import build_medvlm, save_fusion
-    from medvlm.train import train_local
-
-    started = time.perf_counter()
-    model_cfg = replace(cfg, fusion=replace(cfg.fusion, init="random"), max_text_len=ALIGN_MAX_LEN)
-    model = build_medvlm(model_cfg, seed=PUBLIC_SEED)
-    corpus = generate_hospital("public", PUBLIC_IMAGES, seed=PUBLIC_SEED)
-    rows = [{"image_index": i, "question": ALIGN_QUESTION, "answer": report_text(f), "answer_type": "open",
-             "qtype": "report"} for i, f in enumerate(corpus.findings)]
-    data = VQARows(preprocess_images(corpus.images, model.vision.preprocess), rows)
-    train = TrainConfig(epochs=ALIGN_EPOCHS, batch_size=ALIGN_BATCH, physical_batch_size=ALIGN_BATCH, lr=ALIGN_LR,
-                        trainable=["fusion"], seed=PUBLIC_SEED, device="cpu")
-    result = train_local(model, data, train=train, privacy=PrivacyConfig(enabled=False), progress=progress)
-    save_fusion(result.state, path)
-    log.info("aligned fusion on the public corpus in %.1fs (caption loss %.3f) -> %s",
-             time.perf_counter() - started, result.metrics["train_loss"], path)
-    return path
-
-
 # ----------------------------------------------------------------------------- stages 1-2 on public data
 PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR = 1200, 3, 64, 2e-3
 PUBLIC_TUNE_SEED = PUBLIC_SEED + 7   # fresh public images, disjoint from the pretraining draw
+# Public images as different scanners store them (gamma, noise, inverted share): hospitals differ
+# in exactly these ways, so a start that has seen them transfers (domain randomisation).
+PUBLIC_TUNE_SCANNERS = ((1.0, 0.05, 0.15), (0.75, 0.04, 0.0), (1.3, 0.03, 0.5), (0.9, 0.08, 0.1))
 
 
 def public_state_path(cfg) -> Path:
     """Fusion + LoRA trained on the public corpus for this architecture (built on first use).
 
-    The seed paper's stage 1 (caption alignment on public PMC-OA) and stage 2 (instruction
-    tuning) in miniature, as one non-private run on *public* data only: a hospital federation then
+    The seed paper's stages 1-2 (alignment and instruction tuning on public data) in miniature:
+    one non-private run answering questions about *public* images only: a hospital federation then
     starts from a model that already speaks, and spends its privacy budget on what is specific
     to its patients. No hospital is involved, so no privacy is spent here.
     """
@@ -250,7 +204,8 @@ def public_state_path(cfg) -> Path:
                          "models use model.init=random or an exported adapter folder")
     recipe = {"fusion": {k: v for k, v in vars(cfg.fusion).items() if k != "init"}, "lora": vars(cfg.lora),
               "max_text_len": cfg.max_text_len, "parametrisation": 3,
-              "tune": [PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR, PUBLIC_TUNE_SEED]}
+              "tune": [PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR, PUBLIC_TUNE_SEED],
+              "scanners": PUBLIC_TUNE_SCANNERS}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:12]
     path = ensure_foundation("tiny") / "public-tuned" / f"state-{key}.safetensors"
     if not path.is_file():
@@ -265,16 +220,21 @@ def build_public_state(cfg, path: Path, *, progress: bool = True) -> Path:
 
     from medvlm.config import PrivacyConfig, TrainConfig
     from medvlm.data.dataset import VQARows, preprocess_images
-    from medvlm.data.synthetic import questions
+    from medvlm.data.synthetic import PROFILES, questions
     from medvlm.model.vlm import build_medvlm
     from medvlm.train import train_local
 
     started = time.perf_counter()
     model = build_medvlm(replace(cfg, init="random"), seed=PUBLIC_TUNE_SEED)
-    corpus = generate_hospital("public", PUBLIC_TUNE_IMAGES, seed=PUBLIC_TUNE_SEED)
-    rows = [{"image_index": i, "question": q, "answer": a, "answer_type": t, "qtype": k}
-            for i, f in enumerate(corpus.findings) for q, a, t, k in questions(f)]
-    data = VQARows(preprocess_images(corpus.images, model.vision.preprocess), rows)
+    public = PROFILES["public"]
+    images, rows = [], []
+    for k, (contrast, noise, p_invert) in enumerate(PUBLIC_TUNE_SCANNERS):
+        scanner = replace(public, contrast=contrast, noise=noise, p_invert=p_invert, stream=public.stream + 1 + k)
+        part = generate_hospital(scanner, PUBLIC_TUNE_IMAGES // len(PUBLIC_TUNE_SCANNERS), seed=PUBLIC_TUNE_SEED)
+        rows += [{"image_index": len(images) + i, "question": q, "answer": a, "answer_type": t, "qtype": kind}
+                 for i, f in enumerate(part.findings) for q, a, t, kind in questions(f)]
+        images += list(part.images)
+    data = VQARows(preprocess_images(images, model.vision.preprocess), rows)
     train = TrainConfig(epochs=PUBLIC_TUNE_EPOCHS, batch_size=PUBLIC_TUNE_BATCH,
                         physical_batch_size=PUBLIC_TUNE_BATCH, lr=PUBLIC_TUNE_LR, seed=PUBLIC_TUNE_SEED,
                         device="cpu")

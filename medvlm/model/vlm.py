@@ -215,12 +215,10 @@ def _apply_init(model: "MedVLM", cfg: ModelConfig) -> None:
 
 
 def _apply_fusion_init(model: "MedVLM", cfg: ModelConfig) -> None:
-    """``model.fusion.init``: random (as built), public-align (built-in), or a fusion.safetensors path."""
+    """``model.fusion.init``: random (as built) or a fusion.safetensors path."""
     if cfg.fusion.init == "random":
         return
-    from medvlm.model.foundation import aligned_fusion_path
-
-    path = aligned_fusion_path(cfg) if cfg.fusion.init == "public-align" else cfg.fusion.init
+    path = cfg.fusion.init
     state = read_fusion(path)
     missing = sorted(k for k in model.trainable_spec() if k.startswith("fusion.") and k not in state)
     if missing:  # a partial file would silently leave the rest at random init
