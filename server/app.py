@@ -104,10 +104,15 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         rounds.add(record)
     for server_round in range(first, fed.rounds + 1):
         t0 = time.perf_counter()
-        replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(
-            dict(base_config)), grid), timeout=fed.timeout_s))
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(base_config)), grid))
+        replies = list(grid.send_and_receive(messages, timeout=fed.timeout_s))
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         report = strategy.report
+        silent = sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
+        for node in silent:   # no reply within federation.timeout_s: the round went on without it
+            log.warning("round %d: node %d did not reply within %.0fs", server_round, node, fed.timeout_s)
+            report.failed.append({"hospital": f"node-{node}", "node": node,
+                                  "reason": f"no reply within federation.timeout_s={fed.timeout_s:g}"})
         if new_arrays is not None:
             arrays = new_arrays
         evaluation = None

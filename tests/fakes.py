@@ -24,9 +24,10 @@ class Killed(Exception):
 class InProcessGrid(Grid):
     def __init__(self, nodes: dict[int, dict], handlers: dict[str, Handler],
                  run_config: Optional[dict] = None, overrides: Optional[dict[int, dict[str, Handler]]] = None,
-                 kill_at_round: Optional[int] = None):
+                 kill_at_round: Optional[int] = None, silent: Optional[set[int]] = None):
         set_task_identity()
         self.kill_at_round = kill_at_round
+        self.silent = silent or set()          # nodes whose replies never arrive (a timeout)
         self.nodes = nodes                     # node id -> node config
         self.handlers = handlers               # "train" / "evaluate" -> handler
         self.overrides = overrides or {}       # node id -> {"train": handler} (e.g. one that raises)
@@ -46,6 +47,8 @@ class InProcessGrid(Grid):
                 raise Killed(f"killed at round {self.kill_at_round}")
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
+            if node in self.silent:
+                continue
             handler = self.overrides.get(node, {}).get(msg.metadata.message_type) or \
                 self.handlers[msg.metadata.message_type]
             try:

@@ -67,7 +67,7 @@ def test_only_valid_updates_are_averaged_and_every_rejection_has_a_reason():
 def federation(tmp_path):
     overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]", "federation.local_epochs=1"]
 
-    def start(rounds: int, *, extra=(), crash_node=None, run_dir=None, kill_at_round=None):
+    def start(rounds: int, *, extra=(), crash_node=None, run_dir=None, kill_at_round=None, silent=None):
         run_config = {"preset": "tiny", "overrides": shlex.join(overrides + list(extra))}
         cfg = load_config("tiny", overrides + list(extra) + [f"federation.rounds={rounds}"])
         nodes = {10 + i: {"partition-id": i} for i in range(3)}
@@ -77,7 +77,7 @@ def federation(tmp_path):
 
         grid = InProcessGrid(nodes, {"train": client_app.train, "evaluate": client_app.evaluate}, run_config,
                              overrides={crash_node: {"train": crash}} if crash_node else None,
-                             kill_at_round=kill_at_round)
+                             kill_at_round=kill_at_round, silent=silent)
         summary = run_federation(grid, cfg, run_dir or tmp_path / "run")
         return summary, grid
     return start, tmp_path / "run"
@@ -130,3 +130,12 @@ def test_federation_finishes_cleanly_when_every_budget_is_spent(federation):
     assert last["round"] == 2 and {h["status"] for h in last["hospitals"].values()} == {"budget-exhausted"}
     assert "privacy budget is spent" in summary["stopped"] and summary["rounds"] == 2
     assert summary["epsilon"] == first["epsilon"] and all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values())
+
+
+def test_a_hospital_that_never_replies_is_left_out_and_reported(federation):
+    start, run_dir = federation
+    summary, _ = start(1, silent={12})
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    assert any("no reply within federation.timeout_s" in f["reason"] for f in record["failed"])
+    assert sum(h["status"] == "trained" for h in record["hospitals"].values()) == 2
+    assert summary["final_accuracy"] is not None
