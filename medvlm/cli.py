@@ -3,6 +3,7 @@
     medvlm-fl build-foundation [--variant tiny|tiny-random] [--force]
     medvlm-fl train-local [--config PRESET] [--hospital NAME ...] [--no-dp] [key=value ...]
     medvlm-fl evaluate RUN_DIR [--split val|test]
+    medvlm-fl write-synthetic --hospital NAME --out DIR [--images N] [--seed S]
 """
 
 from __future__ import annotations
@@ -166,6 +167,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_synthetic(args: argparse.Namespace) -> int:
+    from medvlm.data.synthetic import generate_hospital, write_manifest
+
+    out = Path(args.out)
+    if (out / "manifest.jsonl").exists() and not args.force:
+        raise FileExistsError(f"{out / 'manifest.jsonl'} exists; pass --force to overwrite it")
+    data = generate_hospital(args.hospital, args.images, seed=args.seed)
+    path = write_manifest(data, out)
+    print(f"{args.hospital}: {args.images} images, {len(data.rows)} questions -> {path}")
+    return 0
+
+
 def build_parser(extend: Optional[Callable] = None, description: str = __doc__) -> argparse.ArgumentParser:
     """The library's subcommands; ``extend(subparsers)`` adds more (the federation's, in simulations.cli)."""
     parser = argparse.ArgumentParser(prog="medvlm-fl", description=description,
@@ -191,6 +204,15 @@ def build_parser(extend: Optional[Callable] = None, description: str = __doc__) 
     p.add_argument("run_dir", help="a run folder (with config.yaml and global/)")
     p.add_argument("--split", default="val", choices=["val", "test"], help="val = what the federation reports")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("write-synthetic", help="write one synthetic hospital's images + manifest.jsonl to a folder "
+                                               "(a data folder for a SuperNode's data-path)")
+    p.add_argument("--hospital", required=True, help="profile: general, oncology, cardiac, pediatric, ...")
+    p.add_argument("--out", required=True, help="folder to write (images/ and manifest.jsonl)")
+    p.add_argument("--images", type=int, default=400, help="number of images (about 9 questions each)")
+    p.add_argument("--seed", type=int, default=0, help="data.seed the simulation uses for the same profile")
+    p.add_argument("--force", action="store_true", help="overwrite an existing manifest.jsonl")
+    p.set_defaults(func=_write_synthetic)
     return parser
 
 
@@ -200,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
     args = (parser or build_parser()).parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         log.error("%s", err)
         return 2
 

@@ -185,6 +185,29 @@ class TrainConfig:
 
 
 @dataclass
+class CentralDPConfig:
+    """Client-level DP at the coordinator, a layer on top of each hospital's DP-SGD (Flower's
+    server-side fixed clipping): every hospital's change to the global state is clipped to
+    ``clipping_norm`` (L2), the updates are averaged with equal weights, and the average gets
+    Gaussian noise of std ``noise_multiplier * clipping_norm / hospitals averaged``. With a handful
+    of hospitals the client-level epsilon is large: the guarantee that matters stays DP-SGD's."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 0.1
+    delta: float = 1.0e-5            # client-level delta for the reported epsilon
+
+    def __post_init__(self) -> None:
+        _check(self.noise_multiplier >= 0, "federation.central_dp.noise_multiplier", self.noise_multiplier,
+               "must be >= 0")
+        _check(self.clipping_norm > 0, "federation.central_dp.clipping_norm", self.clipping_norm, "must be > 0")
+        _check(0 < self.delta < 1, "federation.central_dp.delta", self.delta, "must be in (0, 1)")
+
+
+SECURE_AGGREGATION = ("none", "secagg+")
+
+
+@dataclass
 class FederationConfig:
     """The coordinator's round plan. Each sampled hospital runs ``local_epochs`` of DP-SGD per round."""
 
@@ -197,8 +220,12 @@ class FederationConfig:
     timeout_s: float = 600.0         # a hospital that has not replied by then is left out of the round
     max_update_mb: float = 64.0      # a reply larger than this is rejected unread
     seed: int = 0                    # initial global state
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    secure_aggregation: str = "none"  # none | secagg+ (see docs/deploy.md)
 
     def __post_init__(self) -> None:
+        _check(self.secure_aggregation in SECURE_AGGREGATION, "federation.secure_aggregation",
+               self.secure_aggregation, f"must be one of {SECURE_AGGREGATION}")
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
         _check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "must be > 0")
         _check(self.lr is None or self.lr > 0, "federation.lr", self.lr, "must be > 0 (or null for train.lr)")

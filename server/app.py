@@ -17,7 +17,7 @@ from medvlm.runs import new_run_dir, save_config
 from medvlm.wire import from_wire, to_wire
 from server.checkpoint import Checkpoints
 from server.report import RoundLog, build_summary, eval_block, write_summary
-from server.strategy import MedFedAvg, RoundReport
+from server.strategy import CentralDP, MedFedAvg, RoundReport
 
 log = logging.getLogger("medvlm.server")
 
@@ -68,10 +68,33 @@ def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
     return privacy
 
 
+def central_releases(records: list[dict]) -> int:
+    """Noisy aggregates released so far (a resumed run keeps counting)."""
+    return max([r["central_dp"]["releases"] for r in records if r.get("central_dp")] or [0])
+
+
+def central_dp_block(cfg, releases: int) -> dict:
+    """Client-level (hospital-level) privacy of the released global states: the Gaussian mechanism
+    on a clipped equal-weight mean, once per round, every hospital in every round (no sampling
+    amplification), composed with the RDP accountant."""
+    from medvlm.privacy import epsilon
+
+    if cfg.noise_multiplier == 0:
+        eps = None if releases else 0.0    # clipping without noise bounds influence but gives no epsilon
+    else:
+        eps = epsilon([(cfg.noise_multiplier, 1.0, releases)], delta=cfg.delta)
+    return {"level": "hospital", "noise_multiplier": cfg.noise_multiplier, "clipping_norm": cfg.clipping_norm,
+            "releases": releases, "sample_rate": 1.0, "delta": cfg.delta, "epsilon": eps, "accountant": "rdp"}
+
+
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     """Set up (or resume) -> rounds -> summary. Returns the summary."""
     started = time.perf_counter()
     fed = cfg.federation
+    if fed.secure_aggregation != "none":
+        raise NotImplementedError(
+            f"federation.secure_aggregation={fed.secure_aggregation}: Flower 1.41 implements SecAgg+ only for its "
+            "legacy ClientApp/Strategy API, which this app does not use; see docs/deploy.md (Secure aggregation)")
     run_dir.mkdir(parents=True, exist_ok=True)
     skeleton = build_skeleton(cfg.model, seed=fed.seed)    # the LLM's weights are never loaded here
     spec, trainable = skeleton.trainable_spec(), sum(p.numel() for p in skeleton.trainable_parameters().values())
@@ -90,7 +113,12 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
                          lr=fed.lr if fed.lr is not None else cfg.train.lr,
                          max_update_bytes=int(fed.max_update_mb * 2**20), fraction_train=fed.fraction_train,
                          fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,
-                         min_available_nodes=fed.min_nodes)
+                         min_available_nodes=fed.min_nodes, uniform_weights=fed.central_dp.enabled)
+    aggregator = strategy
+    if fed.central_dp.enabled:
+        aggregator = CentralDP(strategy, noise_multiplier=fed.central_dp.noise_multiplier,
+                               clipping_norm=fed.central_dp.clipping_norm)
+        aggregator.releases = central_releases(records)
     arrays = _arrays(state)
     base_config = ConfigRecord({"run-dir": str(run_dir.resolve())})
     stopped = "completed" if first <= fed.rounds else "already complete"
@@ -104,9 +132,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         rounds.add(record)
     for server_round in range(first, fed.rounds + 1):
         t0 = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(base_config)), grid))
+        messages = list(aggregator.configure_train(server_round, arrays, ConfigRecord(dict(base_config)), grid))
         replies = list(grid.send_and_receive(messages, timeout=fed.timeout_s))
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        accepted = strategy.screen(server_round, replies)   # before anything (clipping) touches an update
+        new_arrays, train_metrics = aggregator.aggregate_train(server_round, accepted)
         report = strategy.report
         silent = sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
         for node in silent:   # no reply within federation.timeout_s: the round went on without it
@@ -122,6 +151,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
                 timeout=fed.timeout_s))
         privacy = update_privacy(privacy, report, cfg.privacy.delta)
         record = round_record(server_round, report, train_metrics, evaluation, privacy, time.perf_counter() - t0)
+        if fed.central_dp.enabled:
+            record["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
         state = from_wire({k: a.numpy() for k, a in arrays.items()}, spec)
         checkpoints.save(server_round, state, {"config": to_dict(cfg), "records": rounds.records + [record],
                                                "privacy": privacy})
@@ -133,6 +164,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
             break
     summary = build_summary(rounds.records, privacy, trainable=trainable, dp=cfg.privacy.enabled,
                             wall_seconds=time.perf_counter() - started, stopped=stopped)
+    if fed.central_dp.enabled:
+        summary["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
     summary["run_dir"] = str(run_dir)
     write_summary(run_dir, summary)
     return summary

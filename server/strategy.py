@@ -8,7 +8,13 @@ average stay Flower's). It adds:
   or an update with unknown / missing / mis-shaped / wrongly typed / non-finite tensors, an
   oversized payload or malformed metrics is left out, with the reason logged and kept in the
   round's report; the rest are averaged (weighted by ``num-examples``);
-* evaluation replies are *summed* (they are correct/total counts), not averaged.
+* evaluation replies are *summed* (they are correct/total counts), not averaged;
+* ``uniform_weights`` (central DP): every accepted hospital counts once, because the noise of
+  Flower's server-side clipping wrapper is calibrated to an equal-weight mean.
+
+``screen`` is the validation on its own: the round loop screens before anything else touches an
+update (Flower's DP wrapper clips replies before it hands them to the strategy, and clipping a
+mis-shaped or non-finite update would fail or hide it).
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medvlm.model.vlm import TensorSpec
 from medvlm.wire import check_metrics, check_status, from_wire
@@ -63,8 +72,9 @@ def sum_counts(records: list[RecordDict], weighting_key: str) -> MetricRecord:
 
 class MedFedAvg(FedAvg):
     def __init__(self, *, spec: Mapping[str, TensorSpec], num_rounds: int, local_epochs: float, lr: float,
-                 max_update_bytes: int, **kwargs):
+                 max_update_bytes: int, uniform_weights: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.uniform_weights = uniform_weights
         self.spec = dict(spec)
         self.num_rounds, self.local_epochs, self.lr = num_rounds, local_epochs, lr
         self.max_update_bytes = max_update_bytes
@@ -102,8 +112,8 @@ class MedFedAvg(FedAvg):
             return str(err)
         return None
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies whose updates may be averaged; every other one is recorded with its reason."""
         accepted = []
         for msg in replies:
             name, node = _node_name(msg)
@@ -136,9 +146,19 @@ class MedFedAvg(FedAvg):
             entry["bytes_up"] = sum(len(a.data) for a in msg.content.array_records["arrays"].values())
             self.report.hospitals[name] = entry
             accepted.append(msg)
+        return accepted
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        accepted = self.screen(server_round, replies)
         if not accepted:
             return None, None
-        return super().aggregate_train(server_round, accepted)
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if self.uniform_weights:
+            once = [RecordDict({"arrays": m.content.array_records["arrays"], "w": MetricRecord({"w": 1})})
+                    for m in accepted]
+            arrays = aggregate_arrayrecords(once, "w")
+        return arrays, metrics
 
     # ----------------------------------------------------------------------------- evaluate
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
@@ -161,3 +181,44 @@ class MedFedAvg(FedAvg):
         # summed here rather than by FedAvg, whose consistency check wants identical keys: hospitals
         # report counts for the question types they have, which differ between sites
         return sum_counts([msg.content for msg in good], self.weighted_by_key) if good else None
+
+
+class CentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping around ``MedFedAvg``, with its noise scaled to the
+    hospitals actually averaged in the round (not the number sampled: some may refuse or fail).
+    The loop hands it screened replies only."""
+
+    def __init__(self, strategy: MedFedAvg, *, noise_multiplier: float, clipping_norm: float):
+        if not strategy.uniform_weights:
+            raise ValueError("central DP needs an equal-weight mean (MedFedAvg(uniform_weights=True))")
+        bad = {n: s.dtype for n, s in strategy.spec.items() if s.dtype != "float32"}
+        if bad:
+            raise ValueError(f"federation.central_dp clips float32 updates; these tensors are not: {bad}")
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients=1)
+        self.releases = 0
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        replies = [m for m in replies if self._moved(server_round, m)]
+        if not replies:
+            return None, None
+        self.num_sampled_clients = len(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.releases += 1
+        return arrays, metrics
+
+    def _moved(self, server_round: int, msg: Message) -> bool:
+        """Flower's FlatClip divides by the update's norm: an update equal to the global state
+        cannot be clipped (ZeroDivisionError) and carries nothing, so it is left out, on record."""
+        sent = self.current_arrays
+        norm2 = sum(float(np.sum((a.numpy().astype(np.float64) - sent[k].numpy()) ** 2))
+                    for k, a in msg.content.array_records["arrays"].items())
+        if norm2 > 0:
+            return True
+        name, node = _node_name(msg)
+        reason = "update identical to the global state (nothing to average under central DP)"
+        log.warning("round %d: left out %s: %s", server_round, name, reason)
+        self.strategy.report.rejected.append({"hospital": name, "node": node, "reason": reason})
+        self.strategy.report.hospitals[name].update(status="rejected", reason=reason)
+        return False

@@ -139,3 +139,80 @@ def test_a_hospital_that_never_replies_is_left_out_and_reported(federation):
     assert any("no reply within federation.timeout_s" in f["reason"] for f in record["failed"])
     assert sum(h["status"] == "trained" for h in record["hospitals"].values()) == 2
     assert summary["final_accuracy"] is not None
+
+
+# ----------------------------------------------------------------------------- central DP (Flower's wrapper)
+def _central(noise: float, clip: float, spec_state):
+    from server.strategy import CentralDP
+
+    strategy = MedFedAvg(spec=spec_of(spec_state), num_rounds=1, local_epochs=1, lr=1e-3, max_update_bytes=10**8,
+                         min_available_nodes=1, min_train_nodes=1, uniform_weights=True)
+    dp = CentralDP(strategy, noise_multiplier=noise, clipping_norm=clip)
+    dp.current_arrays = ArrayRecord({k: Array(v) for k, v in to_wire(spec_state).items()})  # the global state sent
+    return strategy, dp
+
+
+def test_central_dp_clips_each_update_and_averages_them_equally():
+    set_task_identity()
+    strategy, dp = _central(0.0, 0.5, SPEC_STATE)
+    out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    big_a = {k: torch.full_like(v, 1.0) for k, v in SPEC_STATE.items()}          # update norm sqrt(10)
+    big_b = {k: torch.full_like(v, -4.0) for k, v in SPEC_STATE.items()}         # norm 4 sqrt(10)
+    small = {k: torch.full_like(v, 0.01) for k, v in SPEC_STATE.items()}         # norm 0.03: inside the bound
+    nan = {k: torch.full_like(v, float("nan")) for k, v in SPEC_STATE.items()}
+    replies = [_reply(out, big_a, examples=10, hospital="a"), _reply(out, big_b, examples=1000, hospital="b"),
+               _reply(out, small, examples=5, hospital="s"), _reply(out, nan, hospital="nan")]
+    accepted = strategy.screen(1, replies)                          # what the round loop does first
+    assert [r["hospital"] for r in strategy.report.rejected] == ["nan"]
+    arrays, _ = dp.aggregate_train(1, accepted)
+    mean = np.concatenate([arrays[k].numpy().ravel() for k in SPEC_STATE])
+    unit = 0.5 / np.sqrt(10)
+    expected = (unit - unit + 0.01) / 3                             # each clipped to 0.5, equal weights
+    assert np.allclose(mean, expected, atol=1e-7)
+    assert np.linalg.norm(mean) <= 0.5 + 1e-6 and dp.releases == 1
+
+
+def test_central_dp_noise_has_the_calibrated_scale():
+    set_task_identity()
+    state = {"fusion.w": torch.zeros(100, 100)}
+    strategy, dp = _central(2.0, 0.1, state)
+    out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    rng = np.random.default_rng(0)
+    updates = [{"fusion.w": torch.from_numpy(rng.normal(0, 1e-6, (100, 100)).astype(np.float32))} for _ in range(4)]
+    replies = [_reply(out, u, hospital=h) for u, h in zip(updates, "abcd")]   # tiny updates: nearly pure noise
+    replies.append(_reply(out, state, hospital="same"))                       # no change: cannot be clipped
+    arrays, _ = dp.aggregate_train(1, strategy.screen(1, replies))
+    noise = arrays["fusion.w"].numpy()
+    assert noise.dtype == np.float32
+    assert abs(noise.std() / (2.0 * 0.1 / 4) - 1) < 0.05           # sigma * C / hospitals averaged
+    assert strategy.report.rejected[-1]["hospital"] == "same"
+
+
+def test_central_dp_refuses_updates_it_cannot_clip():
+    from server.strategy import CentralDP
+
+    bf16 = {"fusion.w": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    strategy = MedFedAvg(spec=spec_of(bf16), num_rounds=1, local_epochs=1, lr=1e-3, max_update_bytes=10**6,
+                         uniform_weights=True)
+    with pytest.raises(ValueError, match="float32"):
+        CentralDP(strategy, noise_multiplier=1.0, clipping_norm=1.0)
+
+
+def test_central_dp_takes_effect_in_the_federation(federation, tiny_model):
+    start, run_dir = federation
+    clip = 1e-3
+    summary, grid = start(1, extra=["federation.central_dp.enabled=true", "federation.central_dp.noise_multiplier=0",
+                                    f"federation.central_dp.clipping_norm={clip}"])
+    sent = next(m for m in grid.sent if m.metadata.message_type == "train").content.array_records["arrays"]
+    load_trainable(tiny_model, run_dir / "global")
+    after = tiny_model.trainable_state()
+    change = np.sqrt(sum(float(((after[k].numpy() - sent[k].numpy()) ** 2).sum()) for k in after))
+    assert 0 < change <= clip * (1 + 1e-4)                          # DP-SGD alone moves it far more
+    assert summary["central_dp"]["releases"] == 1 and summary["central_dp"]["epsilon"] is None
+    assert all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values())   # sample-level DP-SGD stayed on
+
+
+def test_secure_aggregation_is_refused_with_the_reason(federation):
+    start, _ = federation
+    with pytest.raises(NotImplementedError, match="legacy"):
+        start(1, extra=["federation.secure_aggregation=secagg+"])

@@ -1,0 +1,95 @@
+"""Deployment tooling: the coordinator's CA + SuperLink certificate, hospitals' node keys, and the
+secure-by-default SuperLink/SuperNode command lines (the real processes run in test_deploy_e2e)."""
+
+import logging
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.common.config import parse_config_args
+
+from client.deploy import node_config_string, supernode_command
+from client.keys import create_node_key
+from medvlm.data.synthetic import generate_hospital, write_manifest
+from server.certs import create_certificates
+from server.deploy import superlink_command
+
+
+def test_certificates_chain_to_the_ca_and_name_the_superlink(tmp_path):
+    paths = create_certificates(tmp_path, ["127.0.0.1", "coordinator.example.org"])
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)                            # raises if not signed by the CA
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["coordinator.example.org"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for key in (paths.ca_key, paths.server_key):                    # private keys: owner only
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+    with pytest.raises(FileExistsError, match="--force"):            # nothing is overwritten by accident
+        create_certificates(tmp_path, ["127.0.0.1"])
+    again = create_certificates(tmp_path, ["10.0.0.5"], force=True)  # new address, same CA
+    assert not again.ca_created and again.ca_cert.read_bytes() == paths.ca_cert.read_bytes()
+    x509.load_pem_x509_certificate(again.server_cert.read_bytes()).verify_directly_issued_by(ca)
+    with pytest.raises(ValueError, match="host name or IP"):
+        create_certificates(tmp_path / "other", ["https://coordinator:9092"])
+
+
+def test_node_keys_are_what_flower_node_authentication_loads(tmp_path):
+    private, public = create_node_key(tmp_path, "st-mary")
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError, match="keeps its key"):
+        create_node_key(tmp_path, "st-mary")
+    with pytest.raises(ValueError, match="hospital name"):
+        create_node_key(tmp_path, "../evil")
+
+
+def test_superlink_is_secure_unless_asked_and_warns_when_it_is_not(tmp_path, caplog):
+    with pytest.raises(ValueError, match="needs TLS"):
+        superlink_command(certs=None, host="0.0.0.0", port=9092, database=None)
+    with pytest.raises(FileNotFoundError, match="medvlm-fl certs"):
+        superlink_command(certs=tmp_path, host="0.0.0.0", port=9092, database=None)
+    create_certificates(tmp_path, ["127.0.0.1"])
+    cmd = superlink_command(certs=tmp_path, host="0.0.0.0", port=9092, database=tmp_path / "db" / "s.db")
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation", "--database"):
+        assert flag in cmd
+    assert "--insecure" not in cmd
+    with caplog.at_level(logging.WARNING):
+        insecure = superlink_command(certs=None, host="127.0.0.1", port=9092, database=None, insecure=True)
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    assert "INSECURE" in caplog.text
+
+
+def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
+    create_certificates(tmp_path / "certs", ["127.0.0.1"])
+    private, _ = create_node_key(tmp_path / "keys", "st-mary")
+    manifest = write_manifest(generate_hospital("general", 6, seed=0), tmp_path / "data")
+    common = dict(superlink="127.0.0.1:9092", hospital="st-mary", data_path=manifest, state_dir=tmp_path / "state",
+                  ca=tmp_path / "certs" / "ca.crt", port=9094)
+    cmd = supernode_command(key=private, epsilon=4.0, **common)
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(private.resolve())
+    node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])   # Flower's own parser
+    assert node_config == {"hospital": "st-mary", "data-path": str(manifest.resolve()),
+                           "state-dir": str((tmp_path / "state").resolve()), "epsilon": 4.0}
+    assert (tmp_path / "state").is_dir()
+
+    with pytest.raises(ValueError, match="OpenSSH private key"):       # the .pub file by mistake
+        supernode_command(key=private.with_suffix(".pub"), **common)
+    with pytest.raises(ValueError, match="CA certificate"):
+        supernode_command(key=None, **{**common, "ca": None})
+    lines = manifest.read_text().splitlines()
+    lines[2] = lines[2].replace('"question": "', '"question": "  ').replace('"answer_type": "closed"',
+                                                                             '"answer_type": "maybe"')
+    manifest.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="manifest.jsonl:3"):          # the bad row, by line
+        supernode_command(key=private, **common)
+    with pytest.raises(ValueError, match="double quote"):
+        node_config_string({"hospital": 'a"b'})
