@@ -9,39 +9,63 @@ from dataclasses import replace
 
 from typing import Mapping
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.egress import reply_content
+from client.egress import as_secure_fit_reply, reply_content
 from client.ledger import Ledger
 from client.site import get_site
 from medvlm.metrics import baseline_predictions, majority_answers, vqa_counts
 from medvlm.privacy import PrivacyBudgetExceeded
-from medvlm.wire import from_wire
+from medvlm.wire import from_wire, legacy_order
 
 log = logging.getLogger("medvlm.client")
 
-def _load_global(site, msg: Message) -> None:
-    arrays = {name: arr.numpy() for name, arr in msg.content["arrays"].items()}
+SECURE_ARRAYS, SECURE_CONFIG = "fitins.parameters", "fitins.config"   # SecAgg+ rounds (legacy form)
+
+
+def _received(msg: Message) -> tuple[dict, ConfigRecord]:
+    """The global state (wire form) and round config, from a plain or a SecAgg+ train message."""
+    if SECURE_ARRAYS in msg.content.array_records:
+        return dict(enumerate(a.numpy() for a in msg.content.array_records[SECURE_ARRAYS].values())), \
+            msg.content.config_records[SECURE_CONFIG]
+    return {name: arr.numpy() for name, arr in msg.content["arrays"].items()}, msg.content["config"]
+
+
+def _load_global(site, msg: Message) -> dict:
+    arrays, _ = _received(msg)
+    if all(isinstance(k, int) for k in arrays):     # legacy Parameters: names by the shared order
+        order = legacy_order(site.spec)
+        if len(arrays) != len(order):
+            raise ValueError(f"SecAgg+ round sent {len(arrays)} tensors; this model has {len(order)}")
+        arrays = {order[i]: a for i, a in arrays.items()}
     site.model.load_trainable_state(from_wire(arrays, site.spec))
+    return arrays
 
 
 def _site(msg: Message, context: Context, defaults: Mapping):
     run_config = {**defaults, **context.run_config}
-    if "run-dir" in msg.content["config"]:  # simulation: hospitals' ledgers live in the run folder
-        run_config["run-dir"] = str(msg.content["config"]["run-dir"])
+    _, config = _received(msg)
+    if "run-dir" in config:  # simulation: hospitals' ledgers live in the run folder
+        run_config["run-dir"] = str(config["run-dir"])
     return get_site(run_config, context.node_config)
 
 
 def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006 (read-only)
     """Load the global state, check the ledger, run DP-SGD for the round, charge the ledger, reply."""
-    from medvlm.train import planned_steps, train_local
-
     site = _site(msg, context, defaults)
-    cfg, round_cfg = site.cfg, msg.content["config"]
+    cfg, (_, round_cfg) = site.cfg, _received(msg)
     server_round, num_rounds = int(round_cfg["server-round"]), int(round_cfg["num-rounds"])
     train_cfg = replace(cfg.train, epochs=float(round_cfg["local-epochs"]), lr=float(round_cfg["lr"]))
-    _load_global(site, msg)
+    sent = _load_global(site, msg)
+    reply = _train(site, cfg, train_cfg, server_round, num_rounds)
+    if SECURE_ARRAYS in msg.content.array_records:   # SecAgg+: secaggplus_mod masks this reply
+        reply = as_secure_fit_reply(reply, sent=sent, spec=site.spec)
+    return Message(reply, reply_to=msg)
+
+
+def _train(site, cfg, train_cfg, server_round: int, num_rounds: int) -> RecordDict:
+    from medvlm.train import planned_steps, train_local
 
     metrics: dict[str, float] = {"num-examples": len(site.train)}
     privacy = cfg.privacy
@@ -58,8 +82,8 @@ def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  #
             log.warning("%s", err)
             ledger.save(site.state_dir)
             metrics.update(epsilon=ledger.epsilon, budget=ledger.budget, delta=ledger.delta)
-            return Message(reply_content(kind="train", metrics=metrics, spec=site.spec, status={
-                "hospital": site.name, "status": "budget-exhausted", "reason": str(err)}), reply_to=msg)
+            return reply_content(kind="train", metrics=metrics, spec=site.spec, status={
+                "hospital": site.name, "status": "budget-exhausted", "reason": str(err)})
         privacy = replace(privacy, target_epsilon=None, noise_multiplier=sigma, delta=site.delta)
 
     result = train_local(site.model, site.train, train=train_cfg, privacy=privacy,
@@ -73,9 +97,8 @@ def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  #
         metrics.update({"epsilon": ledger.epsilon, "delta": ledger.delta, "budget": ledger.budget,
                         "noise-multiplier": ledger.noise_multiplier, "sample-rate": ledger.sample_rate,
                         "total-steps": ledger.total_steps, "max-grad-norm": ledger.max_grad_norm})
-    return Message(reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status={
-        "hospital": site.name, "status": "trained", "accountant": privacy.accountant if ledger else "none"}),
-        reply_to=msg)
+    return reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status={
+        "hospital": site.name, "status": "trained", "accountant": privacy.accountant if ledger else "none"})
 
 
 def evaluate(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006
@@ -94,13 +117,24 @@ def evaluate(msg: Message, context: Context, defaults: Mapping = {}) -> Message:
                                  status={"hospital": site.name, "status": "evaluated"}), reply_to=msg)
 
 
+def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round (they carry its config
+    record); every other message passes untouched (the mod would reject it)."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, call_next)
+
+
 def make_app(defaults: Mapping[str, object] = {}) -> ClientApp:  # noqa: B006 (read-only)
     """A ClientApp whose run config falls back to ``defaults`` (``medvlm-fl simulate`` passes the
     preset, overrides and run folder this way; ``flwr run`` passes them as the run config)."""
     defaults = dict(defaults)
     client_app = ClientApp()
 
-    @client_app.train()
+    @client_app.train(mods=[secure_aggregation_mod])
     def _train(msg: Message, context: Context) -> Message:
         return train(msg, context, defaults)
 

@@ -14,9 +14,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from medvlm.model.vlm import TensorSpec, validate_state
-from medvlm.wire import EgressError, check_metrics, check_status, to_wire
+from medvlm.wire import EgressError, check_metrics, check_status, legacy_order, to_wire
 
-__all__ = ["EgressError", "reply_content"]
+__all__ = ["EgressError", "reply_content", "as_secure_fit_reply"]
 
 
 def reply_content(*, kind: str, metrics: Mapping[str, float], status: Mapping[str, str],
@@ -37,3 +37,25 @@ def reply_content(*, kind: str, metrics: Mapping[str, float], status: Mapping[st
         content["arrays"] = ArrayRecord({name: Array(array) for name, array in to_wire(
             {name: state[name] for name in spec}).items()})
     return content
+
+
+def as_secure_fit_reply(content: RecordDict, *, sent: Mapping[str, "np.ndarray"],
+                        spec: Mapping[str, TensorSpec]) -> RecordDict:
+    """A checked train reply in the legacy form Flower's ``secaggplus_mod`` masks: the *change* to
+    the global state (small values: the protocol's fixed-point range keeps precision), in
+    ``legacy_order``; metrics and status as the FitRes metrics. Built only from ``reply_content``."""
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    if "arrays" not in content.array_records:
+        raise EgressError("no trainable state to aggregate securely: "
+                          f"{dict(content.config_records['status']).get('reason', 'nothing was trained')}")
+    arrays = content.array_records["arrays"]
+    update = [arrays[n].numpy().astype(np.float32) - np.asarray(sent[n], dtype=np.float32)
+              for n in legacy_order(spec)]
+    metrics = {**{k: float(v) for k, v in content.metric_records["metrics"].items()},
+               **dict(content.config_records["status"])}
+    fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update),
+                 int(content.metric_records["metrics"]["num-examples"]), metrics)
+    return fitres_to_recorddict(fit, keep_input=False)

@@ -221,11 +221,14 @@ class FederationConfig:
     max_update_mb: float = 64.0      # a reply larger than this is rejected unread
     seed: int = 0                    # initial global state
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
-    secure_aggregation: str = "none"  # none | secagg+ (see docs/deploy.md)
+    secure_aggregation: str = "none"  # none | secagg+ (the coordinator sees only the mean update)
+    secagg_clipping_range: float = 1.0  # SecAgg+ fixed-point range for each element of an update
 
     def __post_init__(self) -> None:
         _check(self.secure_aggregation in SECURE_AGGREGATION, "federation.secure_aggregation",
                self.secure_aggregation, f"must be one of {SECURE_AGGREGATION}")
+        _check(self.secagg_clipping_range > 0, "federation.secagg_clipping_range", self.secagg_clipping_range,
+               "must be > 0")
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
         _check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "must be > 0")
         _check(self.lr is None or self.lr > 0, "federation.lr", self.lr, "must be > 0 (or null for train.lr)")

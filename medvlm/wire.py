@@ -35,6 +35,12 @@ STATUSES = frozenset({"trained", "budget-exhausted", "evaluated"})
 STATUS_KEYS = frozenset({"hospital", "status", "reason", "accountant"})
 
 
+def legacy_order(spec: Mapping[str, TensorSpec]) -> list[str]:
+    """Tensor order on Flower's legacy wire (SecAgg+), whose ``Parameters`` carry no names: both
+    ends derive it from the same allow-list."""
+    return sorted(spec)
+
+
 class EgressError(ValueError):
     """A reply would carry something other than allow-listed tensors and aggregate metrics."""
 

@@ -17,6 +17,7 @@ from medvlm.runs import new_run_dir, save_config
 from medvlm.wire import from_wire, to_wire
 from server.checkpoint import Checkpoints
 from server.report import RoundLog, build_summary, eval_block, write_summary
+from server.secagg import check_secure_aggregation, secure_train_round
 from server.strategy import CentralDP, MedFedAvg, RoundReport
 
 log = logging.getLogger("medvlm.server")
@@ -91,10 +92,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     """Set up (or resume) -> rounds -> summary. Returns the summary."""
     started = time.perf_counter()
     fed = cfg.federation
-    if fed.secure_aggregation != "none":
-        raise NotImplementedError(
-            f"federation.secure_aggregation={fed.secure_aggregation}: Flower 1.41 implements SecAgg+ only for its "
-            "legacy ClientApp/Strategy API, which this app does not use; see docs/deploy.md (Secure aggregation)")
+    if fed.secure_aggregation != "none" and fed.central_dp.enabled:
+        raise ValueError("federation.secure_aggregation=secagg+ and federation.central_dp cannot be combined: "
+                         "the coordinator cannot clip updates it never sees")
     run_dir.mkdir(parents=True, exist_ok=True)
     skeleton = build_skeleton(cfg.model, seed=fed.seed)    # the LLM's weights are never loaded here
     spec, trainable = skeleton.trainable_spec(), sum(p.numel() for p in skeleton.trainable_parameters().values())
@@ -115,6 +115,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
                          fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,
                          min_available_nodes=fed.min_nodes, uniform_weights=fed.central_dp.enabled)
     aggregator = strategy
+    if fed.secure_aggregation == "secagg+":
+        check_secure_aggregation(spec)
     if fed.central_dp.enabled:
         aggregator = CentralDP(strategy, noise_multiplier=fed.central_dp.noise_multiplier,
                                clipping_norm=fed.central_dp.clipping_norm)
@@ -132,10 +134,16 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         rounds.add(record)
     for server_round in range(first, fed.rounds + 1):
         t0 = time.perf_counter()
-        messages = list(aggregator.configure_train(server_round, arrays, ConfigRecord(dict(base_config)), grid))
-        replies = list(grid.send_and_receive(messages, timeout=fed.timeout_s))
-        accepted = strategy.screen(server_round, replies)   # before anything (clipping) touches an update
-        new_arrays, train_metrics = aggregator.aggregate_train(server_round, accepted)
+        if fed.secure_aggregation == "secagg+":   # the coordinator sees only the mean update
+            messages, replies = [], []
+            new_arrays, train_metrics = secure_train_round(
+                grid, strategy, arrays, server_round=server_round, config=base_config, spec=spec,
+                clipping_range=fed.secagg_clipping_range, timeout=fed.timeout_s)
+        else:
+            messages = list(aggregator.configure_train(server_round, arrays, ConfigRecord(dict(base_config)), grid))
+            replies = list(grid.send_and_receive(messages, timeout=fed.timeout_s))
+            accepted = strategy.screen(server_round, replies)   # before anything (clipping) touches an update
+            new_arrays, train_metrics = aggregator.aggregate_train(server_round, accepted)
         report = strategy.report
         silent = sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
         for node in silent:   # no reply within federation.timeout_s: the round went on without it

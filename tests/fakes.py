@@ -4,6 +4,7 @@ becomes an error reply, as Flower turns a crashing ClientApp into one."""
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable, Optional
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -35,6 +36,7 @@ class InProcessGrid(Grid):
         self.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(c), state=RecordDict(),
                                     run_config=self.run_config) for n, c in nodes.items()}
         self.sent: list[Message] = []
+        self.received: list[Message] = []
 
     # the parts of the Grid API the strategy and the ServerApp use
     def get_node_ids(self) -> Iterable[int]:
@@ -43,7 +45,8 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
-            if self.kill_at_round and int(msg.content["config"]["server-round"]) >= self.kill_at_round:
+            config = msg.content.config_records.get("config") or msg.content.config_records.get("fitins.config") or {}
+            if self.kill_at_round and int(config.get("server-round", 0)) >= self.kill_at_round:
                 raise Killed(f"killed at round {self.kill_at_round}")
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
@@ -51,11 +54,12 @@ class InProcessGrid(Grid):
                 continue
             handler = self.overrides.get(node, {}).get(msg.metadata.message_type) or \
                 self.handlers[msg.metadata.message_type]
-            try:
-                reply = handler(msg, self.contexts[node])
+            try:   # a real transport delivers a copy: handlers and mods may edit what they receive
+                reply = handler(copy.deepcopy(msg), self.contexts[node])
             except Exception as err:  # noqa: BLE001 - what Flower does with a crashing ClientApp
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             replies.append(reply)
+        self.received += replies
         return replies
 
     # unused abstract parts

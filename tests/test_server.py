@@ -212,7 +212,74 @@ def test_central_dp_takes_effect_in_the_federation(federation, tiny_model):
     assert all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values())   # sample-level DP-SGD stayed on
 
 
-def test_secure_aggregation_is_refused_with_the_reason(federation):
+def test_secure_aggregation_and_central_dp_cannot_be_combined(federation):
     start, _ = federation
-    with pytest.raises(NotImplementedError, match="legacy"):
-        start(1, extra=["federation.secure_aggregation=secagg+"])
+    with pytest.raises(ValueError, match="cannot clip updates it never sees"):
+        start(1, extra=["federation.secure_aggregation=secagg+", "federation.central_dp.enabled=true"])
+
+
+# ----------------------------------------------------------------------------- SecAgg+ (Flower's legacy workflow)
+def test_secure_aggregation_reveals_only_the_mean_update(tmp_path):
+    from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+    from client.app import secure_aggregation_mod
+    from medvlm.model.vlm import build_medvlm
+    from medvlm.wire import legacy_order
+
+    overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]", "federation.local_epochs=1",
+                                  "federation.secure_aggregation=secagg+"]
+    cfg = load_config("tiny", overrides + ["federation.rounds=1"])
+    plain = {}
+
+    def spy(msg, context):                       # what each hospital hands to secaggplus_mod (unmasked)
+        reply = client_app.train(msg, context)
+        plain[context.node_id] = recorddict_to_fitres(reply.content, keep_input=True)
+        return reply
+
+    grid = InProcessGrid({10 + i: {"partition-id": i} for i in range(3)},
+                         {"train": lambda m, c: secure_aggregation_mod(m, c, spy), "evaluate": client_app.evaluate},
+                         {"preset": "tiny", "overrides": shlex.join(overrides)})
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    assert summary["rounds"] == 1 and len(plain) == 3
+    assert set(summary["epsilon"]) == {"general", "oncology", "cardiac"}        # metrics still arrive
+
+    # what reached the coordinator: no tensors at all, one masked vector per hospital
+    secure = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert secure and all(not any(len(r) for r in m.content.array_records.values()) for m in secure)
+    masked = [m.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] for m in secure
+              if Key.MASKED_PARAMETERS in m.content.config_records[RECORD_KEY_CONFIGS]]
+    assert len(masked) == 3
+    assert all(max(bytes_to_ndarray(b).max() for b in vec) > 2**28 for vec in masked)  # masks span the modulus
+
+    # and yet the new global state = old + the example-weighted mean of the plain updates
+    sent = next(m for m in grid.sent if "fitins.parameters" in m.content.array_records)
+    before = [a.numpy() for a in sent.content.array_records["fitins.parameters"].values()]
+    total = sum(r.num_examples for r in plain.values())
+    mean = [sum(r.num_examples / total * parameters_to_ndarrays(r.parameters)[i] for r in plain.values())
+            for i in range(len(before))]
+    model = build_medvlm(cfg.model, seed=0)
+    load_trainable(model, tmp_path / "run" / "global")
+    after = model.trainable_state()
+    for i, name in enumerate(legacy_order(model.trainable_spec())):
+        assert np.allclose(after[name].numpy(), before[i] + mean[i], atol=2e-5), name
+
+
+def test_a_bad_securely_aggregated_mean_is_refused(tiny_model):
+    from medvlm.wire import legacy_order
+    from server.secagg import apply_mean_update
+
+    spec = tiny_model.trainable_spec()
+    names = legacy_order(spec)
+    current = [tiny_model.trainable_state()[n].numpy() for n in names]
+    ok, _ = apply_mean_update(current, [np.full_like(c, 0.5) for c in current], names=names, spec=spec)
+    assert ok is not None and np.allclose(ok[names[0]].numpy(), current[0] + 0.5)
+    nan = [np.zeros_like(c) for c in current]
+    nan[3][...] = np.nan
+    new, reason = apply_mean_update(current, nan, names=names, spec=spec)
+    assert new is None and names[3] in reason and "finite" in reason
+    new, reason = apply_mean_update(current, current[:-1], names=names, spec=spec)
+    assert new is None and f"this model has {len(names)}" in reason
+    new, reason = apply_mean_update(current, [c.ravel() for c in current], names=names, spec=spec)
+    assert new is None and "shape" in reason
