@@ -36,11 +36,11 @@ def node_config_string(values: dict[str, object]) -> str:
     return " ".join(parts)
 
 
-def check_site(*, data_path: str | Path, state_dir: str | Path) -> int:
+def check_site(*, data_path: str | Path, state_dir: str | Path, data_format: str = "auto") -> int:
     """Fail before connecting if the data or the ledger folder is unusable; returns the row count."""
     from medvlm.data.manifest import read_manifest
 
-    manifest = read_manifest(data_path)    # names every bad row (file:line) and refuses to start
+    manifest = read_manifest(data_path, fmt=data_format)   # names every bad row and refuses to start
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     if not os.access(state, os.W_OK):
@@ -49,6 +49,7 @@ def check_site(*, data_path: str | Path, state_dir: str | Path) -> int:
 
 
 def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, state_dir: str | Path,
+                      data_format: str = "auto",
                       ca: Optional[str | Path], key: Optional[str | Path], port: int,
                       device: Optional[str] = None, epsilon: Optional[float] = None,
                       delta: Optional[float] = None, insecure: bool = False) -> list[str]:
@@ -68,9 +69,10 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
         _check_private_key(Path(key))
         cmd += ["--root-certificates", str(Path(ca).resolve()), "--auth-supernode-private-key",
                 str(Path(key).resolve())]
-    rows = check_site(data_path=data_path, state_dir=state_dir)
-    log.info("hospital %s: %d manifest rows in %s; ledger in %s", hospital, rows, data_path, state_dir)
+    rows = check_site(data_path=data_path, state_dir=state_dir, data_format=data_format)
+    log.info("hospital %s: %d data rows in %s; ledger in %s", hospital, rows, data_path, state_dir)
     node_config = node_config_string({"hospital": hospital, "data-path": str(Path(data_path).resolve()),
+                                      "data-format": None if data_format == "auto" else data_format,
                                       "state-dir": str(Path(state_dir).resolve()), "device": device,
                                       "epsilon": epsilon, "delta": delta})
     return cmd + ["--node-config", node_config, "--port", str(port)]

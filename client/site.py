@@ -3,7 +3,9 @@
 Node config keys (``flower-supernode --node-config '...'``; strings quoted):
 
     hospital   = "st-mary"            name used in logs and the ledger (simulation: a profile name)
-    data-path  = "/data/vqa.jsonl"    a manifest (JSONL); without it, the run's synthetic profile
+    data-path  = "/data/vqa"          a data folder or manifest (any format of data.format); without
+                                      it, the run's synthetic profile
+    data-format = "slake"             optional: the folder's format (default data.format, auto)
     state-dir  = "/var/lib/medvlm"    where the privacy ledger persists (must survive restarts)
     device     = "cuda:0"             overrides train.device
     epsilon    = 4.0                  this hospital's own budget (default: privacy.target_epsilon)
@@ -23,7 +25,7 @@ from typing import Mapping
 
 from medvlm.config import ExperimentConfig, from_run_config
 from medvlm.data.dataset import VQARows, load_splits
-from medvlm.features import with_frozen_features
+from medvlm.features import cached_encoder, with_frozen_features
 from medvlm.model.vlm import MedVLM, TensorSpec, build_medvlm
 
 log = logging.getLogger("medvlm.client")
@@ -74,7 +76,8 @@ def build_site(run_config: Mapping, node_config: Mapping) -> Site:
         cfg = replace(cfg, train=replace(cfg.train, device=str(node_config["device"])))
     data_cfg = cfg.data
     if "data-path" in node_config:
-        data_cfg = replace(cfg.data, source=str(node_config["data-path"]))
+        data_cfg = replace(cfg.data, source=str(node_config["data-path"]),
+                           format=str(node_config.get("data-format", cfg.data.format)))
     elif cfg.data.source == "synthetic" and name not in cfg.data.hospitals:
         raise ValueError(f"hospital {name!r} has no data-path and is not a synthetic profile in data.hospitals "
                          f"{cfg.data.hospitals}")
@@ -87,8 +90,11 @@ def build_site(run_config: Mapping, node_config: Mapping) -> Site:
     from medvlm.train import resolve_device
 
     model.to(resolve_device(cfg.train.device))
+    # a hospital's own images: frozen features cached in its state directory, never sent anywhere
+    cache = state_dir / "features" if data_cfg.source != "synthetic" else None
     splits = load_splits(data_cfg, model.vision.preprocess,
-                         hospitals=[name] if data_cfg.source == "synthetic" else None)
+                         hospitals=[name] if data_cfg.source == "synthetic" else None,
+                         encode_files=cached_encoder(model, cache, data_cfg))
     train = with_frozen_features(model, splits["train"])
     val = with_frozen_features(model, splits["val"])
     log.info("hospital %s: %d train / %d val questions, ledger in %s", name, len(train), len(val), state_dir)

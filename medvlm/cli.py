@@ -3,7 +3,8 @@
     medvlm-fl build-foundation [--variant tiny|tiny-random] [--force]
     medvlm-fl train-local [--config PRESET] [--hospital NAME ...] [--no-dp] [key=value ...]
     medvlm-fl evaluate RUN_DIR [--split val|test]
-    medvlm-fl write-synthetic --hospital NAME --out DIR [--images N] [--seed S]
+    medvlm-fl write-synthetic --hospital NAME --out DIR [--images N] [--seed S] [--image-format dicom]
+    medvlm-fl check-data PATH [--format F] [--language en]
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
     from medvlm.evaluate import evaluate_with_baseline
+    from medvlm.features import cached_encoder
     from medvlm.model.vlm import build_medvlm
     from medvlm.privacy import save_accountant_state
     from medvlm.runs import export_trainable, new_run_dir, save_config, write_json
-    from medvlm.train import train_local
+    from medvlm.train import resolve_device, train_local
 
     started = time.perf_counter()
     cfg = load_config(preset, list(overrides))
     torch.manual_seed(cfg.train.seed)
-    model = build_medvlm(cfg.model, seed=cfg.train.seed)
-    splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals)
+    model = build_medvlm(cfg.model, seed=cfg.train.seed).to(resolve_device(cfg.train.device))  # encode there
+    splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals,
+                         encode_files=cached_encoder(model, cfg.data.feature_cache, cfg.data, progress=progress))
     run_dir = new_run_dir(cfg.output_dir, "train-local", run_name)
     save_config(cfg, run_dir)
     log.info("run folder %s: %d train / %d val / %d test questions", run_dir,
@@ -130,6 +133,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = Tr
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
     from medvlm.evaluate import evaluate_counts
+    from medvlm.features import cached_encoder
     from medvlm.metrics import accuracies, baseline_predictions, majority_answers, merge_counts, vqa_counts
     from medvlm.model.vlm import build_medvlm
     from medvlm.runs import load_trainable
@@ -143,7 +147,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = Tr
     counts, base = [], []
     groups = [[h] for h in cfg.data.hospitals] if cfg.data.source == "synthetic" else [None]
     for hospitals in groups:
-        splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals)
+        splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals,
+                             encode_files=cached_encoder(model, cfg.data.feature_cache, cfg.data, progress=progress))
         rows = splits[split].rows
         counts.append(evaluate_counts(model, splits[split], max_new_tokens=cfg.train.eval_max_new_tokens,
                                       progress=progress))
@@ -174,9 +179,41 @@ def _write_synthetic(args: argparse.Namespace) -> int:
     if (out / "manifest.jsonl").exists() and not args.force:
         raise FileExistsError(f"{out / 'manifest.jsonl'} exists; pass --force to overwrite it")
     data = generate_hospital(args.hospital, args.images, seed=args.seed)
-    path = write_manifest(data, out)
-    print(f"{args.hospital}: {args.images} images, {len(data.rows)} questions -> {path}")
+    path = write_manifest(data, out, image_format=args.image_format)
+    print(f"{args.hospital}: {args.images} {args.image_format} images, {len(data.rows)} questions -> {path}")
     return 0
+
+
+def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", out=sys.stdout) -> int:
+    """Check a data folder and print its summary and every problem; 0 when it has no errors."""
+    from medvlm.data.manifest import ManifestError, read_manifest, summarize
+
+    try:
+        manifest = read_manifest(path, fmt=fmt, on_bad_row="skip", language=language)
+    except ManifestError as err:   # not one usable row
+        print(f"{path}: no usable rows", file=out)
+        for problem in err.problems:
+            print(f"  ERROR {problem}", file=out)
+        return 1
+    logging.getLogger("medvlm.data.manifest").setLevel(logging.ERROR)  # listed below, once
+    info = summarize(manifest)
+    print(f"{path} ({info['format']} format)", file=out)
+    print(f"  rows {info['rows']} ({info['vqa_rows']} question/answer, {info['report_rows']} report) "
+          f"on {info['images']} images {info['image_types']}", file=out)
+    print(f"  closed {info['closed']}, open {info['open']}; answer vocabulary {info['answer_vocabulary']}", file=out)
+    print(f"  modalities {info['modalities']}; splits {info['splits']}", file=out)
+    for problem in manifest.problems:
+        print(f"  ERROR {problem}", file=out)
+    for warning in manifest.warnings:
+        print(f"  WARNING {warning}", file=out)
+    verdict = "OK" if not manifest.problems else f"{len(manifest.problems)} error(s): fix these rows (or set " \
+                                                  "data.on_bad_row=skip to train without them)"
+    print(f"{verdict}; {len(manifest.warnings)} warning(s)", file=out)
+    return 0 if not manifest.problems else 1
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    return check_data(args.path, fmt=args.format, language=args.language)
 
 
 def build_parser(extend: Optional[Callable] = None, description: str = __doc__) -> argparse.ArgumentParser:
@@ -211,8 +248,18 @@ def build_parser(extend: Optional[Callable] = None, description: str = __doc__) 
     p.add_argument("--out", required=True, help="folder to write (images/ and manifest.jsonl)")
     p.add_argument("--images", type=int, default=400, help="number of images (about 9 questions each)")
     p.add_argument("--seed", type=int, default=0, help="data.seed the simulation uses for the same profile")
+    p.add_argument("--image-format", default="png", choices=["png", "dicom"],
+                   help="dicom: 12-bit CT-style files with rescale and window tags")
     p.add_argument("--force", action="store_true", help="overwrite an existing manifest.jsonl")
     p.set_defaults(func=_write_synthetic)
+
+    from medvlm.config import DATA_FORMATS
+
+    p = sub.add_parser("check-data", help="check a hospital's data folder (every row, every image) and summarise it")
+    p.add_argument("path", help="a data folder or file: manifest.jsonl, VQA-RAD, SLAKE, PMC-VQA, MIMIC-CXR-style")
+    p.add_argument("--format", default="auto", choices=list(DATA_FORMATS), help="default: recognised from the files")
+    p.add_argument("--language", default="en", help="SLAKE: which q_lang to keep (default en)")
+    p.set_defaults(func=_check_data)
     return parser
 
 

@@ -109,10 +109,41 @@ class ModelConfig:
                f"model.fusion.init={self.fusion.init!r} is set too: choose one of them")
 
 
+DATA_FORMATS = ("auto", "jsonl", "vqa-rad", "slake", "pmc-vqa", "mimic-cxr")
+
+
+@dataclass
+class DicomConfig:
+    """How a DICOM image becomes the 8-bit picture the encoder's preprocessing expects."""
+    # Window (VOI) to display: both None = the file's own WindowCenter/WindowWidth (or VOI LUT),
+    # and the image's full range when it has neither. Set both to force one window for all files
+    # (e.g. 40 / 400 for CT soft tissue). Applied after RescaleSlope/Intercept (Hounsfield units).
+    window_center: Optional[float] = None
+    window_width: Optional[float] = None
+    # Multi-frame files: which frame to use: "first", "middle", "last" or a 0-based index ("12")
+    frame: str = "middle"
+
+    def __post_init__(self) -> None:
+        _check((self.window_center is None) == (self.window_width is None), "data.dicom.window_center/width",
+               (self.window_center, self.window_width), "set both (a window) or neither (the file's own)")
+        _check(self.window_width is None or self.window_width > 0, "data.dicom.window_width", self.window_width,
+               "must be > 0")
+        _check(self.frame in ("first", "middle", "last") or self.frame.isdigit(), "data.dicom.frame", self.frame,
+               "use first, middle, last or a 0-based frame index")
+
+
 @dataclass
 class DataConfig:
-    # "synthetic": the built-in generator; otherwise a path to a manifest.jsonl
+    # "synthetic": the built-in generator; otherwise a data folder or file in one of the formats
+    # below (a manifest.jsonl, a VQA-RAD / SLAKE / PMC-VQA / MIMIC-CXR-style folder)
     source: str = "synthetic"
+    # auto (recognised from the folder's files) | jsonl | vqa-rad | slake | pmc-vqa | mimic-cxr
+    format: str = "auto"
+    language: str = "en"             # SLAKE rows in other languages (q_lang) are left out
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    # Frozen-feature cache folder for train-local / evaluate (hospitals use <state-dir>/features);
+    # None = encode in memory only
+    feature_cache: Optional[str] = None
     # synthetic: which hospital profiles to pool (names from medvlm.data.synthetic.PROFILES)
     hospitals: list[str] = field(default_factory=lambda: ["general", "oncology", "cardiac"])
     images_per_hospital: int = 400   # each image carries several questions
@@ -129,6 +160,7 @@ class DataConfig:
         _check(self.val_fraction + self.test_fraction < 1, "data.val_fraction+data.test_fraction",
                self.val_fraction + self.test_fraction, "must leave some training data (< 1)")
         _check(self.on_bad_row in ("error", "skip"), "data.on_bad_row", self.on_bad_row, "use error or skip")
+        _check(self.format in DATA_FORMATS, "data.format", self.format, f"use one of {list(DATA_FORMATS)}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from medvlm import cli as library_cli
+from medvlm.config import DATA_FORMATS
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -95,7 +96,7 @@ def _supernode(args: argparse.Namespace) -> int:
     from client.deploy import supernode_command
 
     return _exec(supernode_command(superlink=args.superlink, hospital=args.hospital, data_path=args.data_path,
-                                   state_dir=args.state_dir, ca=args.ca, key=args.key, port=args.port,
+                                   data_format=args.data_format, state_dir=args.state_dir, ca=args.ca, key=args.key, port=args.port,
                                    device=args.device, epsilon=args.epsilon, delta=args.delta,
                                    insecure=args.insecure), args.dry_run)
 
@@ -138,7 +139,9 @@ def _add_federation_commands(sub) -> None:
     p.add_argument("--ca", help="the consortium's ca.crt (from the coordinator)")
     p.add_argument("--key", help="this hospital's private key (from `medvlm-fl node-key`)")
     p.add_argument("--hospital", required=True, help="this hospital's name (logs, ledger, the coordinator's tables)")
-    p.add_argument("--data-path", required=True, help="the data manifest (JSONL; images relative to it)")
+    p.add_argument("--data-path", required=True, help="the data folder or manifest (see `medvlm-fl check-data`)")
+    p.add_argument("--data-format", default="auto", choices=list(DATA_FORMATS),
+                   help="the data folder's format (default: recognised from its files)")
     p.add_argument("--state-dir", required=True, help="folder for the privacy ledger; must survive restarts")
     p.add_argument("--device", help="e.g. cuda:0 (default: the run config's train.device)")
     p.add_argument("--epsilon", type=float, help="this hospital's privacy budget (default: privacy.target_epsilon)")

@@ -58,3 +58,15 @@ def test_cli_reports_config_errors(capsys, caplog):
 def test_build_foundation_cli(capsys):
     assert main(["build-foundation", "--variant", "tiny-random"]) == 0
     assert "tiny-random" in capsys.readouterr().out
+
+
+def test_train_local_on_a_dicom_folder_end_to_end(tmp_path):
+    from medvlm.data.synthetic import generate_hospital, write_manifest
+
+    write_manifest(generate_hospital("oncology", 20, seed=0), tmp_path / "pacs", image_format="dicom")
+    overrides = TINY + [f"output_dir={tmp_path}", f"data.source={tmp_path / 'pacs'}",
+                        f"data.feature_cache={tmp_path / 'features'}"]
+    run_dir, summary = train_local_run("tiny", overrides, run_name="dicom", progress=False)
+    assert summary["train_examples"] > 0 and 0 <= summary["final_accuracy"] <= 1
+    assert 0 < summary["epsilon"] <= 8.0
+    assert len(list((tmp_path / "features").glob("*/*/*.safetensors"))) == 20   # every image encoded once

@@ -80,6 +80,10 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
     assert node_config == {"hospital": "st-mary", "data-path": str(manifest.resolve()),
                            "state-dir": str((tmp_path / "state").resolve()), "epsilon": 4.0}
     assert (tmp_path / "state").is_dir()
+    named = supernode_command(key=private, data_format="jsonl", **{**common, "data_path": manifest.parent})
+    assert parse_config_args([named[named.index("--node-config") + 1]])["data-format"] == "jsonl"
+    with pytest.raises(ValueError, match="not a slake folder"):        # the wrong format, before connecting
+        supernode_command(key=private, data_format="slake", **{**common, "data_path": manifest.parent})
 
     with pytest.raises(ValueError, match="OpenSSH private key"):       # the .pub file by mistake
         supernode_command(key=private.with_suffix(".pub"), **common)

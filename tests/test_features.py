@@ -1,7 +1,14 @@
+import json
+
+import pytest
 import torch
 
-from medvlm.data.dataset import VQADataset
-from medvlm.features import with_frozen_features
+from medvlm.config import DataConfig, DicomConfig
+from medvlm.data.dataset import VQADataset, from_manifest
+from medvlm.data.images import load_image
+from medvlm.data.synthetic import generate_hospital, write_manifest
+from medvlm.features import FeatureCache, cached_encoder, with_frozen_features
+from tests.conftest import TINY_OVERRIDES
 
 
 def test_frozen_features_give_the_same_outputs_as_pixels(tiny_model, tiny_splits):
@@ -18,3 +25,92 @@ def test_frozen_features_give_the_same_outputs_as_pixels(tiny_model, tiny_splits
         la, _ = tiny_model(*batch_a)
         lb, _ = tiny_model(*batch_b)
     assert torch.allclose(la, lb, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the on-disk cache
+@pytest.fixture
+def dicom_folder(tmp_path):
+    write_manifest(generate_hospital("general", 5, seed=0), tmp_path / "data", image_format="dicom")
+    return tmp_path / "data"
+
+
+def counting_loader(model, calls):
+    def load(path):
+        calls.append(path)
+        return model.vision.preprocess(load_image(path))
+    return load
+
+
+def test_cache_gives_identical_features_and_skips_decoding(tiny_model, dicom_folder, tmp_path):
+    paths = sorted(str(p) for p in (dicom_folder / "images").iterdir())
+    calls = []
+    first = FeatureCache(tmp_path / "cache", tiny_model, {"dicom": {}})
+    cold = first(paths, counting_loader(tiny_model, calls))
+    assert len(calls) == 5 and first.misses == 5 and first.hits == 0
+    assert len(list(first.dir.glob("*/*.safetensors"))) == 5
+    calls.clear()
+    second = FeatureCache(tmp_path / "cache", tiny_model, {"dicom": {}})   # a new process, same encoder
+    warm = second(paths, counting_loader(tiny_model, calls))
+    assert calls == [] and second.hits == 5 and second.misses == 0
+    assert torch.equal(cold, warm)
+    direct = with_frozen_features(tiny_model, from_manifest(str(dicom_folder), tiny_model.vision.preprocess))
+    # the same tokens the in-memory path gives (row order: images in manifest order = file order)
+    assert torch.allclose(direct.pixels, warm, atol=1e-6)
+
+
+def test_cache_is_invalidated_by_weights_and_settings(tiny_model, dicom_folder, tmp_path):
+    base = FeatureCache(tmp_path / "cache", tiny_model, {"dicom": {"frame": "middle"}})
+    other_settings = FeatureCache(tmp_path / "cache", tiny_model, {"dicom": {"frame": "first"}})
+    assert base.dir != other_settings.dir
+    with torch.no_grad():
+        next(tiny_model.vision.parameters()).add_(1e-3)
+    changed = FeatureCache(tmp_path / "cache", tiny_model, {"dicom": {"frame": "middle"}})
+    assert changed.dir != base.dir
+    info = json.loads((base.dir / "cache.json").read_text())
+    assert info["fingerprint"] == base.fingerprint and info["settings"] == {"dicom": {"frame": "middle"}}
+
+
+def test_a_torn_entry_is_encoded_again(tiny_model, dicom_folder, tmp_path):
+    paths = sorted(str(p) for p in (dicom_folder / "images").iterdir())
+    cache = FeatureCache(tmp_path / "cache", tiny_model, {})
+    good = cache(paths, counting_loader(tiny_model, []))
+    entry = sorted(cache.dir.glob("*/*.safetensors"))[0]
+    entry.write_bytes(b"garbage")
+    again = FeatureCache(tmp_path / "cache", tiny_model, {})
+    assert torch.equal(again(paths, counting_loader(tiny_model, [])), good)
+    assert again.misses == 1 and again.hits == 4
+
+
+def test_a_hospital_caches_in_its_state_dir(dicom_folder, tmp_path):
+    import shlex
+
+    from client.site import build_site
+
+    run_config = {"preset": "tiny", "overrides": shlex.join(TINY_OVERRIDES)}
+    node = {"hospital": "st-mary", "data-path": str(dicom_folder), "state-dir": str(tmp_path / "state")}
+    site = build_site(run_config, node)
+    entries = list((tmp_path / "state" / "features").glob("*/*/*.safetensors"))
+    assert len(entries) == 5 and site.train.pixels.dim() == 3
+    again = build_site(run_config, node)       # the next round's process: same features, read back
+    assert torch.equal(again.train.pixels, site.train.pixels)
+    assert cached_encoder(site.model, None, DataConfig()) is None
+    assert DicomConfig().frame == "middle"
+
+
+def test_a_warm_cache_skips_decoding_in_the_check_too(tiny_model, dicom_folder, tmp_path, monkeypatch):
+    import medvlm.data.manifest as manifest_module
+
+    cache = cached_encoder(tiny_model, tmp_path / "cache", DataConfig())
+    cold = from_manifest(str(dicom_folder), tiny_model.vision.preprocess, encode_files=cache)
+    decoded = []
+    real = manifest_module.load_image
+    monkeypatch.setattr(manifest_module, "load_image", lambda p, d=None: decoded.append(p) or real(p, d))
+    warm = from_manifest(str(dicom_folder), tiny_model.vision.preprocess,
+                         encode_files=cached_encoder(tiny_model, tmp_path / "cache", DataConfig()))
+    assert decoded == [] and torch.equal(cold.pixels, warm.pixels)
+    changed = dicom_folder / "images" / "00001.dcm"          # a file replaced by a broken one is checked again
+    changed.write_bytes(b"not a dicom any more")
+    with pytest.raises(ValueError, match="00001.dcm"):
+        from_manifest(str(dicom_folder), tiny_model.vision.preprocess,
+                      encode_files=cached_encoder(tiny_model, tmp_path / "cache", DataConfig()))
+    assert decoded == [str(changed)]

@@ -9,7 +9,7 @@ encoder's own ``preprocess`` once, when the dataset is built.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from medvlm.config import DataConfig
-from medvlm.data.manifest import load_image, read_manifest
+from medvlm.data.images import load_image
+from medvlm.data.manifest import read_manifest
 from medvlm.data.synthetic import SyntheticSet, generate_hospital, split_images
 from medvlm.model.vlm import IGNORE_INDEX
 
@@ -86,12 +87,38 @@ def from_synthetic(ds: SyntheticSet, preprocess: Callable) -> VQARows:
     return VQARows(preprocess_images(ds.images, preprocess), [dict(r) for r in ds.rows])
 
 
-def from_manifest(path: str, preprocess: Callable, *, on_bad_row: str = "error") -> VQARows:
-    manifest = read_manifest(path, on_bad_row=on_bad_row)
-    paths = list(dict.fromkeys(r["image"] for r in manifest.rows))
+class EncodeFiles(Protocol):
+    """Frozen patch tokens for image files (a :class:`medvlm.features.FeatureCache`)."""
+
+    def __call__(self, paths: Sequence[str], load: Callable[[str], torch.Tensor]) -> torch.Tensor: ...
+
+    def cached(self, path: str) -> bool:
+        """True when this exact file was decoded and encoded before (its check can be skipped)."""
+        ...
+
+
+def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] = None,
+                  encode_files: Optional[EncodeFiles] = None) -> VQARows:
+    """The VQA rows of a data folder/file in any supported format (checked row by row). Images
+    are decoded with ``load_image`` and the encoder's ``preprocess``; with ``encode_files``
+    (a :class:`medvlm.features.FeatureCache`'s) they come back as frozen patch tokens instead,
+    cached ones without being decoded at all (not even by the check)."""
+    cfg = cfg or DataConfig(source=str(path))
+    manifest = read_manifest(path, fmt=cfg.format, on_bad_row=cfg.on_bad_row, dicom=cfg.dicom, language=cfg.language,
+                             known_good=encode_files.cached if encode_files else None)
+    vqa = manifest.vqa_rows
+    if not vqa:
+        raise ValueError(f"{path}: {len(manifest.report_rows)} report row(s) and no question/answer rows; "
+                         "the VQA task needs rows with question, answer and answer_type")
+    paths = list(dict.fromkeys(r["image"] for r in vqa))
     index = {p: i for i, p in enumerate(paths)}
-    pixels = preprocess_images([load_image(p) for p in paths], preprocess)
-    rows = [dict(r, image_index=index[r["image"]], qtype=r.get("qtype") or "all") for r in manifest.rows]
+
+    def load(p: str) -> torch.Tensor:
+        return preprocess(load_image(p, cfg.dicom))
+
+    pixels = encode_files(paths, load) if encode_files else (torch.stack([load(p) for p in paths]) if paths
+                                                              else torch.empty(0))
+    rows = [dict(r, image_index=index[r["image"]], qtype=r.get("qtype") or "all") for r in vqa]
     return VQARows(pixels, rows)
 
 
@@ -106,10 +133,12 @@ def split_rows(data: VQARows, *, val_fraction: float, test_fraction: float, seed
     return out
 
 
-def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[str] | None = None) -> dict[str, VQARows]:
-    """train/val/test VQARows for the configured data (synthetic hospitals pooled, or a manifest)."""
+def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[str] | None = None,
+                encode_files: Optional[EncodeFiles] = None) -> dict[str, VQARows]:
+    """train/val/test VQARows for the configured data (synthetic hospitals pooled, or a data
+    folder in any supported format; ``encode_files``: see :func:`from_manifest`)."""
     if cfg.source != "synthetic":
-        data = from_manifest(cfg.source, preprocess, on_bad_row=cfg.on_bad_row)
+        data = from_manifest(cfg.source, preprocess, cfg=cfg, encode_files=encode_files)
         return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
     merged: dict[str, list[VQARows]] = {"train": [], "val": [], "test": []}
     for name in hospitals or cfg.hospitals:

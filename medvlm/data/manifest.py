@@ -1,24 +1,30 @@
-"""The project's manifest format and its validation.
+"""A hospital's data, checked row by row: the one validation every format and every caller shares.
 
-A manifest is JSONL, one row per question: ``image`` (path relative to the manifest),
-``question``, ``answer``, ``answer_type`` (closed | open), optional ``report``, ``qtype``,
-``modality``. Every problem is reported by file and line, all at once, so hospital IT can
-fix a folder in one pass; with ``on_bad_row="skip"`` bad rows are dropped (and listed) and
-the good rows are kept.
+Rows come from :mod:`medvlm.data.formats` (the project's JSONL manifest, VQA-RAD, SLAKE, PMC-VQA,
+MIMIC-CXR-style folders) in manifest vocabulary. A row is a VQA row (``image``, ``question``,
+``answer``, ``answer_type`` closed | open) or a report row (``image``, ``report``). Every problem
+is reported by file and row, all at once, so hospital IT can fix a folder in one pass:
+errors (missing or unreadable image, empty field, unknown answer type, a repeated question with a
+different answer) and warnings (an exact repeat, left out). With ``on_bad_row="skip"`` bad rows
+are dropped (and listed) and the good rows are kept. ``medvlm-fl check-data``, the SuperNode
+launcher and the ClientApp all call :func:`read_manifest`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
-from PIL import Image, UnidentifiedImageError
+from medvlm.config import DicomConfig
+from medvlm.data.formats import RawRow, read_rows
+from medvlm.data.images import load_image
 
 log = logging.getLogger(__name__)
 
-REQUIRED = ("image", "question", "answer", "answer_type")
+VQA_KEYS = ("image", "question", "answer", "answer_type")
 ANSWER_TYPES = ("closed", "open")
 
 
@@ -32,69 +38,117 @@ class ManifestError(ValueError):
 @dataclass
 class Manifest:
     path: Path
-    rows: list[dict]          # valid rows; "image" resolved to an absolute path
-    problems: list[str]       # "file:line: reason" for every rejected row
+    format: str
+    rows: list[dict]          # valid rows; "image" an absolute path, "where" the row's location
+    problems: list[str]       # "where: reason" for every rejected row (errors)
+    warnings: list[str] = field(default_factory=list)   # "where: reason" for rows left out harmlessly
+
+    @property
+    def vqa_rows(self) -> list[dict]:
+        return [r for r in self.rows if "question" in r]
+
+    @property
+    def report_rows(self) -> list[dict]:
+        return [r for r in self.rows if "question" not in r]
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image (PNG/JPEG); raises ValueError naming the file."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise ValueError(f"image {path} not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"image {path} cannot be decoded ({err})") from None
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
-def _row_problem(row: object, base: Path, checked: dict[str, str | None]) -> str | None:
-    if not isinstance(row, dict):
-        return f"row is a {type(row).__name__}, expected a JSON object"
-    missing = [k for k in REQUIRED if k not in row]
-    if missing:
-        return f"missing key(s) {missing}"
-    for key in ("image", "question", "answer"):
-        if not isinstance(row[key], str) or not row[key].strip():
-            return f"empty or non-text {key!r}"
-    if row["answer_type"] not in ANSWER_TYPES:
-        return f"answer_type {row['answer_type']!r} is not one of {list(ANSWER_TYPES)}"
-    image = str((base / row["image"]).resolve())
-    if image not in checked:  # decode each image once, however many questions refer to it
+def _row_problem(row: dict, images: dict[str, Optional[str]], dicom: DicomConfig,
+                 known_good: Optional[Callable[[str], bool]]) -> Optional[str]:
+    vqa = any(k in row for k in ("question", "answer", "answer_type")) or "report" not in row
+    if vqa:
+        missing = [k for k in VQA_KEYS if k not in row]
+        if missing:
+            return f"missing key(s) {missing}"
+        for key in ("image", "question", "answer"):
+            if not _is_text(row[key]):
+                return f"empty or non-text {key!r}"
+        if row["answer_type"] not in ANSWER_TYPES:
+            return f"answer_type {row['answer_type']!r} is not one of {list(ANSWER_TYPES)}"
+    else:
+        for key in ("image", "report"):
+            if not _is_text(row.get(key)):
+                return f"empty or non-text {key!r}"
+    image = row["image"]
+    if image not in images:  # decode each image once, however many questions refer to it
         try:
-            load_image(image)
-            checked[image] = None
+            if not (known_good and known_good(image)):   # e.g. its frozen features are cached
+                load_image(image, dicom)
+            images[image] = None
         except ValueError as err:
-            checked[image] = str(err)
-    if checked[image] is not None:
-        return f"{checked[image]} (image {row['image']!r})"
+            images[image] = str(err)
+    if images[image] is not None:
+        return images[image]
     return None
 
 
-def read_manifest(path: str | Path, *, on_bad_row: str = "error") -> Manifest:
+def _clean(row: dict, where: str) -> dict:
+    row = {k: v for k, v in row.items() if v is not None}
+    if "question" in row:
+        row["question"], row["answer"] = row["question"].strip(), row["answer"].strip()
+    return dict(row, where=where)
+
+
+def read_manifest(path: str | Path, *, fmt: str = "auto", on_bad_row: str = "error",
+                  dicom: Optional[DicomConfig] = None, language: str = "en",
+                  known_good: Optional[Callable[[str], bool]] = None) -> Manifest:
+    """Read and check a data folder/file in any supported format; raises ManifestError listing
+    every bad row (or, with ``on_bad_row="skip"``, keeps the good ones). ``known_good(image)``
+    True skips decoding that image (it was decoded before with the same settings)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"manifest {path} not found")
-    rows, problems, checked = [], [], {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"{path.name}:{lineno}: malformed JSON ({err.msg})")
-                continue
-            problem = _row_problem(row, path.parent, checked)
-            if problem:
-                problems.append(f"{path.name}:{lineno}: {problem}")
-                continue
-            rows.append(dict(row, image=str((path.parent / row["image"]).resolve()), line=lineno))
+    fmt, raw = read_rows(path, fmt, language=language)
+    dicom = dicom or DicomConfig()
+    rows, problems, warnings = [], [], []
+    images: dict[str, Optional[str]] = {}
+    seen: dict[tuple, tuple[str, str]] = {}
+    for item in raw:
+        problem = item.problem or _row_problem(item.row, images, dicom, known_good)
+        if problem:
+            problems.append(f"{item.where}: {problem}")
+            continue
+        row = _clean(item.row, item.where)
+        key = (row["image"], row["question"].lower()) if "question" in row else (row["image"],)
+        target = row.get("answer", row.get("report", "")).lower()
+        if key in seen:
+            first, first_target = seen[key]
+            if first_target == target:
+                warnings.append(f"{item.where}: repeats {first} (same image, same question and answer); left out")
+            else:
+                problems.append(f"{item.where}: contradicts {first}: same image and question, answer "
+                                f"{target!r} there vs {first_target!r}")
+            continue
+        seen[key] = (item.where, target)
+        rows.append(row)
     if problems and on_bad_row == "error":
         raise ManifestError(path, problems)
-    for p in problems:
+    for p in problems + warnings:
         log.warning("skipping %s", p)
     if not rows:
-        raise ManifestError(path, problems or ["no rows"])
-    return Manifest(path, rows, problems)
+        raise ManifestError(path, problems or [f"no rows ({fmt} format)"])
+    return Manifest(path, fmt, rows, problems, warnings)
+
+
+def summarize(manifest: Manifest) -> dict:
+    """What `check-data` prints: rows, images, closed/open counts, modalities, answer vocabulary."""
+    vqa = manifest.vqa_rows
+    return {
+        "format": manifest.format,
+        "rows": len(manifest.rows),
+        "vqa_rows": len(vqa),
+        "report_rows": len(manifest.report_rows),
+        "images": len({r["image"] for r in manifest.rows}),
+        "closed": sum(r["answer_type"] == "closed" for r in vqa),
+        "open": sum(r["answer_type"] == "open" for r in vqa),
+        "modalities": dict(Counter(str(r.get("modality", "unknown")) for r in manifest.rows).most_common()),
+        "image_types": dict(Counter(Path(i).suffix.lower() or "(none)"
+                                    for i in {r["image"] for r in manifest.rows}).most_common()),
+        "answer_vocabulary": len({r["answer"].lower() for r in vqa}),
+        "splits": dict(Counter(str(r.get("split", "unsplit")) for r in manifest.rows).most_common()),
+        "errors": len(manifest.problems),
+        "warnings": len(manifest.warnings),
+    }

@@ -236,18 +236,52 @@ def split_images(n: int, *, val_fraction: float, test_fraction: float, seed: int
             "train": sorted(order[n_test + n_val:])}
 
 
-def write_manifest(ds: SyntheticSet, directory: str | Path, *, name: str = "manifest.jsonl") -> Path:
-    """Write PNG images and a JSONL manifest (image paths relative to the manifest)."""
+def write_dicom(image: np.ndarray, path: Path, *, modality: str = "CT", uid_seed: str = "") -> None:
+    """An 8-bit grey image as a 12-bit CT-style DICOM file whose own rescale and window tags give
+    the same picture back (stored = 4 * grey; HU = stored - 1024; window -514 / 1020)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uid_seed or str(path)])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = {"ct": "CT", "mri": "MR", "x-ray": "DX"}.get(modality.lower(), "OT")
+    ds.PatientID = "SYNTHETIC"
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.WindowCenter, ds.WindowWidth = -514, 1020
+    ds.PixelData = (image.astype(np.uint16) * 4).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_manifest(ds: SyntheticSet, directory: str | Path, *, name: str = "manifest.jsonl",
+                   image_format: str = "png") -> Path:
+    """Write the images (PNG, or DICOM with ``image_format="dicom"``) and a JSONL manifest (image
+    paths relative to the manifest)."""
     from PIL import Image
 
+    if image_format not in ("png", "dicom"):
+        raise ValueError(f"image_format {image_format!r}: use png or dicom")
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
+    suffix = ".png" if image_format == "png" else ".dcm"
+    modality = {r["image_index"]: r["modality"] for r in ds.rows}
     for i, img in enumerate(ds.images):
-        Image.fromarray(img, mode="L").save(directory / "images" / f"{i:05d}.png")
+        target = directory / "images" / f"{i:05d}{suffix}"
+        if image_format == "png":
+            Image.fromarray(img, mode="L").save(target)
+        else:
+            write_dicom(np.asarray(img), target, modality=modality.get(i, "OT"), uid_seed=f"{directory.name}/{i}")
     path = directory / name
     with path.open("w") as fh:
         for r in ds.rows:
-            row = {"image": f"images/{r['image_index']:05d}.png", "question": r["question"],
+            row = {"image": f"images/{r['image_index']:05d}{suffix}", "question": r["question"],
                    "answer": r["answer"], "answer_type": r["answer_type"], "qtype": r["qtype"],
                    "report": r["report"], "modality": r["modality"]}
             fh.write(json.dumps(row) + "\n")

@@ -1,0 +1,114 @@
+"""Reading one image file into the 8-bit picture every encoder's preprocessing starts from.
+
+PNG and JPEG through Pillow; DICOM through pydicom, the way a radiology viewer shows it:
+RescaleSlope/Intercept (modality LUT), then the window (VOI LUT: the file's WindowCenter/Width
+or VOI LUT sequence, or a window forced in ``data.dicom``), MONOCHROME1 inverted so that high
+values are bright, 16-bit (and 32-bit) data mapped onto 0..255, one frame chosen from a
+multi-frame file. Training, evaluation, inference and ``check-data`` all call :func:`load_image`,
+so a file is read the same way everywhere; the encoder's own ``preprocess`` does the rest
+(size, normalisation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medvlm.config import DicomConfig
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+
+def is_dicom(path: Path) -> bool:
+    """A ``.dcm``-style name, or the DICOM Part 10 preamble (``DICM`` at byte 128)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Image:
+    """Open and fully decode an image; raises ValueError naming the file and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image {path} not found")
+    if is_dicom(path):
+        return Image.fromarray(dicom_to_uint8(path, dicom or DicomConfig()))
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"image {path} cannot be decoded ({err})") from None
+
+
+def _frame(path: Path, arr: np.ndarray, frames: int, choice: str) -> np.ndarray:
+    if frames <= 1:
+        return arr
+    index = {"first": 0, "middle": frames // 2, "last": frames - 1}.get(choice)
+    if index is None:
+        index = int(choice)
+        if index >= frames:
+            raise ValueError(f"DICOM {path}: data.dicom.frame={choice} but the file has {frames} frames "
+                             f"(0..{frames - 1})")
+    return arr[index]
+
+
+def dicom_to_uint8(path: Path, cfg: DicomConfig) -> np.ndarray:
+    """(H, W) uint8 for grey images, (H, W, 3) uint8 for colour ones."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+        raise ValueError(f"DICOM {path} cannot be read ({err})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ValueError(f"DICOM {path} has no pixel data (a structured report or other non-image object?)")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    try:
+        arr = ds.pixel_array   # colour (YBR) data comes back as RGB
+    except Exception as err:  # pydicom raises RuntimeError/NotImplementedError/ValueError by handler
+        name = getattr(syntax, "name", str(syntax))
+        detail = " ".join(str(err).split())
+        raise ValueError(f"DICOM {path}: pixel data in transfer syntax {name!r} ({syntax}) cannot be decoded "
+                         f"here: {detail}. Install a decoder for it (e.g. `pip install pylibjpeg pylibjpeg-libjpeg "
+                         f"pylibjpeg-openjpeg` or `pip install python-gdcm`), or export the images uncompressed."
+                         ) from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    arr = _frame(path, arr, frames, cfg.frame)
+    if int(ds.get("SamplesPerPixel", 1)) == 3:   # RGB: already display values
+        return _to_uint8(arr.astype(np.float64), 0.0, float(2 ** int(ds.get("BitsStored", 8)) - 1))
+
+    values = apply_modality_lut(arr, ds).astype(np.float64)   # stored values -> e.g. Hounsfield units
+    if not np.isfinite(values).all():
+        raise ValueError(f"DICOM {path}: pixel values are not finite after RescaleSlope/Intercept")
+    if cfg.window_center is not None:
+        lo, hi = cfg.window_center - cfg.window_width / 2, cfg.window_center + cfg.window_width / 2
+        image = _to_uint8(np.clip(values, lo, hi), lo, hi)
+    elif "WindowCenter" in ds or "VOILUTSequence" in ds:
+        shown = apply_voi_lut(values, ds, index=0)
+        # the window's output range, as pydicom maps it: apply it to values beyond both ends
+        extremes = np.array([values.min() - 1e9, values.max() + 1e9])
+        lo, hi = (float(v) for v in apply_voi_lut(extremes, ds, index=0))
+        lo, hi = min(lo, hi), max(lo, hi)
+        image = _to_uint8(np.clip(shown, lo, hi), lo, hi)
+    else:
+        image = _to_uint8(values, float(values.min()), float(values.max()))
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":   # low values bright
+        image = 255 - image
+    return image
+
+
+def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:   # a constant image
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round((values - lo) / (hi - lo) * 255.0).clip(0, 255).astype(np.uint8)

@@ -1,0 +1,275 @@
+"""Each published format, as small hand-made folders shaped exactly like the releases, read into
+manifest rows and checked by `medvlm-fl check-data` (planted faults named by row)."""
+
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from medvlm.cli import check_data
+from medvlm.data.formats import FormatError, detect_format, read_rows, report_text
+from medvlm.data.manifest import ManifestError, read_manifest, summarize
+from medvlm.data.synthetic import generate_hospital, write_manifest
+
+IMAGES = generate_hospital("general", 4, seed=0).images
+
+
+def save(path, i=0, fmt="JPEG"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(IMAGES[i]).convert("RGB").save(path, fmt)
+
+
+def run_check(path, **kw):
+    out = io.StringIO()
+    code = check_data(path, out=out, **kw)
+    return code, out.getvalue()
+
+
+# ----------------------------------------------------------------------------- VQA-RAD
+def vqa_rad_entry(qid, image, question, answer, answer_type, qtype="PRES", phrase="freeform"):
+    return {"qid": qid, "phrase_type": phrase, "qid_linked_id": f"link-{qid}",
+            "image_case_url": "https://medpix.nlm.nih.gov/case?id=x", "image_name": image, "image_organ": "CHEST",
+            "evaluation": "not evaluated", "question": question, "question_rephrase": "NULL",
+            "question_relation": "NULL", "question_frame": "NULL", "question_type": qtype, "answer": answer,
+            "answer_type": answer_type}
+
+
+@pytest.fixture
+def vqa_rad(tmp_path):
+    root = tmp_path / "vqa-rad"
+    save(root / "VQA_RAD Image Folder" / "synpic100.jpg", 0)
+    save(root / "VQA_RAD Image Folder" / "synpic200.jpg", 1)
+    entries = [
+        vqa_rad_entry(0, "synpic100.jpg", "Is there a pleural effusion?", "Yes", "CLOSED"),
+        vqa_rad_entry(1, "synpic100.jpg", "How many nodules are seen?", 2, "OPEN ", "COUNT"),   # int answer, stray space
+        vqa_rad_entry(2, "synpic200.jpg", "What organ is shown?", "lung", "OPEN", "ORGAN", "test_freeform"),
+    ]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(entries, indent=4))
+    return root, entries
+
+
+def test_vqa_rad_rows(vqa_rad):
+    root, _ = vqa_rad
+    manifest = read_manifest(root)
+    assert manifest.format == "vqa-rad" and len(manifest.rows) == 3
+    first, count, organ = manifest.rows
+    assert first["answer_type"] == "closed" and first["qtype"] == "pres" and first["image"].endswith("synpic100.jpg")
+    assert count["answer"] == "2" and count["answer_type"] == "open"
+    assert organ["split"] == "test" and first["split"] == "train"
+    assert summarize(manifest)["images"] == 2
+
+
+def test_vqa_rad_planted_faults_are_named_by_entry(vqa_rad):
+    root, entries = vqa_rad
+    entries += [vqa_rad_entry(3, "synpic999.jpg", "Is this normal?", "No", "CLOSED"),          # missing image
+                vqa_rad_entry(4, "synpic200.jpg", "", "No", "CLOSED"),                          # empty question
+                vqa_rad_entry(5, "synpic200.jpg", "Is it a CT?", "No", "CLOSED, OPEN")]         # unknown type
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(entries))
+    code, out = run_check(root)
+    assert code == 1
+    assert "VQA_RAD Dataset Public.json[3]: image" in out and "synpic999.jpg not found" in out
+    assert "VQA_RAD Dataset Public.json[4]: empty or non-text 'question'" in out
+    assert "VQA_RAD Dataset Public.json[5]: answer_type 'closed, open'" in out
+    assert "3 error(s)" in out
+
+
+# ----------------------------------------------------------------------------- SLAKE
+def slake_entry(qid, img_id, question, answer, answer_type, lang="en"):
+    return {"img_id": img_id, "img_name": f"xmlab{img_id}/source.jpg", "question": question, "answer": answer,
+            "q_lang": lang, "location": "Lung", "modality": "CT", "answer_type": answer_type, "base_type": "vqa",
+            "content_type": "Position", "triple": ["vhead", "_", "_"], "qid": qid}
+
+
+@pytest.fixture
+def slake(tmp_path):
+    root = tmp_path / "Slake1.0"
+    for i in range(3):
+        save(root / "imgs" / f"xmlab{i}" / "source.jpg", i)
+    files = {
+        "train.json": [slake_entry(0, 0, "Where is the lesion?", "Left Lung", "OPEN"),
+                       slake_entry(1, 0, "病灶在哪里?", "左肺", "OPEN", lang="zh"),
+                       slake_entry(2, 1, "Is the lung healthy?", "No", "CLOSED")],
+        "validate.json": [slake_entry(3, 2, "Which organ is abnormal?", "Lung", "OPEN")],
+        "test.json": [slake_entry(4, 2, "Is there a mass?", "Yes", "CLOSED")],
+    }
+    for name, entries in files.items():
+        (root / name).write_text(json.dumps(entries, ensure_ascii=False))
+    return root
+
+
+def test_slake_rows_english_by_default(slake):
+    manifest = read_manifest(slake)
+    assert manifest.format == "slake" and len(manifest.rows) == 4                    # the zh row is left out
+    assert {r["split"] for r in manifest.rows} == {"train", "val", "test"}
+    assert manifest.rows[0]["modality"] == "CT" and manifest.rows[0]["qtype"] == "position"
+    zh = read_manifest(slake, language="zh")
+    assert [r["answer"] for r in zh.rows] == ["左肺"]
+
+
+def test_slake_corrupt_image_and_contradiction_are_named(slake):
+    (slake / "imgs" / "xmlab1" / "source.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    entries = json.loads((slake / "test.json").read_text())
+    entries.append(slake_entry(5, 2, "Is there a mass?", "No", "CLOSED"))      # contradicts test.json[0]
+    entries.append(slake_entry(6, 2, "Is there a mass?", "Yes", "CLOSED"))     # exact repeat: a warning
+    (slake / "test.json").write_text(json.dumps(entries))
+    code, out = run_check(slake)
+    assert code == 1
+    assert "train.json[2]: image" in out and "cannot be decoded" in out
+    assert "test.json[1]: contradicts test.json[0]" in out
+    assert "WARNING test.json[2]: repeats test.json[0]" in out
+    with pytest.raises(ManifestError) as info:      # what the ClientApp refuses with: the same lines
+        read_manifest(slake)
+    assert any(p.startswith("train.json[2]: image") for p in info.value.problems)
+    kept = read_manifest(slake, on_bad_row="skip")
+    assert len(kept.rows) == 3 and len(kept.problems) == 2 and len(kept.warnings) == 1
+
+
+# ----------------------------------------------------------------------------- PMC-VQA
+PMC_COLUMNS = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
+
+
+@pytest.fixture
+def pmc_vqa(tmp_path):
+    root = tmp_path / "PMC-VQA"
+    save(root / "images" / "PMC1_fig1.jpg", 0)
+    save(root / "images" / "PMC2_fig3.jpg", 1)
+    rows = {"train_2.csv": [["PMC1_fig1.jpg", "What imaging modality was used?", "CT scan", " A:CT scan ",
+                             " B:MRI", " C:PET", " D:Ultrasound", "A"],
+                            ["PMC2_fig3.jpg", "Which side is the lesion on?", "Left", "A:Right", "B:Left",
+                             "C:Both", "D:Neither", "B"]],
+            "test_2.csv": [["PMC2_fig3.jpg", "What does the arrow show?", "A cyst", "A:A cyst", "B:A tumour",
+                            "C:Fluid", "D:Air", "A"]]}
+    for name, lines in rows.items():
+        with (root / name).open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(PMC_COLUMNS)
+            writer.writerows(lines)
+    return root
+
+
+def test_pmc_vqa_rows(pmc_vqa):
+    manifest = read_manifest(pmc_vqa)
+    assert manifest.format == "pmc-vqa" and len(manifest.rows) == 3
+    first = manifest.rows[0]
+    assert first["answer"] == "CT scan" and first["choices"] == ["CT scan", "MRI", "PET", "Ultrasound"]
+    assert first["answer_type"] == "open" and manifest.rows[2]["split"] == "test"
+
+
+def test_pmc_vqa_malformed_rows_are_named_by_line(pmc_vqa):
+    with (pmc_vqa / "train_2.csv").open("a", newline="") as fh:
+        csv.writer(fh).writerows([["PMC3_fig2.jpg", "Is it normal?", "No", "A:Yes", "B:No", "", "", "B"],   # line 4
+                                  ["PMC1_fig1.jpg", "Is it normal?", "", "A:Yes", "B:No", "", "", ""]])   # line 5
+    code, out = run_check(pmc_vqa)
+    assert code == 1
+    assert "train_2.csv:4: image" in out and "PMC3_fig2.jpg not found" in out
+    assert "train_2.csv:5: empty or non-text 'answer'" in out
+
+
+def test_pmc_vqa_missing_columns(tmp_path):
+    (tmp_path / "train.csv").write_text("path,q,a\nx.jpg,q,a\n")
+    with pytest.raises(FormatError, match="Figure_path"):
+        read_rows(tmp_path)
+
+
+# ----------------------------------------------------------------------------- MIMIC-CXR-style reports
+REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___ year old woman with cough.
+
+ FINDINGS:
+ There is a small left pleural effusion.  The heart size is normal.
+ No pneumothorax.
+
+ IMPRESSION:
+ Small left effusion.
+"""
+
+
+@pytest.fixture
+def mimic(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    study = root / "files" / "p10" / "p10000032" / "s50414267"
+    save(study / "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg", 0)
+    save(study / "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962.jpg", 1)
+    (root / "files" / "p10" / "p10000032" / "s50414267.txt").write_text(REPORT)
+    study2 = root / "files" / "p10" / "p10000033" / "s50000001"
+    save(study2 / "aaaa.jpg", 2)
+    (root / "files" / "p10" / "p10000033" / "s50000001.txt").write_text(" IMPRESSION:\n No acute process.\n")
+    with (root / "mimic-cxr-2.0.0-split.csv").open("w") as fh:
+        fh.write("dicom_id,study_id,subject_id,split\naaaa,50000001,10000033,test\n")
+    return root
+
+
+def test_mimic_cxr_report_rows(mimic):
+    manifest = read_manifest(mimic)
+    assert manifest.format == "mimic-cxr" and len(manifest.report_rows) == 3 and not manifest.vqa_rows
+    first = manifest.rows[0]
+    assert first["report"] == "There is a small left pleural effusion. The heart size is normal. No pneumothorax."
+    assert manifest.rows[2]["report"] == "No acute process." and manifest.rows[2]["split"] == "test"
+    info = summarize(manifest)
+    assert info["report_rows"] == 3 and info["images"] == 3 and info["modalities"] == {"CXR": 3}
+
+
+def test_mimic_cxr_study_without_report_is_named(mimic):
+    save(mimic / "files" / "p11" / "p11000001" / "s59999999" / "bbbb.jpg", 3)
+    code, out = run_check(mimic)
+    assert code == 1 and "files/p11/p11000001/s59999999: study has 1 image(s) but no report s59999999.txt" in out
+
+
+def test_report_sections():
+    assert report_text("FINDINGS: a.  b.\nIMPRESSION: c.") == "a. b."
+    assert report_text("no headers here") == "no headers here"
+
+
+# ----------------------------------------------------------------------------- the project's JSONL, detection
+def test_synthetic_hospital_folders_pass(tmp_path):
+    for name in ("general", "oncology", "cardiac"):
+        write_manifest(generate_hospital(name, 6, seed=0), tmp_path / name)
+        code, out = run_check(tmp_path / name)
+        assert code == 0 and "(jsonl format)" in out and "OK; 0 warning(s)" in out
+        assert "closed" in out and "answer vocabulary" in out
+
+
+def test_dicom_manifest_passes(tmp_path):
+    write_manifest(generate_hospital("oncology", 3, seed=0), tmp_path, image_format="dicom")
+    code, out = run_check(tmp_path)
+    assert code == 0 and "'.dcm': 3" in out
+
+
+def test_detection_and_unknown_folders(tmp_path, vqa_rad, slake, pmc_vqa, mimic):
+    assert detect_format(vqa_rad[0]) == "vqa-rad" and detect_format(slake) == "slake"
+    assert detect_format(pmc_vqa) == "pmc-vqa" and detect_format(mimic) == "mimic-cxr"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FormatError, match="--format"):
+        read_rows(empty)
+    with pytest.raises(FormatError, match="not a vqa-rad folder"):   # the wrong format named explicitly
+        read_rows(slake, "vqa-rad")
+    with pytest.raises(FormatError, match="not a pmc-vqa folder"):
+        read_rows(slake, "pmc-vqa")
+
+
+def test_check_data_cli_exit_codes(tmp_path, vqa_rad):
+    from medvlm.cli import main
+
+    assert main(["check-data", str(vqa_rad[0])]) == 0
+    assert main(["check-data", str(tmp_path / "nowhere")]) == 2
+
+
+def test_the_client_refuses_a_broken_folder_with_the_same_lines(tmp_path, slake):
+    import shlex
+
+    from client.site import build_site
+    from tests.conftest import TINY_OVERRIDES
+
+    (slake / "imgs" / "xmlab1" / "source.jpg").unlink()
+    _, out = run_check(slake)
+    errors = [line.strip().removeprefix("ERROR ") for line in out.splitlines() if line.strip().startswith("ERROR")]
+    assert errors and "train.json[2]" in errors[0]
+    with pytest.raises(ManifestError) as info:
+        build_site({"preset": "tiny", "overrides": shlex.join(TINY_OVERRIDES)},
+                   {"hospital": "h", "data-path": str(slake), "state-dir": str(tmp_path / "state")})
+    assert info.value.problems == errors

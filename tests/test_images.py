@@ -1,0 +1,108 @@
+"""DICOM reading on pydicom's own test files (CT, MR, multi-frame, compressed) and on files we write."""
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medvlm.config import DicomConfig
+from medvlm.data.images import load_image
+from medvlm.data.synthetic import generate_hospital, write_dicom
+
+
+def pydicom_file(name: str) -> str:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom ships {name}"
+    return path
+
+
+def grey(path, **kw) -> np.ndarray:
+    return np.asarray(load_image(path, DicomConfig(**kw)))
+
+
+def test_ct_rescale_then_forced_window():
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)   # Hounsfield units
+    lo, hi = 40 - 400 / 2, 40 + 400 / 2
+    want = np.round((np.clip(hu, lo, hi) - lo) / (hi - lo) * 255).astype(np.uint8)
+    got = grey(pydicom_file("CT_small.dcm"), window_center=40, window_width=400)
+    assert got.shape == (128, 128) and got.dtype == np.uint8
+    assert np.array_equal(got, want)
+    # without a window in the file or config: the full range of the image
+    full = grey(pydicom_file("CT_small.dcm"))
+    assert full.min() == 0 and full.max() == 255 and not np.array_equal(full, got)
+
+
+def test_the_files_own_window_is_used(tmp_path):
+    src = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    src.WindowCenter, src.WindowWidth = 40, 400
+    src.save_as(tmp_path / "windowed.dcm")
+    by_tag = grey(tmp_path / "windowed.dcm")
+    by_config = grey(pydicom_file("CT_small.dcm"), window_center=40, window_width=400)
+    assert np.abs(by_tag.astype(int) - by_config.astype(int)).max() <= 1   # DICOM's (c - 0.5, w - 1) rule
+
+
+def test_16_bit_mr_fills_the_8_bit_range_and_monochrome1_is_inverted(tmp_path):
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    assert ds.BitsAllocated == 16
+    plain = grey(pydicom_file("MR_small.dcm"), window_center=600, window_width=1600)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "mono1.dcm")
+    inverted = grey(tmp_path / "mono1.dcm", window_center=600, window_width=1600)
+    assert np.array_equal(inverted, 255 - plain)
+    assert grey(pydicom_file("MR_small.dcm")).max() == 255
+
+
+def test_multi_frame_choice():
+    path = pydicom_file("rtdose.dcm")   # 15 frames of 10 x 10, 32-bit
+    frames = pydicom.dcmread(path).pixel_array
+    assert frames.shape[0] == 15
+    third = grey(path, frame="3")
+    scale = float(pydicom.dcmread(path).DoseGridScaling) if "DoseGridScaling" in pydicom.dcmread(path) else 1.0
+    f = frames[3].astype(np.float64) * scale
+    want = np.round((f - f.min()) / (f.max() - f.min()) * 255).astype(np.uint8)
+    assert np.array_equal(third, want)
+    assert not np.array_equal(grey(path, frame="first"), grey(path, frame="last"))
+    assert np.array_equal(grey(path), grey(path, frame="7"))        # middle
+    with pytest.raises(ValueError, match=r"rtdose.dcm.*frame=15.*15 frames"):
+        grey(path, frame="15")
+
+
+def test_compressed_syntax_without_a_decoder_names_file_syntax_and_fix():
+    path = pydicom_file("MR_small_jpeg_ls_lossless.dcm")
+    with pytest.raises(ValueError) as info:
+        load_image(path)
+    text = str(info.value)
+    assert "MR_small_jpeg_ls_lossless.dcm" in text and "JPEG-LS Lossless" in text and "pip install" in text
+
+
+def test_compressed_syntaxes_with_a_decoder_read_like_the_uncompressed_file():
+    rle = grey(pydicom_file("MR_small_RLE.dcm"))
+    assert np.array_equal(rle, grey(pydicom_file("MR_small.dcm")))
+
+
+def test_not_a_dicom_and_missing_files_are_named(tmp_path):
+    bad = tmp_path / "scan.dcm"
+    bad.write_bytes(b"\x00" * 200)
+    with pytest.raises(ValueError, match="scan.dcm"):
+        load_image(bad)
+    with pytest.raises(ValueError, match="nope.png not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_synthetic_dicom_round_trips_to_the_same_picture(tmp_path):
+    image = generate_hospital("general", 1, seed=0).images[0]
+    write_dicom(image, tmp_path / "x.dcm")
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    assert ds.BitsStored == 12 and ds.RescaleIntercept == -1024
+    assert np.array_equal(grey(tmp_path / "x.dcm"), image)
+    # detected by its preamble even without the suffix
+    (tmp_path / "x.dcm").rename(tmp_path / "IM0001")
+    assert np.array_equal(grey(tmp_path / "IM0001"), image)
+
+
+def test_config_rejects_half_a_window():
+    with pytest.raises(ValueError, match="data.dicom.window_center/width"):
+        DicomConfig(window_center=40)
+    with pytest.raises(ValueError, match="data.dicom.frame"):
+        DicomConfig(frame="centre")
