@@ -17,7 +17,7 @@ from client.ledger import Ledger
 from client.site import get_site
 from medvlm.metrics import baseline_predictions, majority_answers, vqa_counts
 from medvlm.privacy import PrivacyBudgetExceeded
-from medvlm.wire import from_wire, legacy_order
+from medvlm.wire import TRANSPORTS, decode, legacy_order
 
 log = logging.getLogger("medvlm.client")
 
@@ -32,15 +32,27 @@ def _received(msg: Message) -> tuple[dict, ConfigRecord]:
     return {name: arr.numpy() for name, arr in msg.content["arrays"].items()}, msg.content["config"]
 
 
-def _load_global(site, msg: Message) -> dict:
-    arrays, _ = _received(msg)
+def _load_global(site, msg: Message) -> tuple[dict, dict, str]:
+    """Decode the global state the coordinator sent (in the transport it names), check that FFA-LoRA's
+    frozen matrices match the coordinator's, load it. Returns (wire arrays, decoded state, transport)."""
+    arrays, config = _received(msg)
+    transport = str(config.get("transport", "fp32"))
+    if transport not in TRANSPORTS:
+        raise ValueError(f"the coordinator sent the state in transport {transport!r}; this client knows "
+                         f"{list(TRANSPORTS)}: update medvlm-fl on this site")
+    digest, ours = config.get("frozen-digest"), site.model.frozen_digest()
+    if digest != ours:
+        raise ValueError(f"FFA-LoRA: this hospital's frozen LoRA A matrices (digest {ours}) differ from the "
+                         f"coordinator's ({digest}); both must use the same model.lora.ffa, model.init and "
+                         "federation.seed, or averaging B would not average the adapters")
     if all(isinstance(k, int) for k in arrays):     # legacy Parameters: names by the shared order
         order = legacy_order(site.spec)
         if len(arrays) != len(order):
             raise ValueError(f"SecAgg+ round sent {len(arrays)} tensors; this model has {len(order)}")
         arrays = {order[i]: a for i, a in arrays.items()}
-    site.model.load_trainable_state(from_wire(arrays, site.spec))
-    return arrays
+    state = decode(arrays, site.spec, transport)
+    site.model.load_trainable_state(state)
+    return arrays, state, transport
 
 
 def _site(msg: Message, context: Context, defaults: Mapping):
@@ -57,14 +69,15 @@ def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  #
     cfg, (_, round_cfg) = site.cfg, _received(msg)
     server_round, num_rounds = int(round_cfg["server-round"]), int(round_cfg["num-rounds"])
     train_cfg = replace(cfg.train, epochs=float(round_cfg["local-epochs"]), lr=float(round_cfg["lr"]))
-    sent = _load_global(site, msg)
-    reply = _train(site, cfg, train_cfg, server_round, num_rounds)
+    sent, received, transport = _load_global(site, msg)
+    reply = _train(site, cfg, train_cfg, server_round, num_rounds, transport=transport, received=received)
     if SECURE_ARRAYS in msg.content.array_records:   # SecAgg+: secaggplus_mod masks this reply
         reply = as_secure_fit_reply(reply, sent=sent, spec=site.spec)
     return Message(reply, reply_to=msg)
 
 
-def _train(site, cfg, train_cfg, server_round: int, num_rounds: int) -> RecordDict:
+def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transport: str = "fp32",
+           received: Mapping | None = None) -> RecordDict:
     from medvlm.train import planned_steps, train_local
 
     metrics: dict[str, float] = {"num-examples": len(site.train)}
@@ -98,7 +111,8 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int) -> RecordDi
                         "noise-multiplier": ledger.noise_multiplier, "sample-rate": ledger.sample_rate,
                         "total-steps": ledger.total_steps, "max-grad-norm": ledger.max_grad_norm})
     return reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status={
-        "hospital": site.name, "status": "trained", "accountant": privacy.accountant if ledger else "none"})
+        "hospital": site.name, "status": "trained", "accountant": privacy.accountant if ledger else "none"},
+        transport=transport, reference=received)
 
 
 def evaluate(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006

@@ -14,14 +14,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from medvlm.model.vlm import TensorSpec, validate_state
-from medvlm.wire import EgressError, check_metrics, check_status, legacy_order, to_wire
+from medvlm.wire import EgressError, check_metrics, check_status, encode, legacy_order
 
 __all__ = ["EgressError", "reply_content", "as_secure_fit_reply"]
 
 
 def reply_content(*, kind: str, metrics: Mapping[str, float], status: Mapping[str, str],
-                  spec: Mapping[str, TensorSpec], state: Optional[Mapping[str, torch.Tensor]] = None) -> RecordDict:
-    """The only way a ClientApp handler builds its reply (``kind`` = train | evaluate)."""
+                  spec: Mapping[str, TensorSpec], state: Optional[Mapping[str, torch.Tensor]] = None,
+                  transport: str = "fp32", reference: Optional[Mapping[str, torch.Tensor]] = None) -> RecordDict:
+    """The only way a ClientApp handler builds its reply (``kind`` = train | evaluate). With a
+    compact ``transport`` the tensors go as the change from ``reference`` (the state received)."""
     check_metrics(metrics, kind=kind)
     check_status(status)
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
@@ -34,8 +36,10 @@ def reply_content(*, kind: str, metrics: Mapping[str, float], status: Mapping[st
         except ValueError as err:
             raise EgressError(f"refusing to send the trainable state: {err}") from None
         # keep the allow-list's order: Flower's clipping mods expect the order the server sent
-        content["arrays"] = ArrayRecord({name: Array(array) for name, array in to_wire(
-            {name: state[name] for name in spec}).items()})
+        if transport != "fp32" and reference is None:
+            raise EgressError(f"{transport} transport sends the change to the received state: pass reference")
+        content["arrays"] = ArrayRecord({name: Array(array) for name, array in encode(
+            {name: state[name] for name in spec}, transport, reference).items()})
     return content
 
 

@@ -70,6 +70,10 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # FFA-LoRA (arXiv 2403.12313): every A matrix stays frozen at its shared initialisation and only
+    # B is trained and sent. Averaging B is then exactly averaging the products BA, the update and
+    # the DP noise dimension halve. A comes from model.init (the same on every site).
+    ffa: bool = False
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "model.lora.r", self.r, "rank must be > 0")
@@ -144,7 +148,8 @@ class DataConfig:
     # Frozen-feature cache folder for train-local / evaluate (hospitals use <state-dir>/features);
     # None = encode in memory only
     feature_cache: Optional[str] = None
-    # synthetic: which hospital profiles to pool (names from medvlm.data.synthetic.PROFILES)
+    # synthetic: which hospital profiles to pool (names from medvlm.data.synthetic.PROFILES, or
+    # <profile>-<k> for the k-th site like a profile: many-hospital simulations)
     hospitals: list[str] = field(default_factory=lambda: ["general", "oncology", "cardiac"])
     images_per_hospital: int = 400   # each image carries several questions
     val_fraction: float = 0.2
@@ -237,6 +242,8 @@ class CentralDPConfig:
 
 
 SECURE_AGGREGATION = ("none", "secagg+")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+TRANSPORTS = ("fp32", "bf16", "int8")
 
 
 @dataclass
@@ -255,8 +262,25 @@ class FederationConfig:
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     secure_aggregation: str = "none"  # none | secagg+ (the coordinator sees only the mean update)
     secagg_clipping_range: float = 1.0  # SecAgg+ fixed-point range for each element of an update
+    # fedavg (weighted by examples) | median (coordinate-wise) | trimmed-mean (coordinate-wise,
+    # trim_fraction cut from each tail: needs >= 1 / trim_fraction hospitals per round to cut any)
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    # How the trainable state travels: fp32 (exact) | bf16 (half the bytes) | int8 (a quarter);
+    # compact transports send each hospital's change, decoded into float32 for aggregation
+    transport: str = "fp32"
 
     def __post_init__(self) -> None:
+        _check(self.aggregation in AGGREGATIONS, "federation.aggregation", self.aggregation,
+               f"must be one of {AGGREGATIONS}")
+        _check(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
+        _check(self.transport in TRANSPORTS, "federation.transport", self.transport, f"must be one of {TRANSPORTS}")
+        _check(self.aggregation == "fedavg" or not self.central_dp.enabled, "federation.aggregation",
+               self.aggregation, "central DP (federation.central_dp) is calibrated to a clipped mean: use fedavg")
+        _check(self.transport == "fp32" or self.secure_aggregation == "none", "federation.transport",
+               self.transport, "SecAgg+ encodes updates in its own fixed-point form: use fp32 with secagg+")
+        _check(self.aggregation == "fedavg" or self.secure_aggregation == "none", "federation.aggregation",
+               self.aggregation, "SecAgg+ reveals only the sum of updates, so only fedavg can follow it")
         _check(self.secure_aggregation in SECURE_AGGREGATION, "federation.secure_aggregation",
                self.secure_aggregation, f"must be one of {SECURE_AGGREGATION}")
         _check(self.secagg_clipping_range > 0, "federation.secagg_clipping_range", self.secagg_clipping_range,

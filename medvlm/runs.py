@@ -46,14 +46,14 @@ def load_trainable(model: MedVLM, directory: str | Path) -> None:
             raise FileNotFoundError(f"{directory} has no {name}: not an exported medvlm adapter directory")
     state = read_fusion(directory / "fusion.safetensors")
     adapter = load_file(str(directory / "adapter_model.safetensors"))
-    by_suffix = {k.replace(".default.", "."): k for k in model.trainable_spec() if k.startswith("language.")}
+    by_suffix = {k.replace(".default.", "."): k for k in model.adapter_spec() if k.startswith("language.")}
     for key, value in adapter.items():
         ours = by_suffix.get("language." + key)
         if ours is None:
             raise ValueError(f"{directory}: adapter tensor {key!r} does not exist in this model "
                              "(was it trained on another base model or LoRA configuration?)")
         state[ours] = value
-    model.load_trainable_state(state)
+    model.load_adapter_state(state)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -8,13 +8,19 @@ never import each other):
   (``uint16``) and is restored bit-exactly on the other side.
 * metrics: a closed set of aggregate numbers (counts, means, epsilon); never a per-example value,
   a text or an image. Evaluation counts are per answer type and per question type.
+* transport (``federation.transport``): ``fp32`` sends the state as it is (bit-exact). ``bf16``
+  and ``int8`` are compact encodings of float32 tensors: the global state goes down encoded, and a
+  hospital sends its *change* to the state it received, encoded (changes are small and centred, so
+  they keep their precision; ``int8`` is symmetric per tensor, the tensors' scales travel as one
+  float32 array ``::scales`` in ``legacy_order``). The coordinator decodes exactly into float32 and adds the change to its own
+  float32 master state, so the rounding of the download never accumulates across rounds.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -76,6 +82,90 @@ def from_wire(arrays: Mapping[str, np.ndarray], spec: Mapping[str, TensorSpec]) 
             raise TrainableStateError(f"tensor {name!r}: dtype {array.dtype} does not match the model's {want.dtype}")
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         state[name] = tensor.view(torch.bfloat16) if want.dtype == "bfloat16" else tensor
+    validate_state(state, spec, strict=True)
+    return state
+
+
+TRANSPORTS = ("fp32", "bf16", "int8")
+SCALES = "::scales"   # int8: one float32 scale per tensor, in legacy_order
+
+
+def check_transport(spec: Mapping[str, TensorSpec], transport: str) -> None:
+    """Compact transports encode float32 tensors; refuse a state they cannot carry, naming a tensor."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"federation.transport={transport!r}: use one of {list(TRANSPORTS)}")
+    if transport != "fp32":
+        bad = {n: s.dtype for n, s in spec.items() if s.dtype != "float32"}
+        if bad:
+            name = next(iter(bad))
+            raise ValueError(f"federation.transport={transport} encodes float32 tensors, but {len(bad)} trainable "
+                             f"tensor(s) are not (e.g. {name!r}: {bad[name]}); use federation.transport=fp32")
+
+
+def transport_spec(spec: Mapping[str, TensorSpec], transport: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and numpy dtypes of what a state looks like on the wire."""
+    if transport == "fp32":
+        return {n: (s.shape, wire_dtype(s)) for n, s in spec.items()}
+    out: dict[str, tuple[tuple[int, ...], str]] = {
+        n: (s.shape, "uint16" if transport == "bf16" else "int8") for n, s in spec.items()}
+    if transport == "int8":
+        out[SCALES] = ((len(spec),), "float32")
+    return out
+
+
+def encode(state: Mapping[str, torch.Tensor], transport: str,
+           reference: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, np.ndarray]:
+    """The wire form of ``state`` (or of ``state - reference``: a hospital's change, compact transports)."""
+    if transport == "fp32":
+        return to_wire(state)
+    out, scales = {}, {}
+    for name, t in state.items():
+        x = t.detach().cpu().float()
+        if reference is not None:
+            x = x - reference[name].float()
+        if transport == "bf16":
+            out[name] = x.to(torch.bfloat16).view(torch.uint16).numpy()
+        else:   # int8: symmetric, one scale per tensor, round to nearest
+            amax = float(x.abs().max()) if x.numel() else 0.0
+            scales[name] = amax / 127.0 if amax > 0 else 1.0
+            out[name] = torch.clamp(torch.round(x / scales[name]), -127, 127).to(torch.int8).numpy()
+    if transport == "int8":
+        out[SCALES] = np.array([scales[n] for n in legacy_order(state)], dtype=np.float32)
+    return out
+
+
+def decode(arrays: Mapping[str, np.ndarray], spec: Mapping[str, TensorSpec], transport: str,
+           reference: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """Validate and decode what ``encode`` produced (adding ``reference`` back for a change); raises
+    TrainableStateError naming the first unknown, missing, mis-shaped, wrongly typed or non-finite tensor."""
+    if transport == "fp32":
+        return from_wire(arrays, spec)
+    expected = transport_spec(spec, transport)
+    unknown = sorted(set(arrays) - set(expected))
+    if unknown:
+        raise TrainableStateError(f"unknown tensor name(s) {unknown[:5]}: only this model's LoRA and fusion "
+                                  f"tensors may be sent ({transport} transport)")
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise TrainableStateError(f"missing tensor(s) {missing[:5]} in a {transport} state")
+    for name, (shape, dtype) in expected.items():
+        a = arrays[name]
+        if tuple(a.shape) != tuple(shape):
+            raise TrainableStateError(f"tensor {name!r}: shape {tuple(a.shape)} does not match the model's {shape}")
+        if str(a.dtype) != dtype:
+            raise TrainableStateError(f"tensor {name!r}: wire dtype {a.dtype} is not {dtype} ({transport} transport)")
+    state = {}
+    scales = dict(zip(legacy_order(spec), arrays[SCALES].tolist())) if transport == "int8" else {}
+    for name in spec:
+        raw = torch.from_numpy(np.ascontiguousarray(arrays[name]))
+        if transport == "bf16":
+            x = raw.view(torch.bfloat16).float()
+        else:
+            scale = float(scales[name])
+            if not (math.isfinite(scale) and scale > 0):
+                raise TrainableStateError(f"tensor {name!r}: int8 scale {scale} is not a positive finite number")
+            x = raw.float() * scale
+        state[name] = x + reference[name].float() if reference is not None else x
     validate_state(state, spec, strict=True)
     return state
 

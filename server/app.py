@@ -14,11 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 from medvlm.config import ExperimentConfig, from_run_config, to_dict
 from medvlm.model.vlm import build_skeleton
 from medvlm.runs import new_run_dir, save_config
-from medvlm.wire import from_wire, to_wire
+from medvlm.wire import check_transport, from_wire, to_wire
 from server.checkpoint import Checkpoints
 from server.report import RoundLog, build_summary, eval_block, write_summary
 from server.secagg import check_secure_aggregation, secure_train_round
-from server.strategy import CentralDP, MedFedAvg, RoundReport
+from server.strategy import CentralDP, RoundReport, make_strategy
 
 log = logging.getLogger("medvlm.server")
 
@@ -47,7 +47,7 @@ def round_record(server_round: int, report: RoundReport, train: Optional[MetricR
         "examples": {name: h.get("num-examples") for name, h in report.hospitals.items()},
         "hospitals": report.hospitals, "rejected": report.rejected, "failed": report.failed,
         "bytes_up": sum(h.get("bytes_up", 0) for h in report.hospitals.values()),
-        "bytes_down": report.bytes_down, "seconds": seconds,
+        "bytes_down": report.bytes_down, "bytes_down_evaluate": report.bytes_down_evaluate, "seconds": seconds,
     })
     return record
 
@@ -109,11 +109,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         save_config(cfg, run_dir)
     rounds = RoundLog(run_dir, records)
     rounds.rewrite()
-    strategy = MedFedAvg(spec=spec, num_rounds=fed.rounds, local_epochs=fed.local_epochs,
-                         lr=fed.lr if fed.lr is not None else cfg.train.lr,
-                         max_update_bytes=int(fed.max_update_mb * 2**20), fraction_train=fed.fraction_train,
-                         fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,
-                         min_available_nodes=fed.min_nodes, uniform_weights=fed.central_dp.enabled)
+    check_transport(spec, fed.transport)
+    strategy = make_strategy(fed.aggregation, trim_fraction=fed.trim_fraction, spec=spec, num_rounds=fed.rounds,
+                             local_epochs=fed.local_epochs, lr=fed.lr if fed.lr is not None else cfg.train.lr,
+                             max_update_bytes=int(fed.max_update_mb * 2**20), fraction_train=fed.fraction_train,
+                             fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,
+                             min_available_nodes=fed.min_nodes, uniform_weights=fed.central_dp.enabled,
+                             transport=fed.transport, frozen_digest=skeleton.frozen_digest())
     aggregator = strategy
     if fed.secure_aggregation == "secagg+":
         check_secure_aggregation(spec)

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 
 from medvlm.model.vlm import TensorSpec
 from medvlm.wire import check_metrics, from_wire, legacy_order
-from server.strategy import MedFedAvg, RoundReport
+from server.strategy import RoundReport, Screened
 
 log = logging.getLogger("medvlm.server")
 
@@ -42,7 +42,7 @@ STATUS_KEYS = ("hospital", "status", "accountant")
 class _SecureRound(Strategy):
     """The legacy strategy SecAggPlusWorkflow drives for one round."""
 
-    def __init__(self, outer: MedFedAvg, *, server_round: int, config: Mapping, names: list[str]):
+    def __init__(self, outer: Screened, *, server_round: int, config: Mapping, names: list[str]):
         super().__init__()
         self.outer, self.server_round, self.config, self.names = outer, server_round, dict(config), names
         self.mean_update: Optional[list[np.ndarray]] = None
@@ -57,6 +57,8 @@ class _SecureRound(Strategy):
         clients = client_manager.sample(num_clients=min(size, available), min_num_clients=2)
         plan = {**self.config, "server-round": server_round, "num-rounds": self.outer.num_rounds,
                 "local-epochs": float(self.outer.local_epochs), "lr": float(self.outer.lr)}
+        if self.outer.frozen_digest:   # FFA-LoRA: hospitals check they share the frozen A matrices
+            plan["frozen-digest"] = self.outer.frozen_digest
         self.outer.report.bytes_down += len(clients) * sum(len(t) for t in parameters.tensors)
         return [(c, FitIns(parameters, plan)) for c in clients]
 
@@ -102,7 +104,7 @@ def check_secure_aggregation(spec: Mapping[str, TensorSpec]) -> None:
         raise ValueError(f"federation.secure_aggregation=secagg+ masks float32 updates; these tensors are not: {bad}")
 
 
-def secure_train_round(grid: Grid, strategy: MedFedAvg, arrays: ArrayRecord, *, server_round: int,
+def secure_train_round(grid: Grid, strategy: Screened, arrays: ArrayRecord, *, server_round: int,
                        config: Mapping, spec: Mapping[str, TensorSpec], clipping_range: float,
                        timeout: float) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
     """One SecAgg+ training step: returns the new global arrays (global + mean update) and metrics."""

@@ -1,7 +1,8 @@
-"""FedAvg over the trainable state only, with every update validated before it is averaged.
+"""Aggregation over the trainable state only, with every update validated before it is aggregated.
 
-``MedFedAvg`` subclasses Flower's ``FedAvg`` (sampling, message construction and the weighted
-average stay Flower's). It adds:
+``MedFedAvg``, ``MedFedMedian`` and ``MedFedTrimmedAvg`` are Flower's ``FedAvg``, ``FedMedian``
+and ``FedTrimmedAvg`` (sampling, message construction and the aggregation rule stay Flower's) with
+the ``Screened`` mixin (``federation.aggregation`` picks one; see ``make_strategy``). It adds:
 
 * the round plan in every train message (``num-rounds``, ``local-epochs``, ``lr``);
 * validation of each reply: an error reply, a hospital that refused the round (privacy budget),
@@ -10,7 +11,10 @@ average stay Flower's). It adds:
   round's report; the rest are averaged (weighted by ``num-examples``);
 * evaluation replies are *summed* (they are correct/total counts), not averaged;
 * ``uniform_weights`` (central DP): every accepted hospital counts once, because the noise of
-  Flower's server-side clipping wrapper is calibrated to an equal-weight mean.
+  Flower's server-side clipping wrapper is calibrated to an equal-weight mean;
+* the wire encoding (``federation.transport``, see ``medvlm.wire``): messages carry the encoded
+  state; each accepted reply is decoded into float32 weights (master state + the hospital's change)
+  before the aggregation rule sees it, so every rule works on exact float32 tensors.
 
 ``screen`` is the validation on its own: the round loop screens before anything else touches an
 update (Flower's DP wrapper clips replies before it hands them to the strategy, and clipping a
@@ -26,14 +30,15 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import numpy as np
+import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian, FedTrimmedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medvlm.model.vlm import TensorSpec
-from medvlm.wire import check_metrics, check_status, from_wire
+from medvlm.wire import check_metrics, check_status, decode, encode, from_wire, to_wire
 
 log = logging.getLogger("medvlm.server")
 
@@ -45,7 +50,8 @@ class RoundReport:
     hospitals: dict[str, dict] = field(default_factory=dict)   # name -> status, metrics, bytes
     rejected: list[dict] = field(default_factory=list)         # {"hospital", "node", "reason"}
     failed: list[dict] = field(default_factory=list)           # error replies (crash, timeout in the app)
-    bytes_down: int = 0
+    bytes_down: int = 0                                       # train messages
+    bytes_down_evaluate: int = 0                              # evaluate messages
     evaluation: dict[str, dict] = field(default_factory=dict)  # name -> summed counts
 
 
@@ -70,50 +76,82 @@ def sum_counts(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     return MetricRecord(dict(total))
 
 
-class MedFedAvg(FedAvg):
+def array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(a) for name, a in arrays.items()})
+
+
+class Screened:
+    """Validation, wire encoding and reporting around one of Flower's aggregation strategies."""
+
     def __init__(self, *, spec: Mapping[str, TensorSpec], num_rounds: int, local_epochs: float, lr: float,
-                 max_update_bytes: int, uniform_weights: bool = False, **kwargs):
+                 max_update_bytes: int, uniform_weights: bool = False, transport: str = "fp32",
+                 frozen_digest: Optional[str] = None, **kwargs):
         super().__init__(**kwargs)
         self.uniform_weights = uniform_weights
         self.spec = dict(spec)
         self.num_rounds, self.local_epochs, self.lr = num_rounds, local_epochs, lr
         self.max_update_bytes = max_update_bytes
+        self.transport = transport
+        self.frozen_digest = frozen_digest      # FFA-LoRA: the frozen A matrices every site must share
+        self.master: dict[str, torch.Tensor] = {}
         self.report = RoundReport()
+        self._screened: set[int] = set()
+
+    def _wire(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
+        """The message form of the float32 global state: encoded per ``transport``, said in the config."""
+        self.master = {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}
+        if self.transport != "fp32":
+            arrays = array_record(encode(self.master, self.transport))
+        extra = {"transport": self.transport}
+        if self.frozen_digest:
+            extra["frozen-digest"] = self.frozen_digest
+        return arrays, ConfigRecord({**dict(config), **extra})
 
     # ----------------------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.report = RoundReport()
+        self._screened = set()
+        wire, config = self._wire(arrays, config)
         plan = ConfigRecord({**dict(config), "num-rounds": self.num_rounds, "local-epochs": float(self.local_epochs),
                              "lr": float(self.lr)})
-        messages = list(super().configure_train(server_round, arrays, plan, grid))
-        self.report.bytes_down += len(messages) * sum(len(a.data) for a in arrays.values())
+        messages = list(super().configure_train(server_round, wire, plan, grid))
+        self.report.bytes_down += len(messages) * sum(len(a.data) for a in wire.values())
         return messages
 
-    def check_update(self, msg: Message) -> Optional[str]:
-        """None if the reply may be averaged, else the reason it may not."""
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        wire, config = self._wire(arrays, config)
+        messages = list(super().configure_evaluate(server_round, wire, config, grid))
+        self.report.bytes_down_evaluate = len(messages) * sum(len(a.data) for a in wire.values())
+        return messages
+
+    def check_update(self, msg: Message) -> tuple[Optional[str], Optional[dict]]:
+        """(None, float32 weights) if the reply may be aggregated, else (the reason it may not, None)."""
         content = msg.content
         extra = sorted(set(content.keys()) - {"arrays", "metrics", "status"})
         if extra:
-            return f"unexpected record(s) {extra} in the reply"
+            return f"unexpected record(s) {extra} in the reply", None
         if "arrays" not in content.array_records:
-            return "no trainable state in the reply"
+            return "no trainable state in the reply", None
         arrays = content.array_records["arrays"]
         size = sum(len(a.data) for a in arrays.values())
         if size > self.max_update_bytes:
-            return f"update of {size:,} bytes exceeds federation.max_update_mb ({self.max_update_bytes:,} bytes)"
+            return f"update of {size:,} bytes exceeds federation.max_update_mb ({self.max_update_bytes:,} bytes)", None
         try:
             metrics = dict(content.metric_records["metrics"])
             check_metrics(metrics, kind="train")
             if not metrics.get("num-examples", 0) > 0:
-                return "num-examples is missing or not positive"
-            from_wire({name: a.numpy() for name, a in arrays.items()}, self.spec)
+                return "num-examples is missing or not positive", None
+            reference = self.master if self.transport != "fp32" else None
+            state = decode({name: a.numpy() for name, a in arrays.items()}, self.spec, self.transport, reference)
         except (KeyError, ValueError, TypeError) as err:
-            return str(err)
-        return None
+            return str(err), None
+        return None, state
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The replies whose updates may be averaged; every other one is recorded with its reason."""
+        """The replies whose updates may be aggregated, their arrays decoded into float32 weights;
+        every other one is recorded with its reason."""
         accepted = []
         for msg in replies:
             name, node = _node_name(msg)
@@ -131,12 +169,13 @@ class MedFedAvg(FedAvg):
                 entry["reason"] = status.get("reason", "")
                 self.report.hospitals[name] = entry
                 continue
+            state = None
             try:
                 check_status(status)
             except ValueError as err:
                 reason = str(err)
             else:
-                reason = self.check_update(msg)
+                reason, state = self.check_update(msg)
             if reason is not None:
                 log.warning("round %d: rejected the update from %s (node %d): %s", server_round, name, node, reason)
                 self.report.rejected.append({"hospital": name, "node": node, "reason": reason})
@@ -145,12 +184,17 @@ class MedFedAvg(FedAvg):
                 continue
             entry["bytes_up"] = sum(len(a.data) for a in msg.content.array_records["arrays"].values())
             self.report.hospitals[name] = entry
+            if self.transport != "fp32":   # the aggregation rule sees exact float32 weights
+                msg.content["arrays"] = array_record(to_wire({k: state[k] for k in self.spec}))
+            self._screened.add(id(msg))
             accepted.append(msg)
         return accepted
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
-        accepted = self.screen(server_round, replies)
+        replies = list(replies)
+        accepted = [m for m in replies if id(m) in self._screened] + \
+            self.screen(server_round, [m for m in replies if id(m) not in self._screened])
         if not accepted:
             return None, None
         arrays, metrics = super().aggregate_train(server_round, accepted)
@@ -183,12 +227,39 @@ class MedFedAvg(FedAvg):
         return sum_counts([msg.content for msg in good], self.weighted_by_key) if good else None
 
 
+class MedFedAvg(Screened, FedAvg):
+    """FedAvg (weighted by num-examples) over screened updates: the default."""
+
+
+class MedFedMedian(Screened, FedMedian):
+    """Coordinate-wise median of the screened updates (robust to a minority of poisoned hospitals)."""
+
+
+class MedFedTrimmedAvg(Screened, FedTrimmedAvg):
+    """Coordinate-wise mean after cutting ``beta`` of the updates from each tail."""
+
+
+AGGREGATIONS = {"fedavg": MedFedAvg, "median": MedFedMedian, "trimmed-mean": MedFedTrimmedAvg}
+
+
+def make_strategy(aggregation: str, *, trim_fraction: float = 0.2, **kwargs) -> Screened:
+    """The strategy ``federation.aggregation`` names, with the screening every one of them gets."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"federation.aggregation={aggregation!r}: use one of {sorted(AGGREGATIONS)}")
+    if aggregation != "fedavg" and kwargs.get("uniform_weights"):
+        raise ValueError(f"federation.aggregation={aggregation} cannot be combined with federation.central_dp "
+                         "(its noise is calibrated to a clipped mean)")
+    if aggregation == "trimmed-mean":
+        kwargs["beta"] = trim_fraction
+    return AGGREGATIONS[aggregation](**kwargs)
+
+
 class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed clipping around ``MedFedAvg``, with its noise scaled to the
     hospitals actually averaged in the round (not the number sampled: some may refuse or fail).
     The loop hands it screened replies only."""
 
-    def __init__(self, strategy: MedFedAvg, *, noise_multiplier: float, clipping_norm: float):
+    def __init__(self, strategy: Screened, *, noise_multiplier: float, clipping_norm: float):
         if not strategy.uniform_weights:
             raise ValueError("central DP needs an equal-weight mean (MedFedAvg(uniform_weights=True))")
         bad = {n: s.dtype for n, s in strategy.spec.items() if s.dtype != "float32"}

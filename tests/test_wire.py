@@ -51,3 +51,53 @@ def test_metric_rules():
     check_status({"hospital": "general", "status": "trained"})
     with pytest.raises(EgressError, match="answer"):
         check_status({"hospital": "general", "status": "trained", "answer": "left lung nodule"})
+
+
+# ----------------------------------------------------------------------------- compact transport
+from medvlm.wire import SCALES, check_transport, decode, encode  # noqa: E402
+
+
+@pytest.fixture
+def fp32_state():
+    g = torch.Generator().manual_seed(0)
+    return {"fusion.w": torch.randn(64, 32, generator=g), "language.lora_B": torch.randn(16, 8, generator=g) * 0.01}
+
+
+@pytest.mark.parametrize("transport, ratio, tol", [("bf16", 0.5, 2 ** -8), ("int8", 0.25, 0.5 / 127)])
+def test_compact_transport_sends_the_change_and_decodes_it_exactly_enough(fp32_state, transport, ratio, tol):
+    g = torch.Generator().manual_seed(1)
+    new = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in fp32_state.items()}   # a small update
+    arrays = encode(new, transport, reference=fp32_state)
+    payload = sum(a.nbytes for n, a in arrays.items() if n != SCALES)
+    assert payload == ratio * sum(v.numel() * 4 for v in new.values())
+    back = decode(arrays, spec_of(fp32_state), transport, reference=fp32_state)
+    for name, value in new.items():
+        change, error = value - fp32_state[name], back[name] - value
+        assert back[name].dtype == torch.float32
+        # the error is relative to the *change*, not to the weights: small updates keep their precision
+        assert float(error.abs().max()) <= tol * float(change.abs().max()) + 1e-7, name
+    # the downlink (no reference) decodes to the encoded values themselves
+    down = decode(encode(fp32_state, transport), spec_of(fp32_state), transport)
+    assert all(torch.allclose(down[k], v, rtol=2 * tol, atol=2 * tol * float(v.abs().max())) for k, v in fp32_state.items())
+
+
+@pytest.mark.parametrize("transport, mutate, match", [
+    ("bf16", lambda a: a.update({"fusion.w": a["fusion.w"].astype(np.float32)}), "wire dtype"),
+    ("bf16", lambda a: a.update({"vision.proj": np.zeros(2, np.uint16)}), "unknown tensor"),
+    ("int8", lambda a: a.pop(SCALES), "missing tensor"),
+    ("int8", lambda a: a[SCALES].__setitem__(1, np.inf), "scale"),
+    ("bf16", lambda a: a["fusion.w"].__setitem__((0, 0), 0x7FC0), "NaN"),   # a bf16 NaN bit pattern
+])
+def test_compact_transport_refuses_bad_payloads_naming_the_tensor(fp32_state, transport, mutate, match):
+    arrays = {k: v.copy() for k, v in encode(fp32_state, transport).items()}
+    mutate(arrays)
+    with pytest.raises(TrainableStateError, match=match):
+        decode(arrays, spec_of(fp32_state), transport)
+
+
+def test_compact_transport_refuses_a_state_that_is_not_float32(state):
+    check_transport(spec_of({"w": torch.zeros(2)}), "bf16")
+    with pytest.raises(ValueError, match="language.lora_A.*federation.transport=fp32"):
+        check_transport(spec_of(state), "int8")
+    with pytest.raises(ValueError, match="use one of"):
+        check_transport(spec_of(state), "fp8")

@@ -13,7 +13,7 @@ foundation models are pretrained on; it uses a seed stream disjoint from every h
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -205,14 +205,32 @@ def public_corpus_text(findings: list[Findings]) -> list[str]:
     return lines
 
 
+HOSPITAL_PROFILES = ("general", "oncology", "cardiac", "rural", "imaging")
+
+
+def resolve_profile(name: str) -> HospitalProfile:
+    """A profile by name; ``<profile>-<k>`` is the k-th site like that profile (same scanner and
+    case mix, its own patients: a seed stream of its own), for federations of many hospitals."""
+    if name in PROFILES:
+        return PROFILES[name]
+    base, _, k = name.rpartition("-")
+    if base in HOSPITAL_PROFILES and k.isdigit():
+        return replace(PROFILES[base], name=name, stream=10_000 * PROFILES[base].stream + int(k) + 1)
+    raise ValueError(f"unknown hospital profile {name!r}: use one of {sorted(PROFILES)}, or <profile>-<k> "
+                     f"(e.g. oncology-7) for the k-th site like one of {list(HOSPITAL_PROFILES)}")
+
+
+def site_names(n: int) -> list[str]:
+    """``n`` hospitals cycling through the profiles: general-0, oncology-0, ..., general-1, ..."""
+    return [f"{HOSPITAL_PROFILES[i % len(HOSPITAL_PROFILES)]}-{i // len(HOSPITAL_PROFILES)}" for i in range(n)]
+
+
 # ----------------------------------------------------------------------------- generation
 def generate_hospital(profile: str | HospitalProfile, num_images: int, *, seed: int = 0,
                       size: int = IMAGE_SIZE) -> SyntheticSet:
     """Generate one hospital's images and questions, deterministically from (profile, seed)."""
     if isinstance(profile, str):
-        if profile not in PROFILES:
-            raise ValueError(f"unknown hospital profile {profile!r}: use one of {sorted(PROFILES)}")
-        profile = PROFILES[profile]
+        profile = resolve_profile(profile)
     root = np.random.SeedSequence([seed, profile.stream])
     images = np.empty((num_images, size, size), np.uint8)
     findings, rows = [], []

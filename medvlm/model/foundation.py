@@ -202,8 +202,8 @@ def public_state_path(cfg) -> Path:
         raise ValueError("model.init=public trains on the built-in public corpus and needs "
                          "model.vision.source=builtin:tiny and model.language.source=builtin:tiny; for other "
                          "models use model.init=random or an exported adapter folder")
-    recipe = {"fusion": {k: v for k, v in vars(cfg.fusion).items() if k != "init"}, "lora": vars(cfg.lora),
-              "max_text_len": cfg.max_text_len, "parametrisation": 3,
+    recipe = {"fusion": {k: v for k, v in vars(cfg.fusion).items() if k != "init"}, "lora": {k: v for k, v in vars(cfg.lora).items() if k != "ffa"},
+              "max_text_len": cfg.max_text_len, "parametrisation": 4,
               "tune": [PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR, PUBLIC_TUNE_SEED],
               "scanners": PUBLIC_TUNE_SCANNERS}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:12]
@@ -225,7 +225,8 @@ def build_public_state(cfg, path: Path, *, progress: bool = True) -> Path:
     from medvlm.train import train_local
 
     started = time.perf_counter()
-    model = build_medvlm(replace(cfg, init="random"), seed=PUBLIC_TUNE_SEED)
+    # public data, no privacy: A and B both train (FFA-LoRA then freezes A at this shared start)
+    model = build_medvlm(replace(cfg, init="random", lora=replace(cfg.lora, ffa=False)), seed=PUBLIC_TUNE_SEED)
     public = PROFILES["public"]
     images, rows = [], []
     for k, (contrast, noise, p_invert) in enumerate(PUBLIC_TUNE_SCANNERS):

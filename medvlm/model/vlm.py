@@ -96,10 +96,13 @@ class MedVLM(nn.Module):
         self.language = language  # peft.PeftModel around the frozen causal LM
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self._trainable = self._collect_trainable()
+        self._adapter = self._collect_adapter()
+        # FFA-LoRA: the A matrices stay frozen at their shared initialisation, never trained or sent
+        self._trainable = {n: p for n, p in self._adapter.items() if not (cfg.lora.ffa and ".lora_A." in n)}
 
     # ------------------------------------------------------------------ parameters
-    def _collect_trainable(self) -> dict[str, nn.Parameter]:
+    def _collect_adapter(self) -> dict[str, nn.Parameter]:
+        """Fusion + every LoRA tensor: what an exported adapter holds."""
         params: dict[str, nn.Parameter] = {}
         for name, p in self.fusion.named_parameters():
             params[f"fusion.{name}"] = p
@@ -107,6 +110,30 @@ class MedVLM(nn.Module):
             if "lora_" in name:
                 params[f"language.{name}"] = p
         return params
+
+    def adapter_spec(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(tuple(p.shape), _dtype_name(p.dtype)) for n, p in self._adapter.items()}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: Mapping[str, object], *, strict: bool = True) -> None:
+        """Load fusion + LoRA tensors including the ones FFA-LoRA keeps frozen (initialisation, exports)."""
+        validate_state(state, self.adapter_spec(), strict=strict)
+        for name, value in state.items():
+            tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            self._adapter[name].copy_(tensor)
+
+    def frozen_digest(self) -> Optional[str]:
+        """FFA-LoRA: a fingerprint of the frozen A matrices, which every site must share for the
+        average of the B matrices to be the average of the products BA. None without FFA."""
+        if not self.cfg.lora.ffa:
+            return None
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in sorted(set(self._adapter) - set(self._trainable)):
+            digest.update(name.encode())
+            digest.update(self._adapter[name].detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def freeze_base(self, parts: Sequence[str] = ("fusion", "lora")) -> None:
         """Trainable = fusion.* and/or LoRA tensors, nothing else (vision tower and base LLM stay frozen)."""
@@ -206,7 +233,7 @@ def _apply_init(model: "MedVLM", cfg: ModelConfig) -> None:
 
         from medvlm.model.foundation import public_state_path
 
-        model.load_trainable_state(load_file(str(public_state_path(cfg))))
+        model.load_adapter_state(load_file(str(public_state_path(cfg))))
     elif cfg.init != "random":
         from medvlm.runs import load_trainable
 
@@ -227,11 +254,30 @@ def _apply_fusion_init(model: "MedVLM", cfg: ModelConfig) -> None:
     model.load_trainable_state(state, strict=False)  # LoRA tensors are not in a fusion file
 
 
+@torch.no_grad()
+def seed_lora_a(language: nn.Module, seed: int) -> None:
+    """Initialise every LoRA A matrix from (seed, its name) alone, as PEFT does (Kaiming-uniform,
+    a=sqrt(5)) but independent of how much randomness loading the model consumed first: a hospital
+    that loads the real LM and a coordinator that builds it on the meta device get the same A
+    (FFA-LoRA freezes A there; B starts at zero)."""
+    import hashlib
+    import math
+
+    for name, p in language.named_parameters():
+        if ".lora_A." in name:
+            key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+            generator = torch.Generator(device="cpu").manual_seed(key)
+            value = torch.empty(p.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+            p.copy_(value.to(p.dtype))
+
+
 def build_medvlm(cfg: ModelConfig, *, seed: int = 0, device: Optional[str] = None) -> MedVLM:
     """Build vision (frozen), language (frozen + LoRA) and fusion (fresh, seeded)."""
     vision = build_vision_encoder(cfg.vision)
     torch.manual_seed(seed)  # LoRA A and fusion initialisation are seeded
     language, tokenizer = build_language_model(cfg.language, cfg.lora)
+    seed_lora_a(language, seed)
     embeddings = language.get_input_embeddings().weight
     fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=embeddings.shape[1],
                           embed_rms=float(embeddings.detach().float().pow(2).mean().sqrt()))
@@ -253,6 +299,7 @@ def build_skeleton(cfg: ModelConfig, *, seed: int = 0) -> MedVLM:
     vision = build_vision_encoder(cfg.vision)
     torch.manual_seed(seed)
     language = build_language_skeleton(cfg.language, cfg.lora)
+    seed_lora_a(language, seed)
     lm_width = language.get_input_embeddings().weight.shape[1]
     fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=lm_width, embed_rms=1.0)
     model = MedVLM(vision, fusion, language, None, cfg)
