@@ -68,9 +68,35 @@ def _hospital_identity(cfg: ExperimentConfig, node_config: Mapping, run_config: 
     return name, state_dir
 
 
+_CONFIGS: dict[str, ExperimentConfig] = {}
+_MODELS: dict[str, MedVLM] = {}
+
+
+def _config(run_config: Mapping) -> ExperimentConfig:
+    """Parsed once per run config per process (a 100-hospital list takes a while to merge)."""
+    key = json.dumps(dict(run_config), sort_keys=True, default=str)
+    if key not in _CONFIGS:
+        _CONFIGS.clear()
+        _CONFIGS[key] = from_run_config(run_config)
+    return _CONFIGS[key]
+
+
+def _model(cfg: ExperimentConfig) -> MedVLM:
+    """One model per (model config, seed, device) per process, shared by the hospitals a simulation
+    worker serves: every message loads the global trainable state into it before use, and the
+    frozen parts are the same for all of them."""
+    from medvlm.train import resolve_device
+
+    key = repr((cfg.model, cfg.federation.seed, cfg.train.device))   # dataclass reprs: every field
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = build_medvlm(cfg.model, seed=cfg.federation.seed).to(resolve_device(cfg.train.device))
+    return _MODELS[key]
+
+
 def build_site(run_config: Mapping, node_config: Mapping) -> Site:
     """Read config -> identify the hospital -> load its data -> build the model (frozen features)."""
-    cfg = from_run_config(run_config)
+    cfg = _config(run_config)
     name, state_dir = _hospital_identity(cfg, node_config, run_config)
     if "device" in node_config:
         cfg = replace(cfg, train=replace(cfg.train, device=str(node_config["device"])))
@@ -86,10 +112,7 @@ def build_site(run_config: Mapping, node_config: Mapping) -> Site:
     if cfg.privacy.enabled and budget <= 0:
         raise ValueError(f"hospital {name}: no privacy budget; set privacy.target_epsilon or node config epsilon")
 
-    model = build_medvlm(cfg.model, seed=cfg.federation.seed)
-    from medvlm.train import resolve_device
-
-    model.to(resolve_device(cfg.train.device))
+    model = _model(cfg)
     # a hospital's own images: frozen features cached in its state directory, never sent anywhere
     cache = state_dir / "features" if data_cfg.source != "synthetic" else None
     splits = load_splits(data_cfg, model.vision.preprocess,

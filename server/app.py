@@ -154,13 +154,14 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
                                   "reason": f"no reply within federation.timeout_s={fed.timeout_s:g}"})
         if new_arrays is not None:
             arrays = new_arrays
-        evaluation = None
+        evaluation, t_train = None, time.perf_counter() - t0
         if fed.fraction_evaluate > 0:
             evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
                 strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(base_config)), grid),
                 timeout=fed.timeout_s))
         privacy = update_privacy(privacy, report, cfg.privacy.delta)
         record = round_record(server_round, report, train_metrics, evaluation, privacy, time.perf_counter() - t0)
+        record["train_seconds"] = t_train    # sample -> train -> validate -> aggregate (evaluation excluded)
         if fed.central_dp.enabled:
             record["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
         state = from_wire({k: a.numpy() for k, a in arrays.items()}, spec)

@@ -50,3 +50,22 @@ def test_default_federation_keeps_every_budget_and_beats_the_baseline(tmp_path):
     assert s["final_accuracy"] > s["baseline_accuracy"], s
     assert s["final_accuracy"] >= s["initial_accuracy"] - 0.02, s
     assert evaluate_run(tmp_path / "default", progress=False)["accuracy"] == s["final_accuracy"]
+
+
+@pytest.mark.slow
+def test_robust_aggregation_keeps_accuracy_when_one_hospital_is_poisoned(tmp_path):
+    """Five hospitals on the built-in foundation, one round; hospital 5 sends its change sign-flipped
+    and scaled by 100. FedAvg follows it; the median and the trimmed mean (20% each tail) do not.
+    Measured: clean FedAvg 54.1%, poisoned FedAvg 42.9%, median 53.4%, trimmed mean 53.7%."""
+    from client import app as client_app
+    from simulations.inprocess import poisoned, run_inprocess
+
+    base = ["data.hospitals=[general,oncology,cardiac,rural,imaging]", "data.images_per_hospital=60",
+            "federation.rounds=1", "federation.local_epochs=1", "privacy.enabled=false"]
+    attack = {14: {"train": poisoned(client_app.train, -100.0)}}
+    acc = {"clean": run_inprocess("tiny", base, tmp_path / "clean")["final_accuracy"]}
+    for rule in ("fedavg", "median", "trimmed-mean"):
+        acc[rule] = run_inprocess("tiny", base + [f"federation.aggregation={rule}"], tmp_path / rule,
+                                  node_overrides=attack)["final_accuracy"]
+    assert acc["fedavg"] < acc["clean"] - 0.06, acc
+    assert acc["median"] >= acc["clean"] - 0.03 and acc["trimmed-mean"] >= acc["clean"] - 0.03, acc
