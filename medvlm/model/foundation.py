@@ -203,7 +203,7 @@ def public_state_path(cfg) -> Path:
                          "model.vision.source=builtin:tiny and model.language.source=builtin:tiny; for other "
                          "models use model.init=random or an exported adapter folder")
     recipe = {"fusion": {k: v for k, v in vars(cfg.fusion).items() if k != "init"}, "lora": {k: v for k, v in vars(cfg.lora).items() if k != "ffa"},
-              "max_text_len": cfg.max_text_len, "parametrisation": 4,
+              "max_text_len": cfg.max_text_len, "parametrisation": 3,
               "tune": [PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR, PUBLIC_TUNE_SEED],
               "scanners": PUBLIC_TUNE_SCANNERS}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:12]

@@ -258,8 +258,9 @@ def _apply_fusion_init(model: "MedVLM", cfg: ModelConfig) -> None:
 def seed_lora_a(language: nn.Module, seed: int) -> None:
     """Initialise every LoRA A matrix from (seed, its name) alone, as PEFT does (Kaiming-uniform,
     a=sqrt(5)) but independent of how much randomness loading the model consumed first: a hospital
-    that loads the real LM and a coordinator that builds it on the meta device get the same A
-    (FFA-LoRA freezes A there; B starts at zero)."""
+    that loads the real LM and a coordinator that builds it on the meta device get the same A.
+    FFA-LoRA needs that (A is frozen and never sent; B starts at zero); without FFA the coordinator
+    sends A, so PEFT's own draw stands (and the public start built from it stays valid)."""
     import hashlib
     import math
 
@@ -277,7 +278,8 @@ def build_medvlm(cfg: ModelConfig, *, seed: int = 0, device: Optional[str] = Non
     vision = build_vision_encoder(cfg.vision)
     torch.manual_seed(seed)  # LoRA A and fusion initialisation are seeded
     language, tokenizer = build_language_model(cfg.language, cfg.lora)
-    seed_lora_a(language, seed)
+    if cfg.lora.ffa:   # A is never sent: every site must draw the same one
+        seed_lora_a(language, seed)
     embeddings = language.get_input_embeddings().weight
     fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=embeddings.shape[1],
                           embed_rms=float(embeddings.detach().float().pow(2).mean().sqrt()))
@@ -299,7 +301,8 @@ def build_skeleton(cfg: ModelConfig, *, seed: int = 0) -> MedVLM:
     vision = build_vision_encoder(cfg.vision)
     torch.manual_seed(seed)
     language = build_language_skeleton(cfg.language, cfg.lora)
-    seed_lora_a(language, seed)
+    if cfg.lora.ffa:
+        seed_lora_a(language, seed)
     lm_width = language.get_input_embeddings().weight.shape[1]
     fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=lm_width, embed_rms=1.0)
     model = MedVLM(vision, fusion, language, None, cfg)
