@@ -35,8 +35,10 @@ def central(cfg, *, hospitals, dp: bool) -> tuple[float, float]:
     from medvlm.train import train_local
 
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
-    train = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals)["train"]
-    val = load_splits(cfg.data, model.vision.preprocess)["val"]
+    splits = load_splits(cfg.data, model.vision.preprocess)
+    val = splits["val"]
+    train = splits["train"] if hospitals is None else \
+        load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals)["train"]
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     privacy = replace(cfg.privacy, enabled=dp)
     train_local(model, train, train=replace(cfg.train, epochs=epochs), privacy=privacy, progress=False)

@@ -88,6 +88,18 @@ def read_fusion(path: str | Path) -> dict[str, torch.Tensor]:
     return {f"fusion.{k}": v for k, v in load_file(str(path)).items()}
 
 
+def _spec(params: Mapping[str, nn.Parameter]) -> dict[str, TensorSpec]:
+    return {n: TensorSpec(tuple(p.shape), _dtype_name(p.dtype)) for n, p in params.items()}
+
+
+@torch.no_grad()
+def _load(params: Mapping[str, nn.Parameter], state: Mapping[str, object], *, strict: bool) -> None:
+    """Validate ``state`` against ``params`` (nothing is loaded if one tensor is wrong), then copy it in."""
+    validate_state(state, _spec(params), strict=strict)
+    for name, value in state.items():
+        params[name].copy_(torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+
+
 class MedVLM(nn.Module):
     def __init__(self, vision: nn.Module, fusion: nn.Module, language: nn.Module, tokenizer, cfg: ModelConfig):
         super().__init__()
@@ -112,15 +124,11 @@ class MedVLM(nn.Module):
         return params
 
     def adapter_spec(self) -> dict[str, TensorSpec]:
-        return {n: TensorSpec(tuple(p.shape), _dtype_name(p.dtype)) for n, p in self._adapter.items()}
+        return _spec(self._adapter)
 
-    @torch.no_grad()
     def load_adapter_state(self, state: Mapping[str, object], *, strict: bool = True) -> None:
         """Load fusion + LoRA tensors including the ones FFA-LoRA keeps frozen (initialisation, exports)."""
-        validate_state(state, self.adapter_spec(), strict=strict)
-        for name, value in state.items():
-            tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-            self._adapter[name].copy_(tensor)
+        _load(self._adapter, state, strict=strict)
 
     def frozen_digest(self) -> Optional[str]:
         """FFA-LoRA: a fingerprint of the frozen A matrices, which every site must share for the
@@ -146,18 +154,14 @@ class MedVLM(nn.Module):
         return dict(self._trainable)
 
     def trainable_spec(self) -> dict[str, TensorSpec]:
-        return {n: TensorSpec(tuple(p.shape), _dtype_name(p.dtype)) for n, p in self._trainable.items()}
+        return _spec(self._trainable)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Exactly the LoRA + fusion tensors, by name, detached copies on the CPU."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self._trainable.items()}
 
-    @torch.no_grad()
     def load_trainable_state(self, state: Mapping[str, object], *, strict: bool = True) -> None:
-        validate_state(state, self.trainable_spec(), strict=strict)
-        for name, value in state.items():
-            tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-            self._trainable[name].copy_(tensor)
+        _load(self._trainable, state, strict=strict)
 
     def count_parameters(self) -> tuple[int, int]:
         total = sum(p.numel() for p in self.parameters())
