@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from client.egress import as_secure_fit_reply, reply_content
 from client.ledger import Ledger
 from client.site import get_site
-from medvlm.metrics import baseline_predictions, majority_answers, vqa_counts
+from medvlm.metrics import baseline_for, counts_for, load_labeler
 from medvlm.privacy import PrivacyBudgetExceeded
 from medvlm.wire import TRANSPORTS, decode, legacy_order
 
@@ -56,11 +56,18 @@ def _load_global(site, msg: Message) -> tuple[dict, dict, str]:
 
 
 def _site(msg: Message, context: Context, defaults: Mapping):
+    """This hospital's site for the message's round: the curriculum stage follows from the run config
+    and the server round on both ends; a coordinator that names another stage is refused."""
     run_config = {**defaults, **context.run_config}
     _, config = _received(msg)
     if "run-dir" in config:  # simulation: hospitals' ledgers live in the run folder
         run_config["run-dir"] = str(config["run-dir"])
-    return get_site(run_config, context.node_config)
+    site = get_site(run_config, context.node_config, int(config.get("server-round", 0)))
+    if "stage" in config and str(config["stage"]) != site.stage.name:
+        raise ValueError(f"round {config.get('server-round')}: the coordinator runs stage {config['stage']!r} but "
+                         f"this hospital's run config puts the round in stage {site.stage.name!r}: both must use the "
+                         "same federation.stages")
+    return site
 
 
 def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006 (read-only)
@@ -68,7 +75,8 @@ def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  #
     site = _site(msg, context, defaults)
     cfg, (_, round_cfg) = site.cfg, _received(msg)
     server_round, num_rounds = int(round_cfg["server-round"]), int(round_cfg["num-rounds"])
-    train_cfg = replace(cfg.train, epochs=float(round_cfg["local-epochs"]), lr=float(round_cfg["lr"]))
+    train_cfg = replace(cfg.train, epochs=float(round_cfg["local-epochs"]), lr=float(round_cfg["lr"]),
+                        trainable=list(site.stage.trainable))
     sent, received, transport = _load_global(site, msg)
     reply = _train(site, cfg, train_cfg, server_round, num_rounds, transport=transport, received=received)
     if SECURE_ARRAYS in msg.content.array_records:   # SecAgg+: secaggplus_mod masks this reply
@@ -88,8 +96,11 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
                              accountant=privacy.accountant, max_grad_norm=privacy.max_grad_norm)
         sample_rate, steps = planned_steps(len(site.train), train_cfg)
         try:
+            stage = site.stage      # each stage ends at its share of the budget; the last at all of it
+            last = num_rounds if stage.last_round >= cfg.federation.rounds else stage.last_round
             sigma = ledger.plan(sample_rate=sample_rate, steps_per_round=steps,
-                                rounds_left=max(1, num_rounds - server_round + 1))
+                                rounds_left=max(1, last - server_round + 1), stage=stage.name,
+                                target=site.budget * (1.0 if last == num_rounds else stage.budget_end))
             ledger.check(steps)
         except PrivacyBudgetExceeded as err:
             log.warning("%s", err)
@@ -116,15 +127,17 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
 
 
 def evaluate(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006
-    """Score the global state on the local validation split; reply with counts only."""
+    """Score the global state on the local validation split (the round's stage's task); reply with
+    counts only (VQA correct/total, or report BLEU / ROUGE-L / finding statistics)."""
     from medvlm.evaluate import predict
 
     site = _site(msg, context, defaults)
     _load_global(site, msg)
     started = time.perf_counter()
+    labeler = load_labeler(site.cfg.data.labeler)
     predictions = predict(site.model, site.val, max_new_tokens=site.cfg.train.eval_max_new_tokens)
-    counts = vqa_counts(predictions, site.val.rows)
-    baseline = vqa_counts(baseline_predictions(majority_answers(site.train.rows), site.val.rows), site.val.rows)
+    counts = counts_for(predictions, site.val.rows, labeler)
+    baseline = counts_for(baseline_for(site.train.rows, site.val.rows), site.val.rows, labeler)
     metrics = {**counts, **{f"baseline/{k}": v for k, v in baseline.items()},
                "num-examples": len(site.val), "seconds": time.perf_counter() - started}
     return Message(reply_content(kind="evaluate", metrics=metrics, spec=site.spec,

@@ -31,6 +31,7 @@ class Ledger:
     sample_rate: Optional[float] = None
     history: History = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)   # server rounds this hospital trained in
+    stage: Optional[str] = None      # the curriculum stage the mechanism above was fixed for
 
     # ----------------------------------------------------------------------------- persistence
     @classmethod
@@ -74,20 +75,29 @@ class Ledger:
     def total_steps(self) -> int:
         return int(sum(h[2] for h in self.history))
 
-    def plan(self, *, sample_rate: float, steps_per_round: int, rounds_left: int) -> float:
-        """Fix the noise multiplier once, so the planned rounds end at the budget; later calls reuse it.
+    def plan(self, *, sample_rate: float, steps_per_round: int, rounds_left: int, stage: str = "main",
+             target: Optional[float] = None) -> float:
+        """Fix the noise multiplier once per curriculum stage, so the stage's planned rounds end at
+        ``target`` (default: the whole budget; the last stage's target is the budget); later calls in
+        the stage reuse it.
 
-        A fixed (sigma, q) makes the whole history one mechanism, so anyone can recompute epsilon
-        from (noise_multiplier, sample_rate, steps, delta)."""
-        if self.noise_multiplier is not None:
+        A fixed (sigma, q) per stage makes the history one mechanism per stage, so anyone can
+        recompute epsilon from (noise_multiplier, sample_rate, steps) of each stage and delta."""
+        if self.noise_multiplier is not None and self.stage in (stage, None):
             if not math.isclose(self.sample_rate, sample_rate, rel_tol=1e-9):
                 raise ValueError(f"{self.hospital}: sample rate changed from {self.sample_rate} to {sample_rate} "
-                                 "(batch size or data size changed); the ledger keeps one mechanism per hospital")
+                                 "(batch size or data size changed); the ledger keeps one mechanism per hospital "
+                                 "and stage")
+            self.stage = stage
             return self.noise_multiplier
+        target = min(self.budget, self.budget if target is None else target)
+        if self.history and self.epsilon >= target - 1e-6:
+            raise PrivacyBudgetExceeded(f"{self.hospital}: epsilon {self.epsilon:.3f} already reaches this stage's "
+                                        f"share {target:.3f} of the budget {self.budget:g}; stage {stage!r} is skipped")
         self.noise_multiplier = calibrate_noise(
-            target_epsilon=self.budget, delta=self.delta, sample_rate=sample_rate,
+            target_epsilon=target, delta=self.delta, sample_rate=sample_rate,
             steps=steps_per_round * rounds_left, accountant=self.accountant, history=self.history)
-        self.sample_rate = sample_rate
+        self.sample_rate, self.stage = sample_rate, stage
         return self.noise_multiplier
 
     def epsilon_after(self, steps: int) -> float:

@@ -5,6 +5,8 @@ Node config keys (``flower-supernode --node-config '...'``; strings quoted):
     hospital   = "st-mary"            name used in logs and the ledger (simulation: a profile name)
     data-path  = "/data/vqa"          a data folder or manifest (any format of data.format); without
                                       it, the run's synthetic profile
+    data-path-<stage> = "/data/reports"  optional: another folder for one curriculum stage
+                                      (federation.stages); the stage's task picks the rows
     data-format = "slake"             optional: the folder's format (default data.format, auto)
     state-dir  = "/var/lib/medvlm"    where the privacy ledger persists (must survive restarts)
     device     = "cuda:0"             overrides train.device
@@ -21,9 +23,9 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
-from medvlm.config import ExperimentConfig, from_run_config
+from medvlm.config import ExperimentConfig, Stage, for_stage, from_run_config, stage_at
 from medvlm.data.dataset import VQARows, load_splits
 from medvlm.features import cached_encoder, with_frozen_features
 from medvlm.model.vlm import MedVLM, TensorSpec, build_medvlm
@@ -42,6 +44,7 @@ class Site:
     spec: dict[str, TensorSpec]
     train: VQARows            # frozen patch tokens, encoded once per process
     val: VQARows
+    stage: Stage              # the curriculum stage this site's data and trainable parts are for
 
 
 def _hospital_identity(cfg: ExperimentConfig, node_config: Mapping, run_config: Mapping) -> tuple[str, Path]:
@@ -94,16 +97,19 @@ def _model(cfg: ExperimentConfig) -> MedVLM:
     return _MODELS[key]
 
 
-def build_site(run_config: Mapping, node_config: Mapping) -> Site:
-    """Read config -> identify the hospital -> load its data -> build the model (frozen features)."""
+def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage] = None) -> Site:
+    """Read config -> identify the hospital -> load its data for the stage's task (default: the
+    first stage's) -> build the model (frozen features)."""
     cfg = _config(run_config)
+    stage = stage or stage_at(cfg, 0)
     name, state_dir = _hospital_identity(cfg, node_config, run_config)
+    cfg = for_stage(cfg, stage)
     if "device" in node_config:
         cfg = replace(cfg, train=replace(cfg.train, device=str(node_config["device"])))
     data_cfg = cfg.data
-    if "data-path" in node_config:
-        data_cfg = replace(cfg.data, source=str(node_config["data-path"]),
-                           format=str(node_config.get("data-format", cfg.data.format)))
+    path = node_config.get(f"data-path-{stage.name}", node_config.get("data-path"))
+    if path is not None:
+        data_cfg = replace(cfg.data, source=str(path), format=str(node_config.get("data-format", cfg.data.format)))
     elif cfg.data.source == "synthetic" and name not in cfg.data.hospitals:
         raise ValueError(f"hospital {name!r} has no data-path and is not a synthetic profile in data.hospitals "
                          f"{cfg.data.hospitals}")
@@ -120,20 +126,22 @@ def build_site(run_config: Mapping, node_config: Mapping) -> Site:
                          encode_files=cached_encoder(model, cache, data_cfg))
     train = with_frozen_features(model, splits["train"])
     val = with_frozen_features(model, splits["val"])
-    log.info("hospital %s: %d train / %d val questions, ledger in %s", name, len(train), len(val), state_dir)
-    return Site(name, cfg, state_dir, budget, delta, model, model.trainable_spec(), train, val)
+    log.info("hospital %s, stage %s (%s): %d train / %d val rows, ledger in %s", name, stage.name, stage.task,
+             len(train), len(val), state_dir)
+    return Site(name, cfg, state_dir, budget, delta, model, model.trainable_spec(), train, val, stage)
 
 
 _SITES: dict[str, Site] = {}
-MAX_CACHED_SITES = 4
+MAX_CACHED_SITES = 8
 
 
-def get_site(run_config: Mapping, node_config: Mapping) -> Site:
-    """One site per (run config, node config) per process: a simulation's workers serve many
-    messages, so data loading and image encoding happen once, not every round."""
-    key = json.dumps([dict(run_config), dict(node_config)], sort_keys=True, default=str)
+def get_site(run_config: Mapping, node_config: Mapping, server_round: int = 0) -> Site:
+    """One site per (run config, node config, curriculum stage) per process: a simulation's workers
+    serve many messages, so data loading and image encoding happen once, not every round."""
+    stage = stage_at(_config(run_config), server_round)
+    key = json.dumps([dict(run_config), dict(node_config), stage.name], sort_keys=True, default=str)
     if key not in _SITES:
         while len(_SITES) >= MAX_CACHED_SITES:  # a worker may serve several simulated hospitals
             _SITES.pop(next(iter(_SITES)))
-        _SITES[key] = build_site(run_config, node_config)
+        _SITES[key] = build_site(run_config, node_config, stage)
     return _SITES[key]

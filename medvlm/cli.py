@@ -5,6 +5,8 @@
     medvlm-fl evaluate RUN_DIR [--split val|test]
     medvlm-fl write-synthetic --hospital NAME --out DIR [--images N] [--seed S] [--image-format dicom]
     medvlm-fl check-data PATH [--format F] [--language en]
+    medvlm-fl answer --run RUN_DIR --image PATH --question "..."  [--manifest DIR --out preds.jsonl]
+    medvlm-fl report --run RUN_DIR --image PATH                   [--manifest DIR --out preds.csv]
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
     from medvlm.evaluate import evaluate_with_baseline
+    from medvlm.metrics import REPORT_KEYS, load_labeler
     from medvlm.features import cached_encoder
     from medvlm.model.vlm import build_medvlm
     from medvlm.privacy import save_accountant_state
@@ -59,7 +62,7 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
              len(splits["train"]), len(splits["val"]), len(splits["test"]))
 
     result = train_local(model, splits["train"], train=cfg.train, privacy=cfg.privacy, progress=progress)
-    test = evaluate_with_baseline(model, splits["test"], splits["train"].rows,
+    test = evaluate_with_baseline(model, splits["test"], splits["train"].rows, labeler=load_labeler(cfg.data.labeler),
                                   max_new_tokens=cfg.train.eval_max_new_tokens, progress=progress)
     export_trainable(model, run_dir / "global")
     if result.accountant_state is not None:
@@ -68,13 +71,16 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
     trainable, total = model.count_parameters()
     spent = result.privacy
     summary = {
-        "final_accuracy": test["accuracy"], "closed_accuracy": test["closed_accuracy"],
-        "open_accuracy": test["open_accuracy"], "open_recall": test["open_recall"],
-        "baseline_accuracy": test["baseline"]["accuracy"],
-        "baseline_closed_accuracy": test["baseline"]["closed_accuracy"],
-        "baseline_open_accuracy": test["baseline"]["open_accuracy"],
-        "per_qtype": test["per_qtype"], "baseline_per_qtype": test["baseline"]["per_qtype"],
-        "test_questions": {"closed": test["closed_total"], "open": test["open_total"]},
+        "final_accuracy": test.get("accuracy"), "closed_accuracy": test.get("closed_accuracy"),
+        "open_accuracy": test.get("open_accuracy"), "open_recall": test.get("open_recall"),
+        "baseline_accuracy": test["baseline"].get("accuracy"),
+        "baseline_closed_accuracy": test["baseline"].get("closed_accuracy"),
+        "baseline_open_accuracy": test["baseline"].get("open_accuracy"),
+        "per_qtype": test.get("per_qtype"), "baseline_per_qtype": test["baseline"].get("per_qtype"),
+        "test_questions": {"closed": test.get("closed_total", 0), "open": test.get("open_total", 0)},
+        "task": cfg.data.task, **{k: test.get(k) for k in REPORT_KEYS},
+        **{f"baseline_{k}": test["baseline"].get(k) for k in REPORT_KEYS},
+        "per_finding": test.get("per_finding"), "baseline_per_finding": test["baseline"].get("per_finding"),
         "dp": cfg.privacy.enabled,
         "epsilon": spent.epsilon if spent else None, "delta": cfg.privacy.delta if spent else None,
         "privacy": spent.as_dict() if spent else None,
@@ -93,13 +99,22 @@ def accuracy_table(title: str, s: dict, *, model_label: str = "model"):
     from rich.table import Table
 
     table = Table(title=title)
-    for name, justify in (("metric", "left"), (model_label, "right"), ("per-question majority", "right")):
+    reports = s.get("bleu4") is not None
+    baseline = "most common report" if reports and s.get("final_accuracy") is None else "per-question majority"
+    for name, justify in (("metric", "left"), (model_label, "right"), (baseline, "right")):
         table.add_column(name, justify=justify)
-    table.add_row("overall accuracy", pct(s["final_accuracy"]), pct(s["baseline_accuracy"]))
-    table.add_row("closed accuracy", pct(s["closed_accuracy"]), pct(s["baseline_closed_accuracy"]))
-    table.add_row("open accuracy (exact)", pct(s["open_accuracy"]), pct(s["baseline_open_accuracy"]))
-    for qtype, acc in (s.get("per_qtype") or {}).items():
-        table.add_row(f"  {qtype}", pct(acc), pct((s.get("baseline_per_qtype") or {}).get(qtype)))
+    if s.get("final_accuracy") is not None or not reports:
+        table.add_row("overall accuracy", pct(s["final_accuracy"]), pct(s["baseline_accuracy"]))
+        table.add_row("closed accuracy", pct(s["closed_accuracy"]), pct(s["baseline_closed_accuracy"]))
+        table.add_row("open accuracy (exact)", pct(s["open_accuracy"]), pct(s["baseline_open_accuracy"]))
+        for qtype, acc in (s.get("per_qtype") or {}).items():
+            table.add_row(f"  {qtype}", pct(acc), pct((s.get("baseline_per_qtype") or {}).get(qtype)))
+    if reports:
+        for key, label in (("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("finding_f1", "finding-F1 (micro)")):
+            table.add_row(label, pct(s.get(key)), pct(s.get(f"baseline_{key}")))
+        base = s.get("baseline_per_finding") or {}
+        for label, f1 in (s.get("per_finding") or {}).items():
+            table.add_row(f"  {label}", pct(f1), pct(base.get(label)))
     return table
 
 
@@ -132,9 +147,10 @@ def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = Tr
     federation does: counts summed over hospitals, baseline = each hospital's per-question majority."""
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
-    from medvlm.evaluate import evaluate_counts
+    from medvlm.config import for_stage, stages
+    from medvlm.evaluate import baseline_counts, evaluate_counts
     from medvlm.features import cached_encoder
-    from medvlm.metrics import accuracies, baseline_predictions, majority_answers, merge_counts, vqa_counts
+    from medvlm.metrics import load_labeler, merge_counts, scores
     from medvlm.model.vlm import build_medvlm
     from medvlm.runs import load_trainable
 
@@ -142,6 +158,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = Tr
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: not a medvlm-fl run folder")
     cfg = load_config(str(run_dir / "config.yaml"))
+    cfg = for_stage(cfg, stages(cfg)[-1])     # a curriculum is scored on its last stage's task
+    labeler = load_labeler(cfg.data.labeler)
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
     load_trainable(model, run_dir / "global")
     counts, base = [], []
@@ -149,12 +167,11 @@ def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = Tr
     for hospitals in groups:
         splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals,
                              encode_files=cached_encoder(model, cfg.data.feature_cache, cfg.data, progress=progress))
-        rows = splits[split].rows
         counts.append(evaluate_counts(model, splits[split], max_new_tokens=cfg.train.eval_max_new_tokens,
-                                      progress=progress))
-        base.append(vqa_counts(baseline_predictions(majority_answers(splits["train"].rows), rows), rows))
-    result = accuracies(merge_counts(counts))
-    result["baseline"] = accuracies(merge_counts(base))
+                                      progress=progress, labeler=labeler))
+        base.append(baseline_counts(splits[split], splits["train"].rows, labeler=labeler))
+    result = scores(merge_counts(counts))
+    result["baseline"] = scores(merge_counts(base))
     return result
 
 
@@ -162,13 +179,72 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     result = evaluate_run(args.run_dir, split=args.split)
+    summary = Path(args.run_dir) / "summary.json"
+    reported = json.loads(summary.read_text()) if args.split == "val" and summary.is_file() else None
+    if result.get("bleu4") is not None:
+        base = result["baseline"]
+        print(f"{args.run_dir} ({args.split} split): BLEU-4 {pct(result['bleu4'])}, ROUGE-L {pct(result['rouge_l'])}, "
+              f"finding-F1 {pct(result['finding_f1'])}; most common report: BLEU-4 {pct(base['bleu4'])}, ROUGE-L "
+              f"{pct(base['rouge_l'])}, finding-F1 {pct(base['finding_f1'])}")
+        if reported:
+            print(f"summary.json reports BLEU-4 {pct(reported.get('bleu4'))}, finding-F1 "
+                  f"{pct(reported.get('finding_f1'))} for the same split")
+        return 0
     print(f"{args.run_dir} ({args.split} split): accuracy {pct(result['accuracy'])} (closed "
           f"{pct(result['closed_accuracy'])}, open {pct(result['open_accuracy'])}); per-question majority "
           f"{pct(result['baseline']['accuracy'])}")
-    summary = Path(args.run_dir) / "summary.json"
-    if args.split == "val" and summary.is_file():
-        reported = json.loads(summary.read_text()).get("final_accuracy")
-        print(f"summary.json reports {pct(reported)} for the same split")
+    if reported:
+        print(f"summary.json reports {pct(reported.get('final_accuracy'))} for the same split")
+    return 0
+
+
+def predict_command(args: argparse.Namespace, task: str, out=sys.stdout) -> int:
+    """``answer`` / ``report``: one image (or several) on the command line, or every row of a data
+    folder (``--manifest``) with the predictions written to ``--out`` (JSONL or CSV)."""
+    from medvlm.infer import Predictor, manifest_requests, write_predictions
+
+    questions = getattr(args, "question", None) or []
+    if bool(args.image) == bool(args.manifest):
+        raise ValueError("give --image PATH (repeatable) or --manifest DATA_FOLDER, not both")
+    if task == "answer" and args.image and len(questions) not in (1, len(args.image)):
+        raise ValueError(f"{len(args.image)} --image and {len(questions)} --question: give one question, "
+                         "or one per image")
+    predictor = Predictor.from_run(args.run, adapter=args.adapter, device=args.device, overrides=args.overrides)
+    if args.manifest:
+        requests = manifest_requests(args.manifest, task, predictor.cfg)
+        images = [r["image"] for r in requests]
+    else:
+        images = list(args.image)
+        for path in images:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"image {path} not found")
+        questions = questions * (len(images) if len(questions) == 1 else 1)
+        requests = [{"image": p, **({"question": q} if task == "answer" else {})}
+                    for p, q in zip(images, questions or [None] * len(images))]
+    if task == "answer":
+        predicted = predictor.answer(images, [r["question"] for r in requests])
+    else:
+        predicted = predictor.report(images)
+    rows = []
+    for r, text in zip(requests, predicted):
+        row = {"image": str(r["image"])}
+        if task == "answer":
+            row.update(question=r["question"], answer=text)
+            if r.get("answer"):
+                row["reference"] = r["answer"]
+        else:
+            row["report"] = text
+            if r.get("answer"):
+                row["reference"] = r["answer"]
+        rows.append(row)
+    if args.out:
+        path = write_predictions(rows, args.out)
+        print(f"{len(rows)} prediction(s) -> {path} (adapter {predictor.adapter})", file=out)
+    else:
+        for row in rows:
+            text = row["answer"] if task == "answer" else row["report"]
+            prefix = f"{row['image']}: " if len(rows) > 1 else ""
+            print(f"{prefix}{text}", file=out)
     return 0
 
 
@@ -241,6 +317,20 @@ def build_parser(extend: Optional[Callable] = None, description: str = __doc__) 
     p.add_argument("run_dir", help="a run folder (with config.yaml and global/)")
     p.add_argument("--split", default="val", choices=["val", "test"], help="val = what the federation reports")
     p.set_defaults(func=_evaluate)
+
+    for task, help_text in (("answer", "answer a question about an image (PNG/JPEG/DICOM) with a run's adapter"),
+                            ("report", "write the findings report of an image (PNG/JPEG/DICOM) with a run's adapter")):
+        p = sub.add_parser(task, help=help_text)
+        p.add_argument("--run", required=True, help="a run folder (config.yaml + global/ adapter)")
+        p.add_argument("--image", action="append", help="an image file (repeatable)")
+        if task == "answer":
+            p.add_argument("--question", action="append", help="the question (one, or one per --image)")
+        p.add_argument("--manifest", help="batch mode: every row of a data folder or manifest (any supported format)")
+        p.add_argument("--out", help="write the predictions to a .jsonl or .csv file (default: print them)")
+        p.add_argument("--adapter", help="another exported adapter folder (default: RUN/global)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.language.source=/models/llm")
+        p.set_defaults(func=(lambda a, t=task: predict_command(a, t)))
 
     p = sub.add_parser("write-synthetic", help="write one synthetic hospital's images + manifest.jsonl to a folder "
                                                "(a data folder for a SuperNode's data-path)")

@@ -157,6 +157,13 @@ class DataConfig:
     seed: int = 0
     # what to do with a bad manifest row: "error" (default, lists every bad row) or "skip"
     on_bad_row: str = "error"
+    # vqa: answer questions; report: write the findings report of an image (report rows, or the
+    # report a question row carries; MIMIC-CXR-style folders have reports only)
+    task: str = "vqa"
+    qtypes: list[str] = field(default_factory=list)   # vqa: train/evaluate only these question types
+    # report: the finding labeler behind finding-F1: "synthetic" (rule-based, for the built-in
+    # findings) or "package.module:function" (text -> set of finding labels; e.g. a CheXbert wrapper)
+    labeler: str = "synthetic"
 
     def __post_init__(self) -> None:
         _check(self.images_per_hospital > 0, "data.images_per_hospital", self.images_per_hospital, "must be > 0")
@@ -166,6 +173,9 @@ class DataConfig:
                self.val_fraction + self.test_fraction, "must leave some training data (< 1)")
         _check(self.on_bad_row in ("error", "skip"), "data.on_bad_row", self.on_bad_row, "use error or skip")
         _check(self.format in DATA_FORMATS, "data.format", self.format, f"use one of {list(DATA_FORMATS)}")
+        _check(self.task in ("vqa", "report"), "data.task", self.task, "use vqa or report")
+        _check(self.labeler == "synthetic" or ":" in self.labeler, "data.labeler", self.labeler,
+               "use synthetic or package.module:function")
 
 
 @dataclass
@@ -241,6 +251,33 @@ class CentralDPConfig:
         _check(0 < self.delta < 1, "federation.central_dp.delta", self.delta, "must be in (0, 1)")
 
 
+@dataclass
+class StageConfig:
+    """One stage of a federated curriculum (the seed paper's schedule: align -> general VQA -> domain
+    VQA). Each stage trains for ``rounds`` on its own task and question types with its own
+    trainable parts and learning rate; the global state carries over to the next stage."""
+
+    name: str = "stage"
+    rounds: int = 1
+    task: str = "vqa"                 # vqa | report (image -> findings report: image-text alignment)
+    qtypes: list[str] = field(default_factory=list)   # vqa: question types of this stage (empty: all)
+    trainable: list[str] = field(default_factory=lambda: ["fusion", "lora"])
+    lr: Optional[float] = None        # default: federation.lr, then train.lr
+    local_epochs: Optional[float] = None  # default: federation.local_epochs
+
+    def __post_init__(self) -> None:
+        key = f"federation.stages[{self.name}]"
+        _check(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), f"{key}.name", self.name,
+               "use letters, digits, - and _")
+        _check(self.rounds >= 1, f"{key}.rounds", self.rounds, "must be >= 1")
+        _check(self.task in ("vqa", "report"), f"{key}.task", self.task, "use vqa or report")
+        _check(bool(self.trainable) and set(self.trainable) <= {"fusion", "lora"}, f"{key}.trainable",
+               self.trainable, "name a non-empty subset of [fusion, lora]")
+        _check(self.lr is None or self.lr > 0, f"{key}.lr", self.lr, "must be > 0")
+        _check(self.local_epochs is None or self.local_epochs > 0, f"{key}.local_epochs", self.local_epochs,
+               "must be > 0")
+
+
 SECURE_AGGREGATION = ("none", "secagg+")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 TRANSPORTS = ("fp32", "bf16", "int8")
@@ -269,8 +306,16 @@ class FederationConfig:
     # How the trainable state travels: fp32 (exact) | bf16 (half the bytes) | int8 (a quarter);
     # compact transports send each hospital's change, decoded into float32 for aggregation
     transport: str = "fp32"
+    # A curriculum: stages run in order and federation.rounds becomes the sum of their rounds. Empty:
+    # one stage of federation.rounds on data.task / data.qtypes with train.trainable. Each hospital
+    # spends its budget across the stages in proportion to their rounds.
+    stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.stages:
+            names = [s.name for s in self.stages]
+            _check(len(set(names)) == len(names), "federation.stages", names, "stage names must be unique")
+            self.rounds = sum(s.rounds for s in self.stages)
         _check(self.aggregation in AGGREGATIONS, "federation.aggregation", self.aggregation,
                f"must be one of {AGGREGATIONS}")
         _check(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
@@ -304,6 +349,53 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     output_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A resolved curriculum stage: rounds ``first..last`` (1-based server rounds), defaults filled in."""
+
+    index: int
+    name: str
+    first_round: int
+    last_round: int
+    task: str
+    qtypes: tuple[str, ...]
+    trainable: tuple[str, ...]
+    lr: float
+    local_epochs: float
+    budget_end: float                 # share of each hospital's budget spent by the end of this stage
+
+
+def stages(cfg: ExperimentConfig) -> list[Stage]:
+    """The federation's stages in order (one ``main`` stage when ``federation.stages`` is empty)."""
+    fed = cfg.federation
+    lr = fed.lr if fed.lr is not None else cfg.train.lr
+    given = fed.stages or [StageConfig(name="main", rounds=fed.rounds, task=cfg.data.task, qtypes=list(cfg.data.qtypes),
+                                       trainable=list(cfg.train.trainable))]
+    out, first = [], 1
+    for i, s in enumerate(given):
+        last = first + s.rounds - 1
+        out.append(Stage(i, s.name, first, last, s.task, tuple(s.qtypes), tuple(s.trainable),
+                         s.lr if s.lr is not None else lr,
+                         s.local_epochs if s.local_epochs is not None else fed.local_epochs, last / fed.rounds))
+        first = last + 1
+    return out
+
+
+def stage_at(cfg: ExperimentConfig, server_round: int) -> Stage:
+    """The stage a server round belongs to (round 0, the starting point, belongs to the first;
+    rounds past the plan to the last)."""
+    plan = stages(cfg)
+    return next((s for s in plan if server_round <= s.last_round), plan[-1])
+
+
+def for_stage(cfg: ExperimentConfig, stage: Stage) -> ExperimentConfig:
+    """The config a stage trains with: its task, question types and trainable parts."""
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, task=stage.task, qtypes=list(stage.qtypes)),
+                   train=replace(cfg.train, trainable=list(stage.trainable)))
 
 
 def available_presets() -> list[str]:

@@ -97,3 +97,151 @@ def majority_answers(train_rows: Sequence[Mapping]) -> dict:
 def baseline_predictions(majority: Mapping, rows: Sequence[Mapping]) -> list[str]:
     return [majority["question"].get(normalize(r["question"]), majority["type"].get(r["answer_type"], ""))
             for r in rows]
+
+
+# ----------------------------------------------------------------------------- report generation
+# A hospital reports sufficient statistics, never texts: BLEU's n-gram matches and lengths
+# (sacrebleu), the sum of per-report ROUGE-L F-measures (Google's rouge-score) and per-finding
+# true/false positives/negatives from a labeler. Summed over hospitals they give the corpus BLEU-4,
+# the mean ROUGE-L and the micro finding-F1 of the whole federation's validation reports.
+NO_FINDING = "no finding"
+REPORT_KEYS = ("bleu4", "rouge_l", "finding_f1", "finding_precision", "finding_recall")
+_COUNT = r"(no|one|two|three|four|five|a|an|single|multiple|several|\d+)"
+
+
+def synthetic_labeler(text: str) -> set[str]:
+    """Rule-based finding labels for the synthetic reports (presence, side, count), the miniature of
+    a CheXbert-style labeler: ``nodule``, ``nodule:left``, ``nodule:count=2``, ``effusion``,
+    ``effusion:right``, ``cardiomegaly``; ``no finding`` when none. Negations ("no nodules",
+    "no pleural effusion") are not findings."""
+    t = " " + _PUNCT.sub(" ", text.lower()) + " "
+    labels: set[str] = set()
+    for m in re.finditer(rf"\b{_COUNT}?\s*(pulmonary\s+)?nodules?\b(\s+(in|within|of)\s+the\s+(left|right)\s+lung)?", t):
+        count, side = m.group(1), m.group(5)
+        if count == "no":
+            continue
+        labels.add("nodule")
+        if side:
+            labels.add(f"nodule:{side}")
+        number = {"a": "1", "an": "1", "single": "1"}.get(count or "", _NUMBERS.get(count or "", count or ""))
+        if number.isdigit():
+            labels.add(f"nodule:count={int(number)}")
+    for m in re.finditer(r"\b(no\s+|left\s+|right\s+)?(pleural\s+)?effusions?\b", t):
+        qualifier = (m.group(1) or "").strip()
+        if qualifier == "no":
+            continue
+        labels.add("effusion")
+        if qualifier:
+            labels.add(f"effusion:{qualifier}")
+    if re.search(r"\b(heart is enlarged|enlarged heart|cardiomegaly|heart is large)\b", t) and \
+            not re.search(r"\bno cardiomegaly\b|\bheart is not enlarged\b", t):
+        labels.add("cardiomegaly")
+    return labels or {NO_FINDING}
+
+
+def load_labeler(spec: str):
+    """``synthetic`` or ``package.module:function`` (text -> iterable of finding labels)."""
+    if spec == "synthetic":
+        return synthetic_labeler
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"data.labeler={spec!r}: cannot load it ({err}); give package.module:function of an "
+                         "importable labeler (text -> set of finding labels), or use synthetic") from None
+    if not callable(fn):
+        raise ValueError(f"data.labeler={spec!r} is not callable")
+    return fn
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9_:=. -]{1,40}$")
+
+
+def report_counts(predictions: Sequence[str], rows: Sequence[Mapping], labeler=synthetic_labeler) -> dict:
+    """Sufficient statistics for BLEU-4, ROUGE-L and finding-F1 (aggregate numbers only)."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    if len(predictions) != len(rows):
+        raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows")
+    refs = [r["answer"].strip().lower() for r in rows]
+    hyps = [p.strip().lower() for p in predictions]
+    c: dict = defaultdict(float)
+    if not rows:
+        return {}
+    bleu = BLEU().corpus_score(hyps, [refs])
+    for n in range(4):
+        c[f"bleu_correct_{n + 1}"] = float(bleu.counts[n])
+        c[f"bleu_total_{n + 1}"] = float(bleu.totals[n])
+    c["bleu_sys_len"], c["bleu_ref_len"] = float(bleu.sys_len), float(bleu.ref_len)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    c["rouge_l_sum"] = sum(scorer.score(ref, hyp)["rougeL"].fmeasure for ref, hyp in zip(refs, hyps))
+    c["report_total"] = float(len(rows))
+    for hyp, ref in zip(hyps, refs):
+        pred, gold = set(labeler(hyp)), set(labeler(ref))
+        for label in pred | gold:
+            if not _LABEL.match(label):
+                raise ValueError(f"finding label {label!r} from the labeler: use short plain labels "
+                                 "(letters, digits, _:=.- and spaces, at most 40 characters)")
+            kind = "tp" if label in pred and label in gold else ("fp" if label in pred else "fn")
+            c[f"finding/{label}_{kind}"] += 1
+    return dict(c)
+
+
+def report_scores(counts: Mapping[str, float]) -> dict:
+    """BLEU-4 (corpus, sacrebleu, 0-1), mean ROUGE-L F, micro finding precision/recall/F1, per-finding F1."""
+    from sacrebleu.metrics import BLEU
+
+    n = counts.get("report_total", 0.0)
+    if not n:
+        return {"bleu4": None, "rouge_l": None, "finding_f1": None, "finding_precision": None,
+                "finding_recall": None, "per_finding": {}, "report_total": 0}
+    bleu = BLEU.compute_bleu([int(counts.get(f"bleu_correct_{k}", 0)) for k in range(1, 5)],
+                             [int(counts.get(f"bleu_total_{k}", 0)) for k in range(1, 5)],
+                             int(counts.get("bleu_sys_len", 0)), int(counts.get("bleu_ref_len", 0)))
+    per: dict[str, dict[str, float]] = defaultdict(lambda: {"tp": 0.0, "fp": 0.0, "fn": 0.0})
+    for key, value in counts.items():
+        if key.startswith("finding/"):
+            label, _, kind = key[len("finding/"):].rpartition("_")
+            per[label][kind] += value
+    f1 = lambda tp, fp, fn: (2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else None  # noqa: E731
+    tp, fp, fn = (sum(p[k] for p in per.values()) for k in ("tp", "fp", "fn"))
+    return {"bleu4": bleu.score / 100.0, "rouge_l": counts.get("rouge_l_sum", 0.0) / n, "finding_f1": f1(tp, fp, fn),
+            "finding_precision": tp / (tp + fp) if tp + fp else None, "finding_recall": tp / (tp + fn) if tp + fn else None,
+            "per_finding": {label: f1(**p) for label, p in sorted(per.items())}, "report_total": int(n)}
+
+
+def majority_report(train_rows: Sequence[Mapping]) -> str:
+    """The most common training report (ties: alphabetical): the trivial report baseline."""
+    reports = Counter(r["answer"].strip().lower() for r in train_rows if r.get("answer_type") == "report")
+    return sorted(reports.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] if reports else ""
+
+
+# ----------------------------------------------------------------------------- per task
+def task_of(rows: Sequence[Mapping]) -> str:
+    return "report" if rows and all(r.get("answer_type") == "report" for r in rows) else "vqa"
+
+
+def counts_for(predictions: Sequence[str], rows: Sequence[Mapping], labeler=synthetic_labeler) -> dict:
+    """The aggregate counts a hospital may report for its rows' task (VQA or report)."""
+    if task_of(rows) == "report":
+        return report_counts(predictions, rows, labeler)
+    return vqa_counts(predictions, rows)
+
+
+def baseline_for(train_rows: Sequence[Mapping], rows: Sequence[Mapping]) -> list[str]:
+    """The trivial baseline's predictions: per-question majority (VQA), most common report (reports)."""
+    if task_of(rows) == "report":
+        return [majority_report(train_rows)] * len(rows)
+    return baseline_predictions(majority_answers(train_rows), rows)
+
+
+def scores(counts: Mapping[str, float]) -> dict:
+    """Accuracies (VQA counts) and/or report scores (report counts) from summed counts."""
+    out = accuracies(counts) if any(k.endswith(("_correct", "_total")) and not k.startswith("bleu_")
+                                    and k != "report_total" for k in counts) else {}
+    if "report_total" in counts:
+        out.update(report_scores(counts))
+    return out

@@ -29,21 +29,63 @@ def save_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
 
 
+BASE_FILE = "base.json"
+_LM_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def base_identity(model: MedVLM) -> dict:
+    """What an adapter needs of its frozen base models: their sources (informative) and the shapes
+    that must match (checked on load)."""
+    lm = model.language.get_base_model().config
+    return {"vision_source": model.cfg.vision.source, "language_source": model.cfg.language.source,
+            "vision_width": int(model.vision.width), "language": {k: getattr(lm, k, None) for k in _LM_KEYS}}
+
+
+def check_base(model: MedVLM, directory: Path) -> None:
+    """Refuse an adapter exported for another base model, naming what differs and what it needs."""
+    path = directory / BASE_FILE
+    if not path.is_file():
+        return   # exported before base.json existed: the tensor checks below still apply
+    want, have = json.loads(path.read_text()), base_identity(model)
+    diffs = [f"{k}: adapter {want['language'].get(k)!r}, this model {v!r}" for k, v in have["language"].items()
+             if want.get("language", {}).get(k) != v]
+    if want.get("vision_width") != have["vision_width"]:
+        diffs.append(f"vision width: adapter {want.get('vision_width')}, this model {have['vision_width']}")
+    if diffs:
+        raise ValueError(f"{directory}: this adapter was trained on vision {want.get('vision_source')!r} + language "
+                         f"{want.get('language_source')!r}, which is not the base model loaded here (vision "
+                         f"{have['vision_source']!r} + language {have['language_source']!r}): {'; '.join(diffs)}. "
+                         "Load it with the base models it was trained on (model.vision.source / model.language.source)")
+
+
 def export_trainable(model: MedVLM, directory: str | Path) -> Path:
-    """Write the adapter (PEFT format) and the fusion weights (safetensors)."""
+    """Write the adapter (PEFT format), the fusion weights (safetensors) and ``base.json`` (the base
+    models the adapter belongs to)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.language.save_pretrained(directory)
     save_fusion(model.trainable_state(), directory / "fusion.safetensors")
+    write_json(directory / BASE_FILE, base_identity(model))
     return directory
 
 
 def load_trainable(model: MedVLM, directory: str | Path) -> None:
     """Load an exported adapter + fusion into ``model`` (validated against its allow-list)."""
+    from medvlm.model.vlm import TrainableStateError
+
     directory = Path(directory)
     for name in ("adapter_model.safetensors", "fusion.safetensors"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name}: not an exported medvlm adapter directory")
+    check_base(model, directory)
+    try:
+        _load_checked(model, directory)
+    except TrainableStateError as err:
+        raise TrainableStateError(f"{directory}: the adapter does not fit this model ({err}); was it trained on "
+                                  "another base model, fusion or LoRA configuration?") from None
+
+
+def _load_checked(model: MedVLM, directory: Path) -> None:
     state = read_fusion(directory / "fusion.safetensors")
     adapter = load_file(str(directory / "adapter_model.safetensors"))
     by_suffix = {k.replace(".default.", "."): k for k in model.adapter_spec() if k.startswith("language.")}

@@ -32,10 +32,12 @@ TRAIN_METRICS = frozenset({
     "num-examples", "train-loss", "steps", "seconds", "epsilon", "delta", "noise-multiplier",
     "sample-rate", "total-steps", "budget", "max-grad-norm",
 })
-# ... after evaluating: counts only (``closed_correct``, ``qtype/<name>_total``, ...).
+# ... after evaluating: counts only (``closed_correct``, ``qtype/<name>_total``, ...; for reports
+# BLEU's n-gram matches and lengths, the sum of ROUGE-L scores, per-finding tp/fp/fn).
 EVAL_METRIC_PATTERN = re.compile(
     r"^(num-examples|seconds|"
-    r"(baseline/)?((closed|open)_(correct|total)|open_recall_sum|qtype/[A-Za-z0-9_.-]{1,40}_(correct|total)))$")
+    r"(baseline/)?((closed|open)_(correct|total)|open_recall_sum|qtype/[A-Za-z0-9_.-]{1,40}_(correct|total)|"
+    r"report_total|bleu_(correct|total)_[1-4]|bleu_(sys|ref)_len|rouge_l_sum|finding/[A-Za-z0-9_:=. -]{1,40}_(tp|fp|fn)))$")
 # A hospital's status line: a closed vocabulary plus its name and a human-readable reason.
 STATUSES = frozenset({"trained", "budget-exhausted", "evaluated"})
 STATUS_KEYS = frozenset({"hospital", "status", "reason", "accountant"})

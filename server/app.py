@@ -11,12 +11,13 @@ from typing import Mapping, Optional
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from medvlm.config import ExperimentConfig, from_run_config, to_dict
+from medvlm.config import ExperimentConfig, from_run_config, stage_at, stages, to_dict
 from medvlm.model.vlm import build_skeleton
 from medvlm.runs import new_run_dir, save_config
 from medvlm.wire import check_transport, from_wire, to_wire
 from server.checkpoint import Checkpoints
-from server.report import RoundLog, build_summary, eval_block, write_summary
+from server.model_card import write_model_card
+from server.report import REPORT_KEYS, RoundLog, build_summary, eval_block, write_summary
 from server.secagg import check_secure_aggregation, secure_train_round
 from server.strategy import CentralDP, RoundReport, make_strategy
 
@@ -32,15 +33,20 @@ def round_record(server_round: int, report: RoundReport, train: Optional[MetricR
     """One line of metrics.jsonl: aggregate figures only."""
     record: dict = {"round": server_round, "train_loss": float(train["train-loss"]) if train and "train-loss" in train
                     else None}
+    record.update(accuracy=None, baseline_accuracy=None)
     if evaluation is not None:
         ev = eval_block(dict(evaluation))
         model, base = ev["model"], ev["baseline"]
-        record.update({k: model[k] for k in ("accuracy", "closed_accuracy", "open_accuracy", "open_recall")})
-        record.update({f"baseline_{k}": base[k] for k in ("accuracy", "closed_accuracy", "open_accuracy")})
-        record.update(per_qtype=model["per_qtype"], baseline_per_qtype=base["per_qtype"],
-                      eval_questions={"closed": model["closed_total"], "open": model["open_total"]})
-    else:
-        record.update(accuracy=None, baseline_accuracy=None)
+        if "accuracy" in model:
+            record.update({k: model[k] for k in ("accuracy", "closed_accuracy", "open_accuracy", "open_recall")})
+            record.update({f"baseline_{k}": base.get(k) for k in ("accuracy", "closed_accuracy", "open_accuracy")})
+            record.update(per_qtype=model["per_qtype"], baseline_per_qtype=base.get("per_qtype"),
+                          eval_questions={"closed": model["closed_total"], "open": model["open_total"]})
+        if "bleu4" in model:
+            record.update({k: model[k] for k in REPORT_KEYS})
+            record.update({f"baseline_{k}": base.get(k) for k in REPORT_KEYS})
+            record.update(per_finding=model["per_finding"], baseline_per_finding=base.get("per_finding"),
+                          eval_reports=model["report_total"])
     record.update({
         "epsilon": {name: p["epsilon"] for name, p in privacy.items()},
         "budget": {name: p.get("budget") for name, p in privacy.items()},
@@ -52,12 +58,18 @@ def round_record(server_round: int, report: RoundReport, train: Optional[MetricR
     return record
 
 
-def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
-    """Keep each hospital's latest privacy report: enough to recompute its epsilon."""
+def update_privacy(privacy: dict, report: RoundReport, delta: float, stage: str = "main") -> dict:
+    """Keep each hospital's latest privacy report, and its mechanism per curriculum stage
+    (noise multiplier, sample rate, steps): enough to recompute its epsilon."""
     for name, h in report.hospitals.items():
         if "epsilon" not in h:
             continue
         previous = privacy.get(name, {})
+        mechanisms = {m["stage"]: dict(m) for m in previous.get("mechanisms", [])}
+        if "noise-multiplier" in h and "steps" in h:   # it trained (an update rejected later still spent)
+            m = mechanisms.setdefault(stage, {"stage": stage, "steps": 0})
+            m.update(noise_multiplier=h["noise-multiplier"], sample_rate=h.get("sample-rate"),
+                     steps=int(m["steps"] + h.get("steps", 0)))
         privacy[name] = {
             "epsilon": h["epsilon"], "delta": h.get("delta", delta), "budget": h.get("budget"),
             "noise_multiplier": h.get("noise-multiplier", previous.get("noise_multiplier")),
@@ -65,6 +77,7 @@ def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
             "steps": int(h.get("total-steps", previous.get("steps", 0))),
             "max_grad_norm": h.get("max-grad-norm", previous.get("max_grad_norm")),
             "accountant": h.get("accountant", previous.get("accountant")),
+            "mechanisms": list(mechanisms.values()),
         }
     return privacy
 
@@ -126,23 +139,38 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     arrays = _arrays(state)
     base_config = ConfigRecord({"run-dir": str(run_dir.resolve())})
     stopped = "completed" if first <= fed.rounds else "already complete"
+    def stage_config(server_round: int) -> ConfigRecord:
+        """The round's stage: its plan goes to the strategy, its name to every hospital (which checks it)."""
+        stage = stage_at(cfg, server_round)
+        strategy.lr, strategy.local_epochs = stage.lr, stage.local_epochs
+        return ConfigRecord({**dict(base_config), "stage": stage.name})
+
+    def tag(record: dict) -> dict:
+        stage = stage_at(cfg, record["round"])
+        return {"round": record["round"], "stage": stage.name, "task": stage.task, **record}
+
     if not records and fed.fraction_evaluate > 0:   # round 0: where the federation starts from
         t0 = time.perf_counter()
         strategy.report = RoundReport()
         evaluation = strategy.aggregate_evaluate(0, grid.send_and_receive(
-            strategy.configure_evaluate(0, arrays, ConfigRecord(dict(base_config)), grid), timeout=fed.timeout_s))
-        record = round_record(0, strategy.report, None, evaluation, privacy, time.perf_counter() - t0)
+            strategy.configure_evaluate(0, arrays, stage_config(0), grid), timeout=fed.timeout_s))
+        record = tag(round_record(0, strategy.report, None, evaluation, privacy, time.perf_counter() - t0))
         checkpoints.save(0, state, {"config": to_dict(cfg), "records": rounds.records + [record], "privacy": privacy})
         rounds.add(record)
     for server_round in range(first, fed.rounds + 1):
         t0 = time.perf_counter()
+        if server_round == stage_at(cfg, server_round).first_round and len(stages(cfg)) > 1:
+            stage = stage_at(cfg, server_round)
+            log.info("stage %s (%s, trains %s): rounds %d-%d", stage.name, stage.task, "+".join(stage.trainable),
+                     stage.first_round, stage.last_round)
+        round_config = stage_config(server_round)
         if fed.secure_aggregation == "secagg+":   # the coordinator sees only the mean update
             messages, replies = [], []
             new_arrays, train_metrics = secure_train_round(
-                grid, strategy, arrays, server_round=server_round, config=base_config, spec=spec,
+                grid, strategy, arrays, server_round=server_round, config=round_config, spec=spec,
                 clipping_range=fed.secagg_clipping_range, timeout=fed.timeout_s)
         else:
-            messages = list(aggregator.configure_train(server_round, arrays, ConfigRecord(dict(base_config)), grid))
+            messages = list(aggregator.configure_train(server_round, arrays, ConfigRecord(dict(round_config)), grid))
             replies = list(grid.send_and_receive(messages, timeout=fed.timeout_s))
             accepted = strategy.screen(server_round, replies)   # before anything (clipping) touches an update
             new_arrays, train_metrics = aggregator.aggregate_train(server_round, accepted)
@@ -157,10 +185,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         evaluation, t_train = None, time.perf_counter() - t0
         if fed.fraction_evaluate > 0:
             evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(base_config)), grid),
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
                 timeout=fed.timeout_s))
-        privacy = update_privacy(privacy, report, cfg.privacy.delta)
-        record = round_record(server_round, report, train_metrics, evaluation, privacy, time.perf_counter() - t0)
+        privacy = update_privacy(privacy, report, cfg.privacy.delta, stage=stage_at(cfg, server_round).name)
+        record = tag(round_record(server_round, report, train_metrics, evaluation, privacy,
+                                  time.perf_counter() - t0))
         record["train_seconds"] = t_train    # sample -> train -> validate -> aggregate (evaluation excluded)
         if fed.central_dp.enabled:
             record["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
@@ -179,7 +208,18 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         summary["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
     summary["run_dir"] = str(run_dir)
     write_summary(run_dir, summary)
+    write_model_card(run_dir, cfg, summary, trainable_parts=trainable_parts(skeleton))
     return summary
+
+
+def trainable_parts(model) -> dict:
+    """Tensors and parameters per trainable part (what the model card lists)."""
+    parts: dict = {}
+    for name, p in model.trainable_parameters().items():
+        part = parts.setdefault("fusion" if name.startswith("fusion.") else "lora", {"tensors": 0, "parameters": 0})
+        part["tensors"] += 1
+        part["parameters"] += p.numel()
+    return parts
 
 
 def resolve_run_dir(cfg: ExperimentConfig, run_config: Mapping) -> Path:

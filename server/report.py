@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from medvlm.metrics import accuracies
+from medvlm.metrics import REPORT_KEYS, scores
 from medvlm.runs import write_json
 
 log = logging.getLogger("medvlm.server")
@@ -20,15 +20,23 @@ def pct(value: Optional[float]) -> str:
 
 
 def eval_block(counts: dict) -> dict:
-    """Model and baseline accuracies from summed counts (``baseline/`` keys are the baseline's)."""
+    """Model and baseline scores from summed counts (``baseline/`` keys are the baseline's):
+    accuracies for VQA counts, BLEU-4 / ROUGE-L / finding-F1 for report counts."""
     model = {k: v for k, v in counts.items() if not k.startswith("baseline/")}
     base = {k[len("baseline/"):]: v for k, v in counts.items() if k.startswith("baseline/")}
-    return {"model": accuracies(model), "baseline": accuracies(base)}
+    return {"model": scores(model), "baseline": scores(base)}
+
+
+def headline(r: dict) -> tuple[str, Optional[float], Optional[float]]:
+    """(metric name, model, baseline) a round is summarised by: accuracy (VQA) or finding-F1 (reports)."""
+    if r.get("accuracy") is None and r.get("finding_f1") is not None:
+        return "finding-F1", r["finding_f1"], r.get("baseline_finding_f1")
+    return "accuracy", r.get("accuracy"), r.get("baseline_accuracy")
 
 
 class RoundLog:
-    HEADER = f"{'round':>5} {'accuracy':>9} {'baseline':>9} {'loss':>7} {'max eps':>8} {'trained':>8} " \
-             f"{'rejected':>8} {'KB up':>8} {'sec':>6}"
+    HEADER = f"{'round':>5} {'stage':>10} {'metric':>10} {'model':>7} {'baseline':>9} {'loss':>7} {'max eps':>8} " \
+             f"{'trained':>8} {'rejected':>8} {'KB up':>8} {'sec':>6}"
 
     def __init__(self, run_dir: Path, records: Optional[list[dict]] = None):
         self.run_dir = run_dir
@@ -58,7 +66,8 @@ class RoundLog:
         eps = [v for v in r["epsilon"].values() if v is not None]
         trained = sum(1 for h in r["hospitals"].values() if h.get("status") == "trained")
         loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
-        print(f"{r['round']:>5} {pct(r['accuracy']):>9} {pct(r['baseline_accuracy']):>9} {loss:>7} "
+        metric, model, base = headline(r)
+        print(f"{r['round']:>5} {str(r.get('stage', '-'))[:10]:>10} {metric:>10} {pct(model):>7} {pct(base):>9} {loss:>7} "
               f"{(max(eps) if eps else 0):>8.2f} {trained:>8} {len(r['rejected']):>8} "
               f"{r['bytes_up'] / 1024:>8.0f} {r['seconds']:>6.1f}", flush=True)
 
@@ -69,7 +78,9 @@ class RoundLog:
         import matplotlib.pyplot as plt
 
         rounds = [r["round"] for r in self.records]
-        fig, (ax_acc, ax_loss, ax_eps) = plt.subplots(1, 3, figsize=(15, 4.2))
+        reports = any(r.get("bleu4") is not None for r in self.records)
+        fig, axes = plt.subplots(1, 4 if reports else 3, figsize=(20 if reports else 15, 4.2))
+        ax_acc, ax_loss, ax_eps = axes[:3]
         for key, label, style in (("accuracy", "global model", "o-"), ("closed_accuracy", "closed", "s--"),
                                   ("open_accuracy", "open", "^--"),
                                   ("baseline_accuracy", "per-question majority", "k:")):
@@ -91,9 +102,26 @@ class RoundLog:
         ax_eps.set_ylim(bottom=0)
         if names:
             ax_eps.legend(fontsize=8)
-        for ax in (ax_acc, ax_loss, ax_eps):
+        if reports:
+            ax_rep = axes[3]
+            for (key, label), colour in zip((("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("finding_f1", "finding-F1")),
+                                            ("tab:blue", "tab:orange", "tab:green")):
+                ys = [r.get(key) for r in self.records]
+                base = [r.get(f"baseline_{key}") for r in self.records]
+                ax_rep.plot(rounds, [float("nan") if y is None else 100 * y for y in ys], "o-", color=colour, label=label)
+                ax_rep.plot(rounds, [float("nan") if y is None else 100 * y for y in base], ":", color=colour,
+                            label=f"{label}, most common report")
+            ax_rep.set(title="report generation (validation)", xlabel="round", ylabel="score (%)")
+            ax_rep.legend(fontsize=7)
+        stage_starts = [(r["round"], r["stage"]) for i, r in enumerate(self.records)
+                        if r.get("stage") and (i == 0 or r["stage"] != self.records[i - 1].get("stage"))]
+        for ax in axes:
             ax.grid(alpha=0.3)
             ax.set_xticks(rounds)
+            if len(stage_starts) > 1:   # a curriculum: mark where each stage starts
+                for start, name in stage_starts[1:]:
+                    ax.axvline(start - 0.5, color="grey", linestyle="--", linewidth=1)
+                    ax.text(start - 0.45, 0.98, name, transform=ax.get_xaxis_transform(), fontsize=7, va="top")
         fig.tight_layout()
         path = self.run_dir / "plots.png"
         fig.savefig(path, dpi=110)
@@ -104,7 +132,7 @@ class RoundLog:
 def build_summary(records: list[dict], privacy: dict, *, trainable: int, dp: bool, wall_seconds: float,
                   stopped: str) -> dict:
     """``summary.json``: the core's keys for the last evaluated round, plus the federation's."""
-    evaluated = [r for r in records if r.get("accuracy") is not None]
+    evaluated = [r for r in records if r.get("accuracy") is not None or r.get("finding_f1") is not None]
     last = evaluated[-1] if evaluated else (records[-1] if records else {})
     sent = [h["bytes_up"] for r in records for h in r["hospitals"].values() if h.get("bytes_up")]
     epsilon = {name: p["epsilon"] for name, p in privacy.items()}
@@ -127,7 +155,27 @@ def build_summary(records: list[dict], privacy: dict, *, trainable: int, dp: boo
         "rejected_updates": sum(len(r["rejected"]) for r in records),
         "failed_replies": sum(len(r["failed"]) for r in records),
         "stopped": stopped, "wall_seconds": wall_seconds,
+        "task": last.get("task", "vqa"), "stage": last.get("stage"),
+        **{k: last.get(k) for k in REPORT_KEYS}, **{f"baseline_{k}": last.get(f"baseline_{k}") for k in REPORT_KEYS},
+        "per_finding": last.get("per_finding"), "baseline_per_finding": last.get("baseline_per_finding"),
+        "eval_reports": last.get("eval_reports"),
+        "stages": stage_results(records),
     }
+
+
+def stage_results(records: list[dict]) -> list[dict]:
+    """Each curriculum stage's rounds and its last evaluated figures (one entry without stages)."""
+    out: dict[str, dict] = {}
+    keys = ("accuracy", "baseline_accuracy", "closed_accuracy", "open_accuracy") + REPORT_KEYS + \
+        tuple(f"baseline_{k}" for k in REPORT_KEYS)
+    for r in records:
+        if r["round"] == 0 or not r.get("stage"):
+            continue
+        entry = out.setdefault(r["stage"], {"stage": r["stage"], "task": r.get("task"), "rounds": []})
+        entry["rounds"].append(r["round"])
+        if r.get("accuracy") is not None or r.get("finding_f1") is not None:
+            entry.update({k: r.get(k) for k in keys if r.get(k) is not None}, evaluated_round=r["round"])
+    return list(out.values())
 
 
 def write_summary(run_dir: Path, summary: dict) -> Path:

@@ -45,13 +45,13 @@ def test_load_refuses_bad_tensors(tiny_model, mutate, message):
 
 
 def test_forward_shapes_and_generate(tiny_model, tiny_splits):
-    from medvlm.data.dataset import VQADataset, encode_pair
+    from medvlm.data.dataset import VQADataset, encode_pair, prompt_text
 
     ds = VQADataset(tiny_splits["train"], tiny_model.tokenizer, tiny_model.cfg.max_text_len)
     pixels, ids, mask, labels = (t.unsqueeze(0) for t in ds[0])
     logits, targets = tiny_model(pixels, ids, mask, labels)
     assert logits.shape[:2] == targets.shape == (1, tiny_model.cfg.max_text_len - 1)
-    prompt, _ = encode_pair(tiny_model.tokenizer, "is the heart enlarged?", None, 32)
+    prompt, _ = encode_pair(tiny_model.tokenizer, prompt_text("is the heart enlarged?"), None, 32)
     out = tiny_model.generate(pixels.repeat(2, 1, 1, 1), torch.tensor([prompt, prompt]), max_new_tokens=3)
     assert len(out) == 2 and all(isinstance(a, str) for a in out)
 

@@ -1,9 +1,14 @@
-"""Tokenised VQA datasets with fixed-length text (DP-SGD wants fixed shapes per example).
+"""Tokenised image-text datasets with fixed-length text (DP-SGD wants fixed shapes per example).
 
-Every example is ``(pixels, input_ids, attention_mask, labels)``: the prompt
-``question: <q> answer:`` followed by `` <answer></s>``, right-padded to ``max_text_len``;
-labels are ``-100`` everywhere except the answer tokens. Images go through the vision
-encoder's own ``preprocess`` once, when the dataset is built.
+Two tasks share one row form (``image_index, question, answer, answer_type, qtype``):
+
+* ``vqa``: the prompt ``question: <q> answer:`` followed by `` <answer></s>``;
+* ``report``: one row per image, ``answer_type="report"``, the prompt ``findings:`` followed by
+  the findings report (the answer) and ``</s>``.
+
+Every example is ``(pixels, input_ids, attention_mask, labels)``, right-padded to
+``max_text_len``; labels are ``-100`` everywhere except the answer tokens. Images go through the
+vision encoder's own ``preprocess`` once, when the dataset is built.
 """
 
 from __future__ import annotations
@@ -23,17 +28,35 @@ from medvlm.data.synthetic import SyntheticSet, generate_hospital, split_images
 from medvlm.model.vlm import IGNORE_INDEX
 
 
+TASKS = ("vqa", "report")
+REPORT_PROMPT = "findings:"
+REPORT_QUESTION = "write the findings report."   # what a report row's "question" says (logs, manifests)
+MIN_PROMPT_TOKENS = 4                             # a long answer (a report) leaves this much for the prompt
+
+
 def prompt_text(question: str) -> str:
     return f"question: {question.strip().lower()} answer:"
 
 
-def encode_pair(tokenizer, question: str, answer: str | None, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt (+ answer + eos) and the labels; truncates the question, never the answer end."""
-    prompt = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+def row_prompt(row: dict) -> str:
+    """The prompt text of a row: the report prompt for report rows, the question otherwise."""
+    return REPORT_PROMPT if row.get("answer_type") == "report" else prompt_text(row["question"])
+
+
+def report_row(image_index: int, report: str, **extra) -> dict:
+    """One report-generation row (the report is the answer)."""
+    return {**extra, "image_index": image_index, "question": REPORT_QUESTION, "answer": report.strip(),
+            "answer_type": "report", "qtype": "report"}
+
+
+def encode_pair(tokenizer, prompt: str, answer: str | None, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` (a :func:`row_prompt`) + answer + eos, and the labels; truncates the
+    prompt from the left and the answer's end, never the eos."""
+    prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if answer is None:
         return prompt[-max_len:], [IGNORE_INDEX] * min(len(prompt), max_len)
-    target = tokenizer(" " + answer.strip().lower(), add_special_tokens=False)["input_ids"][: max_len // 2]
-    target = target + [tokenizer.eos_token_id]
+    target = tokenizer(" " + answer.strip().lower(), add_special_tokens=False)["input_ids"]
+    target = target[: max_len - MIN_PROMPT_TOKENS - 1] + [tokenizer.eos_token_id]
     prompt = prompt[-(max_len - len(target)):]
     return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 
@@ -61,7 +84,7 @@ class VQADataset(Dataset):
         self.labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.long)
         self.image_index = torch.tensor([r["image_index"] for r in data.rows], dtype=torch.long)
         for i, r in enumerate(data.rows):
-            ids, labels = encode_pair(tokenizer, r["question"], r["answer"], max_len)
+            ids, labels = encode_pair(tokenizer, row_prompt(r), r["answer"], max_len)
             self.input_ids[i, : len(ids)] = torch.tensor(ids)
             self.attention_mask[i, : len(ids)] = 1
             self.labels[i, : len(labels)] = torch.tensor(labels)
@@ -83,8 +106,27 @@ def preprocess_images(images: Sequence, preprocess: Callable) -> torch.Tensor:
     return torch.stack(out) if out else torch.empty(0)
 
 
-def from_synthetic(ds: SyntheticSet, preprocess: Callable) -> VQARows:
-    return VQARows(preprocess_images(ds.images, preprocess), [dict(r) for r in ds.rows])
+def task_rows(rows: Sequence[dict], task: str = "vqa", qtypes: Sequence[str] = ()) -> list[dict]:
+    """The rows one task trains on, from rows that may mix questions and reports (keyed by ``image``
+    or ``image_index``): ``vqa`` keeps the question rows (only ``qtypes`` when given); ``report``
+    makes one report row per image from report rows, or from the ``report`` a question row carries."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: use one of {list(TASKS)}")
+    if task == "vqa":
+        out = [dict(r) for r in rows if "question" in r and r.get("answer_type") != "report"]
+        return [r for r in out if r.get("qtype", "all") in qtypes] if qtypes else out
+    reports: dict = {}
+    for r in rows:
+        key = r.get("image", r.get("image_index"))
+        text = r.get("report") if r.get("answer_type") != "report" else r["answer"]
+        if key not in reports and isinstance(text, str) and text.strip():
+            keep = {k: v for k, v in r.items() if k in ("image", "modality", "split", "where")}
+            reports[key] = report_row(r.get("image_index", -1), text, **keep)
+    return list(reports.values())
+
+
+def from_synthetic(ds: SyntheticSet, preprocess: Callable, *, task: str = "vqa", qtypes: Sequence[str] = ()) -> VQARows:
+    return VQARows(preprocess_images(ds.images, preprocess), task_rows(ds.rows, task, qtypes))
 
 
 class EncodeFiles(Protocol):
@@ -106,10 +148,14 @@ def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] 
     cfg = cfg or DataConfig(source=str(path))
     manifest = read_manifest(path, fmt=cfg.format, on_bad_row=cfg.on_bad_row, dicom=cfg.dicom, language=cfg.language,
                              known_good=encode_files.cached if encode_files else None)
-    vqa = manifest.vqa_rows
+    vqa = task_rows(manifest.rows, cfg.task, cfg.qtypes)
+    if not vqa and cfg.task == "vqa":
+        raise ValueError(f"{path}: {len(manifest.report_rows)} report row(s) and no question/answer rows"
+                         f"{' of qtype ' + str(list(cfg.qtypes)) if cfg.qtypes else ''}; the VQA task needs rows "
+                         "with question, answer and answer_type (or set data.task=report)")
     if not vqa:
-        raise ValueError(f"{path}: {len(manifest.report_rows)} report row(s) and no question/answer rows; "
-                         "the VQA task needs rows with question, answer and answer_type")
+        raise ValueError(f"{path}: no image has a report; the report task needs report rows (image, report) or "
+                         "question rows that carry a 'report' field (or set data.task=vqa)")
     paths = list(dict.fromkeys(r["image"] for r in vqa))
     index = {p: i for i, p in enumerate(paths)}
 
@@ -142,7 +188,8 @@ def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[st
         return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
     merged: dict[str, list[VQARows]] = {"train": [], "val": [], "test": []}
     for name in hospitals or cfg.hospitals:
-        data = from_synthetic(generate_hospital(name, cfg.images_per_hospital, seed=cfg.seed), preprocess)
+        data = from_synthetic(generate_hospital(name, cfg.images_per_hospital, seed=cfg.seed), preprocess,
+                              task=cfg.task, qtypes=cfg.qtypes)
         for split, part in split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                                       seed=cfg.seed).items():
             merged[split].append(part)

@@ -1,0 +1,110 @@
+"""Using a trained adapter: answer questions about, or write the findings report of, images
+(PNG / JPEG / DICOM) with a run's exported ``global/`` adapter on its frozen base models.
+
+    predictor = Predictor.from_run("runs/my-federation")
+    predictor.answer(["scan.dcm"], ["is there a pleural effusion?"])
+    predictor.report(["scan.dcm"])
+
+Runs on the hospital's own machine: images are read with the same loader (and DICOM settings)
+the run trained with, and nothing leaves the process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from medvlm.config import ExperimentConfig, load_config
+from medvlm.data.dataset import VQARows, report_row
+from medvlm.data.images import load_image
+from medvlm.evaluate import predict
+from medvlm.model.vlm import MedVLM, build_medvlm
+from medvlm.runs import load_trainable
+from medvlm.train import resolve_device
+
+
+@dataclass
+class Predictor:
+    model: MedVLM
+    cfg: ExperimentConfig
+    adapter: Path
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, adapter: Optional[str | Path] = None, device: str = "auto",
+                 overrides: Sequence[str] = ()) -> "Predictor":
+        """The run's base models (its ``config.yaml``, plus ``overrides``) with its exported adapter
+        (``<run>/global``, or ``adapter``) loaded; an adapter for other base models is refused."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} has no config.yaml: not a medvlm-fl run folder (give the folder "
+                                    "`medvlm-fl simulate` or `train-local` wrote)")
+        cfg = load_config(str(run_dir / "config.yaml"), list(overrides))
+        # the adapter replaces the run's starting point: do not build (or require) model.init
+        cfg = replace(cfg, model=replace(cfg.model, init="random", fusion=replace(cfg.model.fusion, init="random")))
+        path = Path(adapter) if adapter else run_dir / "global"
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} not found: the run has not finished a round yet, or pass --adapter DIR")
+        model = build_medvlm(cfg.model, seed=cfg.federation.seed).to(resolve_device(device))
+        load_trainable(model, path)
+        model.eval()
+        return cls(model, cfg, path)
+
+    def _pixels(self, images: Sequence[str | Path]) -> torch.Tensor:
+        out = []
+        for path in images:
+            out.append(self.model.vision.preprocess(load_image(str(path), self.cfg.data.dicom)))
+        return torch.stack(out)
+
+    def _run(self, images: Sequence[str | Path], rows: list[dict]) -> list[str]:
+        return predict(self.model, VQARows(self._pixels(images), rows),
+                       max_new_tokens=self.cfg.train.eval_max_new_tokens)
+
+    def answer(self, images: Sequence[str | Path], questions: Sequence[str]) -> list[str]:
+        """One answer per (image, question) pair."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} image(s) for {len(questions)} question(s): give one question per image")
+        rows = [{"image_index": i, "question": q, "answer": "", "answer_type": "open"} for i, q in enumerate(questions)]
+        return self._run(images, rows)
+
+    def report(self, images: Sequence[str | Path]) -> list[str]:
+        """The findings report of each image."""
+        return self._run(images, [report_row(i, "") for i in range(len(images))])
+
+
+def manifest_requests(path: str | Path, task: str, cfg: ExperimentConfig) -> list[dict]:
+    """The rows of a data folder (any supported format) to predict: ``image`` plus the question
+    (answer) and the reference answer or report when the folder has one."""
+    from medvlm.data.dataset import task_rows
+    from medvlm.data.manifest import read_manifest
+
+    manifest = read_manifest(path, fmt=cfg.data.format, on_bad_row="skip", dicom=cfg.data.dicom,
+                             language=cfg.data.language)
+    rows = task_rows(manifest.rows, "vqa" if task == "answer" else "report")
+    if not rows:
+        raise ValueError(f"{path}: no {'question' if task == 'answer' else 'report'} rows to predict")
+    return rows
+
+
+def write_predictions(rows: list[dict], out: str | Path) -> Path:
+    """Predictions as JSONL (``.jsonl``) or CSV (``.csv``), written atomically."""
+    out = Path(out)
+    if out.suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"--out {out}: use a .jsonl or .csv file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        if out.suffix == ".jsonl":
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        else:
+            fields = list(dict.fromkeys(k for row in rows for k in row))
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    tmp.replace(out)
+    return out

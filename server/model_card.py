@@ -1,0 +1,129 @@
+"""The model card a run's exported adapter carries: ``<run>/global/README.md``.
+
+Written from the run's config and ``summary.json`` when a federation ends (and again when it is
+resumed and ends), so the folder a coordinator hands to hospitals says what it is: the base
+models it needs, what was trained and how big it is, who trained it and how, each hospital's
+privacy guarantee, what it scored next to the trivial baseline, and what it must not be used for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from medvlm.config import ExperimentConfig, stages
+
+INTENDED_USE = """\
+Research on federated, differentially private adaptation of medical vision-language models:
+answering questions about, or drafting findings reports for, images like the ones the hospitals
+trained on. Every output is a draft for a qualified clinician to check."""
+
+LIMITATIONS = """\
+- Not a medical device and not validated for clinical use: do not use its answers or reports to
+  diagnose, triage or treat anyone.
+- Trained and evaluated only on the hospitals' own data (listed above); the figures are validation
+  figures on the same hospitals, not on an external population. Expect worse results on other
+  scanners, protocols, populations and languages.
+- BLEU-4 and ROUGE-L measure word overlap, not clinical correctness; finding-F1 depends on the
+  labeler named above and only covers the findings it knows.
+- Differential privacy bounds what the released weights reveal about any one training example
+  (per hospital, at the epsilon and delta stated); it does not make the model's outputs correct,
+  and it does not cover the hospitals' validation counts, which are released without noise.
+- The adapter only works on the exact base models named above (checked when loaded)."""
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _score_rows(summary: dict) -> list[str]:
+    rows = []
+    for key, label in (("final_accuracy", "accuracy"), ("closed_accuracy", "closed accuracy"),
+                       ("open_accuracy", "open accuracy (exact)")):
+        if summary.get(key) is not None:
+            base = summary.get("baseline_" + key.removeprefix("final_"))
+            rows.append(f"| {label} | {_pct(summary[key])} | {_pct(base)} (per-question majority) |")
+    for key, label in (("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("finding_f1", "finding-F1")):
+        if summary.get(key) is not None:
+            rows.append(f"| {label} | {_pct(summary[key])} | {_pct(summary.get('baseline_' + key))} "
+                        "(most common training report) |")
+    return rows
+
+
+def model_card(cfg: ExperimentConfig, summary: dict, *, trainable_parts: dict) -> str:
+    m, fed, p = cfg.model, cfg.federation, cfg.privacy
+    total = sum(part["parameters"] for part in trainable_parts.values())
+    lines = [
+        "# medvlm-fl adapter: federated, differentially private fine-tune", "",
+        "LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`, loadable with "
+        "`peft.PeftModel.from_pretrained`) and query-transformer fusion weights (`fusion.safetensors`) "
+        "for a frozen-encoder medical vision-language model. Use it with `medvlm-fl answer` / `medvlm-fl report "
+        "--run <run folder>`.", "",
+        "## Base models (frozen, not included)", "",
+        f"- vision encoder: `{m.vision.source}` (open_clip; patch tokens)",
+        f"- language model: `{m.language.source}` ({m.language.dtype})",
+        f"- adapter start: `{m.init}`", "",
+        "## Trainable parts", "",
+        "| part | tensors | parameters |", "| --- | ---: | ---: |",
+    ]
+    for name, part in sorted(trainable_parts.items()):
+        lines.append(f"| {name} | {part['tensors']} | {part['parameters']:,} |")
+    lines += [f"| **total** | | **{total:,}** |", "",
+              f"Fusion: {m.fusion.kind}, {m.fusion.num_queries} queries, width {m.fusion.dim}, {m.fusion.layers} "
+              f"layer(s). LoRA: rank {m.lora.r}, alpha {m.lora.alpha} on {', '.join(m.lora.target_modules)}"
+              f"{' (FFA-LoRA: A frozen, only B trained)' if m.lora.ffa else ''}.", "",
+              "## Federation", "",
+              f"- hospitals: {', '.join(summary.get('hospitals') or []) or '-'}",
+              f"- rounds: {summary.get('rounds')} ({summary.get('stopped')})",
+              f"- aggregation: {fed.aggregation}, transport {fed.transport}, secure aggregation "
+              f"{fed.secure_aggregation}, central DP {'on' if fed.central_dp.enabled else 'off'}",
+              f"- data: {cfg.data.source}" + (f" ({cfg.data.format})" if cfg.data.source != "synthetic" else ""), ""]
+    plan = stages(cfg)
+    lines += ["| stage | rounds | task | trains | lr | local epochs |", "| --- | --- | --- | --- | ---: | ---: |"]
+    for s in plan:
+        task = s.task + (f" ({', '.join(s.qtypes)})" if s.qtypes else "")
+        lines.append(f"| {s.name} | {s.first_round}-{s.last_round} | {task} | {' + '.join(s.trainable)} | {s.lr:g} "
+                     f"| {s.local_epochs:g} |")
+    lines += ["", "## Privacy", ""]
+    if not p.enabled:
+        lines.append("Trained **without** differential privacy: the weights may reveal training examples.")
+    else:
+        lines += [f"Example-level DP-SGD (Opacus) at every hospital, clipping norm {p.max_grad_norm:g}, "
+                  f"Poisson sampling, {p.accountant.upper()} accountant; each hospital's own ledger refuses rounds "
+                  "past its budget.", "",
+                  "| hospital | epsilon | delta | budget | mechanism (noise multiplier, sample rate, steps) |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for name, h in sorted((summary.get("privacy") or {}).items()):
+            mech = "; ".join(f"{x['stage']}: {x['noise_multiplier']:.3f}, {x['sample_rate']:.4f}, {x['steps']}"
+                             for x in h.get("mechanisms") or []) or \
+                f"{h.get('noise_multiplier')}, {h.get('sample_rate')}, {h.get('steps')}"
+            lines.append(f"| {name} | {h['epsilon']:.2f} | {h['delta']:g} | {h.get('budget')} | {mech} |")
+    if summary.get("central_dp"):
+        c = summary["central_dp"]
+        lines += ["", f"Hospital-level central DP on top: noise multiplier {c['noise_multiplier']:g}, clipping "
+                      f"{c['clipping_norm']:g}, {c['releases']} releases, epsilon {c['epsilon']} at delta {c['delta']:g}."]
+    lines += ["", f"## Evaluation (round {summary.get('evaluated_round')}, hospitals' validation splits, summed)", "",
+              "| metric | this adapter | trivial baseline |", "| --- | ---: | ---: |", *_score_rows(summary)]
+    if summary.get("finding_f1") is not None:
+        lines += ["", f"Finding labels from the `{cfg.data.labeler}` labeler (presence, side, count)."]
+    if len(plan) > 1:
+        lines += ["", "Per stage (last evaluated round of each):", ""]
+        for s in summary.get("stages") or []:
+            figures = ", ".join(f"{label} {_pct(s[k])}" for k, label in (
+                ("accuracy", "accuracy"), ("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("finding_f1", "finding-F1"))
+                if s.get(k) is not None)
+            lines.append(f"- {s['stage']} ({s['task']}, rounds {s['rounds'][0]}-{s['rounds'][-1]}): {figures or '-'}")
+    lines += ["", "## Intended use", "", INTENDED_USE, "", "## Limitations", "", LIMITATIONS, ""]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir: Path, cfg: ExperimentConfig, summary: dict, *, trainable_parts: dict) -> Optional[Path]:
+    """``<run>/global/README.md`` (atomically); None when the run has no exported adapter yet."""
+    target = Path(run_dir) / "global"
+    if not target.is_dir():
+        return None
+    path = target / "README.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(model_card(cfg, summary, trainable_parts=trainable_parts))
+    tmp.replace(path)
+    return path
