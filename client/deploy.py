@@ -52,7 +52,8 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
                       data_format: str = "auto",
                       ca: Optional[str | Path], key: Optional[str | Path], port: int,
                       device: Optional[str] = None, epsilon: Optional[float] = None,
-                      delta: Optional[float] = None, insecure: bool = False) -> list[str]:
+                      delta: Optional[float] = None, insecure: bool = False,
+                      stage_data: Optional[dict[str, str]] = None) -> list[str]:
     cmd = ["flower-supernode", "--superlink", superlink]
     if insecure:
         if ca or key:
@@ -71,10 +72,15 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
                 str(Path(key).resolve())]
     rows = check_site(data_path=data_path, state_dir=state_dir, data_format=data_format)
     log.info("hospital %s: %d data rows in %s; ledger in %s", hospital, rows, data_path, state_dir)
+    for stage, path in (stage_data or {}).items():   # another folder for one curriculum stage
+        rows = check_site(data_path=path, state_dir=state_dir, data_format=data_format)
+        log.info("hospital %s, stage %s: %d data rows in %s", hospital, stage, rows, path)
     node_config = node_config_string({"hospital": hospital, "data-path": str(Path(data_path).resolve()),
                                       "data-format": None if data_format == "auto" else data_format,
                                       "state-dir": str(Path(state_dir).resolve()), "device": device,
-                                      "epsilon": epsilon, "delta": delta})
+                                      "epsilon": epsilon, "delta": delta,
+                                      **{f"data-path-{stage}": str(Path(path).resolve())
+                                         for stage, path in (stage_data or {}).items()}})
     return cmd + ["--node-config", node_config, "--port", str(port)]
 
 

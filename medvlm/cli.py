@@ -198,11 +198,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_command(args: argparse.Namespace, task: str, out=sys.stdout) -> int:
+def predict_command(args: argparse.Namespace, task: str, out=None) -> int:
     """``answer`` / ``report``: one image (or several) on the command line, or every row of a data
     folder (``--manifest``) with the predictions written to ``--out`` (JSONL or CSV)."""
     from medvlm.infer import Predictor, manifest_requests, write_predictions
 
+    out = out or sys.stdout
     questions = getattr(args, "question", None) or []
     if bool(args.image) == bool(args.manifest):
         raise ValueError("give --image PATH (repeatable) or --manifest DATA_FOLDER, not both")

@@ -79,16 +79,24 @@ class RoundLog:
 
         rounds = [r["round"] for r in self.records]
         reports = any(r.get("bleu4") is not None for r in self.records)
-        fig, axes = plt.subplots(1, 4 if reports else 3, figsize=(20 if reports else 15, 4.2))
-        ax_acc, ax_loss, ax_eps = axes[:3]
+        answers = any(r.get("accuracy") is not None for r in self.records) or not reports
+        panels = int(answers) + int(reports) + 2      # a report-only run has no accuracy panel, and so on
+        fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
+        axes = list(axes)
+        ax_acc = axes.pop(0) if answers else None
+        ax_rep = axes.pop(0) if reports else None
+        ax_loss, ax_eps = axes
+        axes = [ax for ax in (ax_acc, ax_rep, ax_loss, ax_eps) if ax is not None]
         for key, label, style in (("accuracy", "global model", "o-"), ("closed_accuracy", "closed", "s--"),
                                   ("open_accuracy", "open", "^--"),
                                   ("baseline_accuracy", "per-question majority", "k:")):
             ys = [r.get(key) for r in self.records]
-            if any(y is not None for y in ys):
+            if ax_acc is not None and any(y is not None for y in ys):
                 ax_acc.plot(rounds, [float("nan") if y is None else 100 * y for y in ys], style, label=label)
-        ax_acc.set(title="federated validation accuracy", xlabel="round", ylabel="accuracy (%)")
-        ax_acc.legend(fontsize=8)
+        if ax_acc is not None:
+            ax_acc.set(title="federated validation accuracy", xlabel="round", ylabel="accuracy (%)")
+            if ax_acc.get_legend_handles_labels()[0]:
+                ax_acc.legend(fontsize=8)
         ax_loss.plot(rounds, [float("nan") if r["train_loss"] is None else r["train_loss"] for r in self.records], "o-")
         ax_loss.set(title="mean local training loss", xlabel="round", ylabel="loss")
         names = sorted({h for r in self.records for h in r["epsilon"]})
@@ -102,8 +110,7 @@ class RoundLog:
         ax_eps.set_ylim(bottom=0)
         if names:
             ax_eps.legend(fontsize=8)
-        if reports:
-            ax_rep = axes[3]
+        if ax_rep is not None:
             for (key, label), colour in zip((("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("finding_f1", "finding-F1")),
                                             ("tab:blue", "tab:orange", "tab:green")):
                 ys = [r.get(key) for r in self.records]

@@ -95,10 +95,16 @@ def _superlink(args: argparse.Namespace) -> int:
 def _supernode(args: argparse.Namespace) -> int:
     from client.deploy import supernode_command
 
+    stage_data = {}
+    for item in args.stage_data or []:
+        stage, sep, path = item.partition("=")
+        if not sep or not stage or not path:
+            raise ValueError(f"--stage-data {item!r}: use STAGE=PATH, e.g. align=/data/reports")
+        stage_data[stage] = path
     return _exec(supernode_command(superlink=args.superlink, hospital=args.hospital, data_path=args.data_path,
                                    data_format=args.data_format, state_dir=args.state_dir, ca=args.ca, key=args.key, port=args.port,
                                    device=args.device, epsilon=args.epsilon, delta=args.delta,
-                                   insecure=args.insecure), args.dry_run)
+                                   insecure=args.insecure, stage_data=stage_data), args.dry_run)
 
 
 def _add_federation_commands(sub) -> None:
@@ -143,6 +149,8 @@ def _add_federation_commands(sub) -> None:
     p.add_argument("--data-format", default="auto", choices=list(DATA_FORMATS),
                    help="the data folder's format (default: recognised from its files)")
     p.add_argument("--state-dir", required=True, help="folder for the privacy ledger; must survive restarts")
+    p.add_argument("--stage-data", action="append", metavar="STAGE=PATH",
+                   help="another data folder for one curriculum stage (federation.stages), e.g. align=/data/reports")
     p.add_argument("--device", help="e.g. cuda:0 (default: the run config's train.device)")
     p.add_argument("--epsilon", type=float, help="this hospital's privacy budget (default: privacy.target_epsilon)")
     p.add_argument("--delta", type=float, help="default: privacy.delta")

@@ -148,11 +148,21 @@ def test_an_adapter_for_another_base_model_is_refused_by_name(curriculum_run, tm
     from medvlm.cli import main
     from medvlm.data.synthetic import generate_hospital, write_manifest
 
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from medvlm.model.foundation import ensure_foundation
+
     run_dir = curriculum_run[0]
     write_manifest(generate_hospital("general", 1), tmp_path, image_format="png")
+    base = ensure_foundation("tiny-random") / "lm"       # another LM: same tokenizer, half the width
+    config = AutoConfig.from_pretrained(base)
+    config.hidden_size, config.intermediate_size = 64, 128
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "other-lm")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "other-lm")
     code = main(["report", "--run", str(run_dir), "--image", str(tmp_path / "images" / "00000.png"),
-                 "model.language.source=builtin:tiny"])          # the pretrained tiny LM, not tiny-random
+                 f"model.language.source={tmp_path / 'other-lm'}"])
     assert code == 2
     assert "not the base model loaded here" in caplog.text and "builtin:tiny-random" in caplog.text
+    assert "hidden_size: adapter 128, this model 64" in caplog.text
     assert main(["report", "--run", str(tmp_path), "--image", "x.png"]) == 2
     assert "not a medvlm-fl run folder" in caplog.text

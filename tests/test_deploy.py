@@ -82,6 +82,11 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
     assert (tmp_path / "state").is_dir()
     named = supernode_command(key=private, data_format="jsonl", **{**common, "data_path": manifest.parent})
     assert parse_config_args([named[named.index("--node-config") + 1]])["data-format"] == "jsonl"
+    staged = supernode_command(key=private, stage_data={"align": str(manifest.parent)}, **common)
+    assert parse_config_args([staged[staged.index("--node-config") + 1]])["data-path-align"] == \
+        str(manifest.parent.resolve())                                # a curriculum stage's own folder
+    with pytest.raises(FileNotFoundError):
+        supernode_command(key=private, stage_data={"align": str(tmp_path / "missing")}, **common)
     with pytest.raises(ValueError, match="not a slake folder"):        # the wrong format, before connecting
         supernode_command(key=private, data_format="slake", **{**common, "data_path": manifest.parent})
 
