@@ -56,7 +56,8 @@ def model_card(cfg: ExperimentConfig, summary: dict, *, trainable_parts: dict) -
     lines = [
         "# medvlm-fl adapter: federated, differentially private fine-tune", "",
         "LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`, loadable with "
-        "`peft.PeftModel.from_pretrained`) and query-transformer fusion weights (`fusion.safetensors`) "
+        f"`peft.PeftModel.from_pretrained`) and {'query-transformer' if m.fusion.kind == 'qformer' else 'MLP projector'} "
+        "fusion weights (`fusion.safetensors`) "
         "for a frozen-encoder medical vision-language model. Use it with `medvlm-fl answer` / `medvlm-fl report "
         "--run <run folder>`.", "",
         "## Base models (frozen, not included)", "",
@@ -109,7 +110,7 @@ def model_card(cfg: ExperimentConfig, summary: dict, *, trainable_parts: dict) -
     if len(plan) > 1:
         lines += ["", "Per stage (last evaluated round of each):", ""]
         for s in summary.get("stages") or []:
-            figures = ", ".join(f"{label} {_pct(s[k])}" for k, label in (
+            figures = ", ".join(f"{label} {_pct(s[k])} (baseline {_pct(s.get('baseline_' + k))})" for k, label in (
                 ("accuracy", "accuracy"), ("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("finding_f1", "finding-F1"))
                 if s.get(k) is not None)
             lines.append(f"- {s['stage']} ({s['task']}, rounds {s['rounds'][0]}-{s['rounds'][-1]}): {figures or '-'}")
