@@ -70,3 +70,18 @@ def test_train_local_on_a_dicom_folder_end_to_end(tmp_path):
     assert summary["train_examples"] > 0 and 0 <= summary["final_accuracy"] <= 1
     assert 0 < summary["epsilon"] <= 8.0
     assert len(list((tmp_path / "features").glob("*/*/*.safetensors"))) == 20   # every image encoded once
+
+
+def test_train_local_and_evaluate_score_the_report_task(tmp_path, capsys):
+    from medvlm.cli import evaluate_run
+
+    run_dir, s = train_local_run("tiny", TINY + [f"output_dir={tmp_path}", "data.task=report"], run_name="rep",
+                                 progress=False)
+    assert s["task"] == "report" and s["final_accuracy"] is None
+    for key in ("bleu4", "rouge_l", "finding_f1"):
+        assert 0 <= s[key] <= 1 and 0 <= s[f"baseline_{key}"] <= 1
+    assert json.loads((run_dir / "summary.json").read_text())["bleu4"] == s["bleu4"]
+    ev = evaluate_run(run_dir, split="test", progress=False)       # the exported adapter, scored again
+    assert ev["bleu4"] == pytest.approx(s["bleu4"]) and ev["finding_f1"] == pytest.approx(s["finding_f1"])
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 0
+    assert "BLEU-4" in capsys.readouterr().out
