@@ -138,6 +138,18 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         aggregator.releases = central_releases(records)
     arrays = _arrays(state)
     base_config = ConfigRecord({"run-dir": str(run_dir.resolve())})
+    parts = trainable_parts(skeleton)
+
+    def describe(stopped: str) -> dict:
+        """The summary so far; the exported adapter's model card is rewritten from it."""
+        summary = build_summary(rounds.records, privacy, trainable=trainable, dp=cfg.privacy.enabled,
+                                wall_seconds=time.perf_counter() - started, stopped=stopped)
+        if fed.central_dp.enabled:
+            summary["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
+        summary["run_dir"] = str(run_dir)
+        write_model_card(run_dir, cfg, summary, trainable_parts=parts)
+        return summary
+
     stopped = "completed" if first <= fed.rounds else "already complete"
     def stage_config(server_round: int) -> ConfigRecord:
         """The round's stage: its plan goes to the strategy, its name to every hospital (which checks it)."""
@@ -197,18 +209,14 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         checkpoints.save(server_round, state, {"config": to_dict(cfg), "records": rounds.records + [record],
                                                "privacy": privacy})
         rounds.add(record)
+        describe(f"in progress (round {server_round} of {fed.rounds})")   # a killed run's global/ has a card too
         statuses = [h["status"] for h in report.hospitals.values()]
         if statuses and all(s == "budget-exhausted" for s in statuses) and not report.failed:
             stopped = f"every hospital's privacy budget is spent (after round {server_round})"
             log.warning("no hospital can train any more: %s", stopped)
             break
-    summary = build_summary(rounds.records, privacy, trainable=trainable, dp=cfg.privacy.enabled,
-                            wall_seconds=time.perf_counter() - started, stopped=stopped)
-    if fed.central_dp.enabled:
-        summary["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
-    summary["run_dir"] = str(run_dir)
+    summary = describe(stopped)
     write_summary(run_dir, summary)
-    write_model_card(run_dir, cfg, summary, trainable_parts=trainable_parts(skeleton))
     return summary
 
 

@@ -68,6 +68,7 @@ def curriculum_run(tmp_path_factory):
     with pytest.raises(Killed):
         run_federation(grid(kill_at_round=2), cfg, run_dir)          # the coordinator dies at the boundary
     after_align = json.loads((run_dir / "server-state.json").read_text())
+    after_align["card"] = (run_dir / "global" / "README.md").read_text()   # written after every round
     resumed = grid()
     summary = run_federation(resumed, cfg, run_dir)
     return run_dir, summary, after_align, resumed
@@ -75,7 +76,7 @@ def curriculum_run(tmp_path_factory):
 
 def test_a_curriculum_runs_its_stages_in_order_and_resumes_across_the_boundary(curriculum_run):
     run_dir, summary, after_align, resumed = curriculum_run
-    assert after_align["round"] == 1
+    assert after_align["round"] == 1 and "in progress (round 1 of 2)" in after_align["card"]
     sent = [m for m in resumed.sent if m.metadata.message_type == "train"]
     assert {(int(m.content["config"]["server-round"]), m.content["config"]["stage"]) for m in sent} == {(2, "vqa")}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -112,6 +113,7 @@ def test_the_align_stage_trains_the_fusion_module_only(curriculum_run):
 def test_the_exported_adapter_carries_a_model_card(curriculum_run):
     run_dir, summary = curriculum_run[:2]
     card = (run_dir / "global" / "README.md").read_text()
+    assert "rounds: 2 (completed)" in card
     for needle in ("builtin:tiny-random", "| fusion |", "| lora |", "cardiac, general, oncology", "fedavg",
                    "| align | 1-1 | report | fusion |", "| vqa | 2-2 | vqa | fusion + lora |", "per-question majority",
                    "## Intended use", "## Limitations", "not validated for clinical use"):
