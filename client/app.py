@@ -96,11 +96,12 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
                              accountant=privacy.accountant, max_grad_norm=privacy.max_grad_norm)
         sample_rate, steps = planned_steps(len(site.train), train_cfg)
         try:
-            stage = site.stage      # each stage ends at its share of the budget; the last at all of it
+            stage = site.stage      # each stage ends at its share of the budget (the last at all of it),
+            # the last stage at the coordinator's round count (a resumed run may have extended it)
             last = num_rounds if stage.last_round >= cfg.federation.rounds else stage.last_round
             sigma = ledger.plan(sample_rate=sample_rate, steps_per_round=steps,
                                 rounds_left=max(1, last - server_round + 1), stage=stage.name,
-                                target=site.budget * (1.0 if last == num_rounds else stage.budget_end))
+                                target=site.budget * stage.budget_end)
             ledger.check(steps)
         except PrivacyBudgetExceeded as err:
             log.warning("%s", err)

@@ -91,9 +91,6 @@ class Ledger:
             self.stage = stage
             return self.noise_multiplier
         target = min(self.budget, self.budget if target is None else target)
-        if self.history and self.epsilon >= target - 1e-6:
-            raise PrivacyBudgetExceeded(f"{self.hospital}: epsilon {self.epsilon:.3f} already reaches this stage's "
-                                        f"share {target:.3f} of the budget {self.budget:g}; stage {stage!r} is skipped")
         self.noise_multiplier = calibrate_noise(
             target_epsilon=target, delta=self.delta, sample_rate=sample_rate,
             steps=steps_per_round * rounds_left, accountant=self.accountant, history=self.history)

@@ -43,8 +43,8 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
     from medvlm.evaluate import evaluate_with_baseline
-    from medvlm.metrics import REPORT_KEYS, load_labeler
     from medvlm.features import cached_encoder
+    from medvlm.metrics import REPORT_KEYS, load_labeler
     from medvlm.model.vlm import build_medvlm
     from medvlm.privacy import save_accountant_state
     from medvlm.runs import export_trainable, new_run_dir, save_config, write_json
@@ -145,19 +145,16 @@ def _train_local(args: argparse.Namespace) -> int:
 def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = True) -> dict:
     """Score a run's exported ``global/`` adapter + fusion on each hospital's own split, as the
     federation does: counts summed over hospitals, baseline = each hospital's per-question majority."""
-    from medvlm.config import load_config
-    from medvlm.data.dataset import load_splits
     from medvlm.config import for_stage, stages
+    from medvlm.data.dataset import load_splits
     from medvlm.evaluate import baseline_counts, evaluate_counts
     from medvlm.features import cached_encoder
     from medvlm.metrics import load_labeler, merge_counts, scores
     from medvlm.model.vlm import build_medvlm
-    from medvlm.runs import load_trainable
+    from medvlm.runs import load_trainable, run_config
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a medvlm-fl run folder")
-    cfg = load_config(str(run_dir / "config.yaml"))
+    cfg = run_config(run_dir)
     cfg = for_stage(cfg, stages(cfg)[-1])     # a curriculum is scored on its last stage's task
     labeler = load_labeler(cfg.data.labeler)
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
@@ -227,25 +224,15 @@ def predict_command(args: argparse.Namespace, task: str, out=None) -> int:
     else:
         predicted = predictor.report(images)
     rows = []
-    for r, text in zip(requests, predicted):
-        row = {"image": str(r["image"])}
-        if task == "answer":
-            row.update(question=r["question"], answer=text)
-            if r.get("answer"):
-                row["reference"] = r["answer"]
-        else:
-            row["report"] = text
-            if r.get("answer"):
-                row["reference"] = r["answer"]
-        rows.append(row)
+    for r, text in zip(requests, predicted):   # a row's "answer" in a data folder is the reference
+        asked = {"question": r["question"], "answer": text} if task == "answer" else {"report": text}
+        rows.append({"image": str(r["image"]), **asked, **({"reference": r["answer"]} if r.get("answer") else {})})
     if args.out:
         path = write_predictions(rows, args.out)
         print(f"{len(rows)} prediction(s) -> {path} (adapter {predictor.adapter})", file=out)
     else:
-        for row in rows:
-            text = row["answer"] if task == "answer" else row["report"]
-            prefix = f"{row['image']}: " if len(rows) > 1 else ""
-            print(f"{prefix}{text}", file=out)
+        for row, text in zip(rows, predicted):
+            print(f"{row['image']}: {text}" if len(rows) > 1 else text, file=out)
     return 0
 
 

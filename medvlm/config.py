@@ -114,6 +114,7 @@ class ModelConfig:
 
 
 DATA_FORMATS = ("auto", "jsonl", "vqa-rad", "slake", "pmc-vqa", "mimic-cxr")
+TASKS = ("vqa", "report")
 
 
 @dataclass
@@ -173,7 +174,7 @@ class DataConfig:
                self.val_fraction + self.test_fraction, "must leave some training data (< 1)")
         _check(self.on_bad_row in ("error", "skip"), "data.on_bad_row", self.on_bad_row, "use error or skip")
         _check(self.format in DATA_FORMATS, "data.format", self.format, f"use one of {list(DATA_FORMATS)}")
-        _check(self.task in ("vqa", "report"), "data.task", self.task, "use vqa or report")
+        _check(self.task in TASKS, "data.task", self.task, f"use one of {list(TASKS)}")
         _check(self.labeler == "synthetic" or ":" in self.labeler, "data.labeler", self.labeler,
                "use synthetic or package.module:function")
 
@@ -270,7 +271,7 @@ class StageConfig:
         _check(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), f"{key}.name", self.name,
                "use letters, digits, - and _")
         _check(self.rounds >= 1, f"{key}.rounds", self.rounds, "must be >= 1")
-        _check(self.task in ("vqa", "report"), f"{key}.task", self.task, "use vqa or report")
+        _check(self.task in TASKS, f"{key}.task", self.task, f"use one of {list(TASKS)}")
         _check(bool(self.trainable) and set(self.trainable) <= {"fusion", "lora"}, f"{key}.trainable",
                self.trainable, "name a non-empty subset of [fusion, lora]")
         _check(self.lr is None or self.lr > 0, f"{key}.lr", self.lr, "must be > 0")
@@ -355,7 +356,6 @@ class ExperimentConfig:
 class Stage:
     """A resolved curriculum stage: rounds ``first..last`` (1-based server rounds), defaults filled in."""
 
-    index: int
     name: str
     first_round: int
     last_round: int
@@ -374,9 +374,9 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
     given = fed.stages or [StageConfig(name="main", rounds=fed.rounds, task=cfg.data.task, qtypes=list(cfg.data.qtypes),
                                        trainable=list(cfg.train.trainable))]
     out, first = [], 1
-    for i, s in enumerate(given):
+    for s in given:
         last = first + s.rounds - 1
-        out.append(Stage(i, s.name, first, last, s.task, tuple(s.qtypes), tuple(s.trainable),
+        out.append(Stage(s.name, first, last, s.task, tuple(s.qtypes), tuple(s.trainable),
                          s.lr if s.lr is not None else lr,
                          s.local_epochs if s.local_epochs is not None else fed.local_epochs, last / fed.rounds))
         first = last + 1

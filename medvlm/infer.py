@@ -17,14 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
-from medvlm.config import ExperimentConfig, load_config
-from medvlm.data.dataset import VQARows, report_row
+from medvlm.config import ExperimentConfig
+from medvlm.data.dataset import VQARows, preprocess_images, report_row
 from medvlm.data.images import load_image
 from medvlm.evaluate import predict
 from medvlm.model.vlm import MedVLM, build_medvlm
-from medvlm.runs import load_trainable
+from medvlm.runs import load_trainable, run_config
 from medvlm.train import resolve_device
 
 
@@ -40,10 +38,7 @@ class Predictor:
         """The run's base models (its ``config.yaml``, plus ``overrides``) with its exported adapter
         (``<run>/global``, or ``adapter``) loaded; an adapter for other base models is refused."""
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} has no config.yaml: not a medvlm-fl run folder (give the folder "
-                                    "`medvlm-fl simulate` or `train-local` wrote)")
-        cfg = load_config(str(run_dir / "config.yaml"), list(overrides))
+        cfg = run_config(run_dir, overrides)
         # the adapter replaces the run's starting point: do not build (or require) model.init
         cfg = replace(cfg, model=replace(cfg.model, init="random", fusion=replace(cfg.model.fusion, init="random")))
         path = Path(adapter) if adapter else run_dir / "global"
@@ -54,15 +49,9 @@ class Predictor:
         model.eval()
         return cls(model, cfg, path)
 
-    def _pixels(self, images: Sequence[str | Path]) -> torch.Tensor:
-        out = []
-        for path in images:
-            out.append(self.model.vision.preprocess(load_image(str(path), self.cfg.data.dicom)))
-        return torch.stack(out)
-
     def _run(self, images: Sequence[str | Path], rows: list[dict]) -> list[str]:
-        return predict(self.model, VQARows(self._pixels(images), rows),
-                       max_new_tokens=self.cfg.train.eval_max_new_tokens)
+        pixels = preprocess_images([load_image(p, self.cfg.data.dicom) for p in images], self.model.vision.preprocess)
+        return predict(self.model, VQARows(pixels, rows), max_new_tokens=self.cfg.train.eval_max_new_tokens)
 
     def answer(self, images: Sequence[str | Path], questions: Sequence[str]) -> list[str]:
         """One answer per (image, question) pair."""

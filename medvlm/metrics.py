@@ -90,8 +90,13 @@ def majority_answers(train_rows: Sequence[Mapping]) -> dict:
     for r in train_rows:
         per_q[normalize(r["question"])][normalize(r["answer"])] += 1
         per_type[r["answer_type"]][normalize(r["answer"])] += 1
-    best = lambda c: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]  # noqa: E731
-    return {"question": {q: best(c) for q, c in per_q.items()}, "type": {t: best(c) for t, c in per_type.items()}}
+    return {"question": {q: _most_common(c) for q, c in per_q.items()},
+            "type": {t: _most_common(c) for t, c in per_type.items()}}
+
+
+def _most_common(counter: Counter) -> str:
+    """The most frequent key (ties: alphabetical, so the baseline is deterministic)."""
+    return sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
 
 
 def baseline_predictions(majority: Mapping, rows: Sequence[Mapping]) -> list[str]:
@@ -166,11 +171,11 @@ def report_counts(predictions: Sequence[str], rows: Sequence[Mapping], labeler=s
 
     if len(predictions) != len(rows):
         raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows")
+    if not rows:
+        return {}
     refs = [r["answer"].strip().lower() for r in rows]
     hyps = [p.strip().lower() for p in predictions]
     c: dict = defaultdict(float)
-    if not rows:
-        return {}
     bleu = BLEU().corpus_score(hyps, [refs])
     for n in range(4):
         c[f"bleu_correct_{n + 1}"] = float(bleu.counts[n])
@@ -216,7 +221,7 @@ def report_scores(counts: Mapping[str, float]) -> dict:
 def majority_report(train_rows: Sequence[Mapping]) -> str:
     """The most common training report (ties: alphabetical): the trivial report baseline."""
     reports = Counter(r["answer"].strip().lower() for r in train_rows if r.get("answer_type") == "report")
-    return sorted(reports.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] if reports else ""
+    return _most_common(reports) if reports else ""
 
 
 # ----------------------------------------------------------------------------- per task
@@ -240,8 +245,7 @@ def baseline_for(train_rows: Sequence[Mapping], rows: Sequence[Mapping]) -> list
 
 def scores(counts: Mapping[str, float]) -> dict:
     """Accuracies (VQA counts) and/or report scores (report counts) from summed counts."""
-    out = accuracies(counts) if any(k.endswith(("_correct", "_total")) and not k.startswith("bleu_")
-                                    and k != "report_total" for k in counts) else {}
+    out = accuracies(counts) if "closed_total" in counts or "open_total" in counts else {}
     if "report_total" in counts:
         out.update(report_scores(counts))
     return out

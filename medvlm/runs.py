@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -27,6 +27,17 @@ def new_run_dir(root: str | Path, kind: str, name: Optional[str] = None) -> Path
 
 def save_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
+
+
+def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The config a run folder was made with (``config.yaml``), plus ``overrides``."""
+    from medvlm.config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a medvlm-fl run folder (give the folder "
+                                "`medvlm-fl simulate` or `train-local` wrote)")
+    return load_config(str(path), list(overrides))
 
 
 BASE_FILE = "base.json"

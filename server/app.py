@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from medvlm.config import ExperimentConfig, from_run_config, stage_at, stages, to_dict
+from medvlm.config import ExperimentConfig, Stage, from_run_config, stage_at, stages, to_dict
 from medvlm.model.vlm import build_skeleton
 from medvlm.runs import new_run_dir, save_config
 from medvlm.wire import check_transport, from_wire, to_wire
@@ -151,31 +151,30 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         return summary
 
     stopped = "completed" if first <= fed.rounds else "already complete"
-    def stage_config(server_round: int) -> ConfigRecord:
+    def stage_config(stage: Stage) -> ConfigRecord:
         """The round's stage: its plan goes to the strategy, its name to every hospital (which checks it)."""
-        stage = stage_at(cfg, server_round)
         strategy.lr, strategy.local_epochs = stage.lr, stage.local_epochs
         return ConfigRecord({**dict(base_config), "stage": stage.name})
 
-    def tag(record: dict) -> dict:
-        stage = stage_at(cfg, record["round"])
+    def tag(record: dict, stage: Stage) -> dict:
         return {"round": record["round"], "stage": stage.name, "task": stage.task, **record}
 
     if not records and fed.fraction_evaluate > 0:   # round 0: where the federation starts from
         t0 = time.perf_counter()
         strategy.report = RoundReport()
         evaluation = strategy.aggregate_evaluate(0, grid.send_and_receive(
-            strategy.configure_evaluate(0, arrays, stage_config(0), grid), timeout=fed.timeout_s))
-        record = tag(round_record(0, strategy.report, None, evaluation, privacy, time.perf_counter() - t0))
+            strategy.configure_evaluate(0, arrays, stage_config(stage_at(cfg, 0)), grid), timeout=fed.timeout_s))
+        record = tag(round_record(0, strategy.report, None, evaluation, privacy, time.perf_counter() - t0),
+                     stage_at(cfg, 0))
         checkpoints.save(0, state, {"config": to_dict(cfg), "records": rounds.records + [record], "privacy": privacy})
         rounds.add(record)
     for server_round in range(first, fed.rounds + 1):
         t0 = time.perf_counter()
-        if server_round == stage_at(cfg, server_round).first_round and len(stages(cfg)) > 1:
-            stage = stage_at(cfg, server_round)
+        stage = stage_at(cfg, server_round)
+        if server_round == stage.first_round and len(stages(cfg)) > 1:
             log.info("stage %s (%s, trains %s): rounds %d-%d", stage.name, stage.task, "+".join(stage.trainable),
                      stage.first_round, stage.last_round)
-        round_config = stage_config(server_round)
+        round_config = stage_config(stage)
         if fed.secure_aggregation == "secagg+":   # the coordinator sees only the mean update
             messages, replies = [], []
             new_arrays, train_metrics = secure_train_round(
@@ -199,9 +198,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
             evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
                 strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
                 timeout=fed.timeout_s))
-        privacy = update_privacy(privacy, report, cfg.privacy.delta, stage=stage_at(cfg, server_round).name)
+        privacy = update_privacy(privacy, report, cfg.privacy.delta, stage=stage.name)
         record = tag(round_record(server_round, report, train_metrics, evaluation, privacy,
-                                  time.perf_counter() - t0))
+                                  time.perf_counter() - t0), stage)
         record["train_seconds"] = t_train    # sample -> train -> validate -> aggregate (evaluation excluded)
         if fed.central_dp.enabled:
             record["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)

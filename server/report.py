@@ -80,13 +80,11 @@ class RoundLog:
         rounds = [r["round"] for r in self.records]
         reports = any(r.get("bleu4") is not None for r in self.records)
         answers = any(r.get("accuracy") is not None for r in self.records) or not reports
-        panels = int(answers) + int(reports) + 2      # a report-only run has no accuracy panel, and so on
-        fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
-        axes = list(axes)
-        ax_acc = axes.pop(0) if answers else None
-        ax_rep = axes.pop(0) if reports else None
-        ax_loss, ax_eps = axes
-        axes = [ax for ax in (ax_acc, ax_rep, ax_loss, ax_eps) if ax is not None]
+        # a report-only run has no accuracy panel, a VQA-only run no report panel
+        names = ["accuracy"] * answers + ["reports"] * reports + ["loss", "epsilon"]
+        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.2))
+        panel = dict(zip(names, axes))
+        ax_acc, ax_rep, ax_loss, ax_eps = (panel.get(n) for n in ("accuracy", "reports", "loss", "epsilon"))
         for key, label, style in (("accuracy", "global model", "o-"), ("closed_accuracy", "closed", "s--"),
                                   ("open_accuracy", "open", "^--"),
                                   ("baseline_accuracy", "per-question majority", "k:")):

@@ -21,14 +21,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from medvlm.config import DataConfig
+from medvlm.config import TASKS, DataConfig
 from medvlm.data.images import load_image
 from medvlm.data.manifest import read_manifest
 from medvlm.data.synthetic import SyntheticSet, generate_hospital, split_images
 from medvlm.model.vlm import IGNORE_INDEX
 
 
-TASKS = ("vqa", "report")
 REPORT_PROMPT = "findings:"
 REPORT_QUESTION = "write the findings report."   # what a report row's "question" says (logs, manifests)
 MIN_PROMPT_TOKENS = 4                             # a long answer (a report) leaves this much for the prompt
