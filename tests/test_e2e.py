@@ -1,9 +1,11 @@
 """End-to-end on the built-in foundation (built once per session: ~2 min), training for real
 (1-3 min each on 2 cores). Marked slow; CI runs them with ``-m slow``.
 
-Thresholds come from measured runs (see the issue notes): without DP the model reads the images
-(modality well above the majority answer); with DP at epsilon <= 8 the tiny default stays a
-little above the per-question majority, so the DP tests check the privacy contract and that.
+Thresholds come from measured runs (see the issue notes) and are the issues' targets: pooled
+train-local at epsilon <= 8 is 25 points above the per-question majority (measured 79.7% vs
+49.6%; 82.1% without DP), the default federation 20 points above each hospital's own majority
+(measured 80.6% vs 58.0%). Most of that is the public start (stages 1-2 on public data, 80.3%):
+the DP rounds keep it, they do not add to it.
 """
 
 import json
@@ -19,7 +21,7 @@ def test_non_dp_train_local_learns_from_images(tmp_path):
                                  progress=False)
     assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] == s["final_accuracy"]
     assert s["epsilon"] is None and not s["dp"]
-    assert s["final_accuracy"] >= s["baseline_accuracy"] + 0.12, s
+    assert s["final_accuracy"] >= s["baseline_accuracy"] + 0.25, s
     assert s["per_qtype"]["modality"] >= s["baseline_per_qtype"]["modality"] + 0.3, s
 
 
@@ -33,7 +35,7 @@ def test_default_dp_train_local_keeps_its_privacy_contract(tmp_path):
     from medvlm.privacy import epsilon
 
     assert abs(epsilon(history, delta=1e-5) - s["epsilon"]) < 1e-9  # recomputable from the mechanism
-    assert s["final_accuracy"] > 0.3  # answers come from the answer vocabulary, not garbage
+    assert s["final_accuracy"] >= s["baseline_accuracy"] + 0.25, s  # issue 2's target
 
 
 @pytest.mark.slow
@@ -45,9 +47,9 @@ def test_default_federation_keeps_every_budget_and_beats_the_baseline(tmp_path):
     s = simulate("tiny", [f"output_dir={tmp_path}"], run_dir=tmp_path / "default")
     assert s["rounds"] == 3 and s["stopped"] == "completed" and s["rejected_updates"] == 0
     assert all(0 < e <= 8.0 for e in s["epsilon"].values()) and len(s["epsilon"]) == 3
-    # measured: about 60% vs 58.0% for each hospital's own per-question majority (issue notes):
-    # above the baseline, and DP rounds do not wash out the public start
-    assert s["final_accuracy"] > s["baseline_accuracy"], s
+    # issue 3's target: 20 points above each hospital's own per-question majority (measured 80.6%
+    # vs 58.0%), and the DP rounds do not wash out the public start
+    assert s["final_accuracy"] >= s["baseline_accuracy"] + 0.20, s
     assert s["final_accuracy"] >= s["initial_accuracy"] - 0.02, s
     assert evaluate_run(tmp_path / "default", progress=False)["accuracy"] == s["final_accuracy"]
 

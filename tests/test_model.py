@@ -161,3 +161,25 @@ def test_model_init_from_an_exported_adapter_folder(tiny_cfg, tiny_model, tmp_pa
     assert all(torch.equal(v, trained[k]) for k, v in again.trainable_state().items())
     with pytest.raises(ValueError, match="choose one"):
         replace(tiny_cfg.model, init="public", fusion=replace(tiny_cfg.model.fusion, init="x.safetensors"))
+
+
+def test_stage1_alignment_trains_only_the_fusion_towards_report_findings(tiny_model, tiny_splits):
+    """Public stage 1: the fusion learns the finding labels of each image's report through a
+    throw-away head; LoRA is untouched and the caller's trainable flags are restored."""
+    from medvlm.metrics import synthetic_labeler
+    from medvlm.model.foundation import align_fusion
+
+    data = tiny_splits["train"]
+    report = {r["image_index"]: r["report"] for r in data.rows}
+    labels = [synthetic_labeler(report[i]) for i in range(len(data.pixels))]
+    features = tiny_model.encode_images(data.pixels)
+    before = tiny_model.trainable_state()
+    flags = {n: p.requires_grad for n, p in tiny_model.trainable_parameters().items()}
+    out = align_fusion(tiny_model, features, labels, epochs=60, batch_size=8, lr=1e-2, progress=False)
+    after = tiny_model.trainable_state()
+    assert set(out["labels"]) == set().union(*labels)
+    assert out["loss"] < 0.7 * out["initial_loss"], out
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        assert changed == name.startswith("fusion."), name
+    assert {n: p.requires_grad for n, p in tiny_model.trainable_parameters().items()} == flags

@@ -184,6 +184,8 @@ def build_foundation(variant: str = "tiny", *, progress: bool = True) -> Path:
 
 # ----------------------------------------------------------------------------- stages 1-2 on public data
 PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR = 1200, 3, 64, 2e-3
+# stage 1 (alignment): the fusion alone learns to carry the findings of the public reports
+PUBLIC_ALIGN_EPOCHS, PUBLIC_ALIGN_BATCH, PUBLIC_ALIGN_LR = 50, 64, 3e-3
 PUBLIC_TUNE_SEED = PUBLIC_SEED + 7   # fresh public images, disjoint from the pretraining draw
 # Public images as different scanners store them (gamma, noise, inverted share): hospitals differ
 # in exactly these ways, so a start that has seen them transfers (domain randomisation).
@@ -193,8 +195,9 @@ PUBLIC_TUNE_SCANNERS = ((1.0, 0.05, 0.15), (0.75, 0.04, 0.0), (1.3, 0.03, 0.5), 
 def public_state_path(cfg) -> Path:
     """Fusion + LoRA trained on the public corpus for this architecture (built on first use).
 
-    The seed paper's stages 1-2 (alignment and instruction tuning on public data) in miniature:
-    one non-private run answering questions about *public* images only: a hospital federation then
+    The seed paper's stages 1-2 in miniature, on *public* images only: stage 1 aligns the fusion
+    to the findings of the public reports (:func:`align_fusion`), stage 2 tunes fusion + LoRA to
+    answer questions about the images (non-private: no hospital is involved). A hospital federation then
     starts from a model that already speaks, and spends its privacy budget on what is specific
     to its patients. No hospital is involved, so no privacy is spent here.
     """
@@ -205,12 +208,57 @@ def public_state_path(cfg) -> Path:
     recipe = {"fusion": {k: v for k, v in vars(cfg.fusion).items() if k != "init"}, "lora": {k: v for k, v in vars(cfg.lora).items() if k != "ffa"},
               "max_text_len": cfg.max_text_len, "parametrisation": 3,
               "tune": [PUBLIC_TUNE_IMAGES, PUBLIC_TUNE_EPOCHS, PUBLIC_TUNE_BATCH, PUBLIC_TUNE_LR, PUBLIC_TUNE_SEED],
+              "align": [PUBLIC_ALIGN_EPOCHS, PUBLIC_ALIGN_BATCH, PUBLIC_ALIGN_LR],
               "scanners": PUBLIC_TUNE_SCANNERS}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:12]
     path = ensure_foundation("tiny") / "public-tuned" / f"state-{key}.safetensors"
     if not path.is_file():
         build_public_state(cfg, path)
     return path
+
+
+def align_fusion(model, features: torch.Tensor, label_sets: list[set[str]], *, epochs: int = PUBLIC_ALIGN_EPOCHS,
+                 batch_size: int = PUBLIC_ALIGN_BATCH, lr: float = PUBLIC_ALIGN_LR, seed: int = PUBLIC_TUNE_SEED,
+                 progress: bool = True) -> dict:
+    """Stage 1: train the fusion alone so that its visual tokens carry each image's findings.
+
+    Targets (``label_sets``, one set per image) are the finding labels a report labeler extracts
+    from the image's public report (presence, side, count: CheXpert-style labels from text) and
+    the study's modality (a DICOM header field in real data), predicted by a throw-away linear
+    head on all visual tokens together, so that where a finding is survives the query pooling.
+    Answering through the frozen LLM alone, the fusion learns this slowly: nodules (a few pixels)
+    stay at chance after the whole stage-2 tuning without it. ``features``: frozen patch tokens
+    (N, P, D). Returns the first and final losses and the label vocabulary."""
+    from tqdm import tqdm
+
+    vocab = sorted(set().union(*label_sets))
+    targets = torch.zeros(len(label_sets), len(vocab))
+    for i, labels in enumerate(label_sets):
+        targets[i, [vocab.index(label) for label in labels]] = 1.0
+    fusion = model.fusion
+    was = [p.requires_grad for p in fusion.parameters()]
+    fusion.requires_grad_(True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        width = fusion(features[:1]).flatten(1).shape[1]
+    head = torch.nn.Linear(width, len(vocab))
+    steps = max(1, epochs * (len(features) // batch_size))
+    opt = torch.optim.AdamW([*fusion.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    losses = []
+    for _ in tqdm(range(steps), desc="public stage 1: fusion on report findings", disable=not progress):
+        idx = torch.randint(len(features), (batch_size,), generator=generator)
+        tokens = fusion(features[idx]).flatten(1)
+        logits = head(F.layer_norm(tokens, tokens.shape[1:]))   # scale-free: the fusion's output scale is fixed
+        loss = F.binary_cross_entropy_with_logits(logits, targets[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    for p, flag in zip(fusion.parameters(), was):
+        p.requires_grad_(flag)
+    return {"initial_loss": float(np.mean(losses[:5])), "loss": float(np.mean(losses[-5:])), "labels": vocab}
 
 
 def build_public_state(cfg, path: Path, *, progress: bool = True) -> Path:
@@ -221,6 +269,8 @@ def build_public_state(cfg, path: Path, *, progress: bool = True) -> Path:
     from medvlm.config import PrivacyConfig, TrainConfig
     from medvlm.data.dataset import VQARows, preprocess_images
     from medvlm.data.synthetic import PROFILES, questions
+    from medvlm.features import with_frozen_features
+    from medvlm.metrics import synthetic_labeler
     from medvlm.model.vlm import build_medvlm
     from medvlm.train import train_local
 
@@ -228,14 +278,18 @@ def build_public_state(cfg, path: Path, *, progress: bool = True) -> Path:
     # public data, no privacy: A and B both train (FFA-LoRA then freezes A at this shared start)
     model = build_medvlm(replace(cfg, init="random", lora=replace(cfg.lora, ffa=False)), seed=PUBLIC_TUNE_SEED)
     public = PROFILES["public"]
-    images, rows = [], []
+    images, rows, labels = [], [], []
     for k, (contrast, noise, p_invert) in enumerate(PUBLIC_TUNE_SCANNERS):
         scanner = replace(public, contrast=contrast, noise=noise, p_invert=p_invert, stream=public.stream + 1 + k)
         part = generate_hospital(scanner, PUBLIC_TUNE_IMAGES // len(PUBLIC_TUNE_SCANNERS), seed=PUBLIC_TUNE_SEED)
         rows += [{"image_index": len(images) + i, "question": q, "answer": a, "answer_type": t, "qtype": kind}
                  for i, f in enumerate(part.findings) for q, a, t, kind in questions(f)]
         images += list(part.images)
-    data = VQARows(preprocess_images(images, model.vision.preprocess), rows)
+        labels += [synthetic_labeler(report_text(f)) | {f"modality:{f.modality}"} for f in part.findings]
+    data = with_frozen_features(model, VQARows(preprocess_images(images, model.vision.preprocess), rows))
+    align = align_fusion(model, data.pixels, labels, progress=progress)
+    log.info("public stage 1: fusion aligned to %d report finding labels (loss %.3f -> %.3f)", len(align["labels"]),
+             align["initial_loss"], align["loss"])
     train = TrainConfig(epochs=PUBLIC_TUNE_EPOCHS, batch_size=PUBLIC_TUNE_BATCH,
                         physical_batch_size=PUBLIC_TUNE_BATCH, lr=PUBLIC_TUNE_LR, seed=PUBLIC_TUNE_SEED,
                         device="cpu")
