@@ -232,9 +232,10 @@ def align_fusion(model, features: torch.Tensor, label_sets: list[set[str]], *, e
     from tqdm import tqdm
 
     vocab = sorted(set().union(*label_sets))
+    column = {label: j for j, label in enumerate(vocab)}
     targets = torch.zeros(len(label_sets), len(vocab))
     for i, labels in enumerate(label_sets):
-        targets[i, [vocab.index(label) for label in labels]] = 1.0
+        targets[i, [column[label] for label in labels]] = 1.0
     fusion = model.fusion
     was = [p.requires_grad for p in fusion.parameters()]
     fusion.requires_grad_(True)
