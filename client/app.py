@@ -93,7 +93,8 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
     ledger = None
     if privacy.enabled:
         ledger = Ledger.open(site.state_dir, hospital=site.name, budget=site.budget, delta=site.delta,
-                             accountant=privacy.accountant, max_grad_norm=privacy.max_grad_norm)
+                             accountant=privacy.accountant, max_grad_norm=privacy.max_grad_norm,
+                             must_exist=site.deployed)
         sample_rate, steps = planned_steps(len(site.train), train_cfg)
         try:
             stage = site.stage      # each stage ends at its share of the budget (the last at all of it),
@@ -101,14 +102,14 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
             last = num_rounds if stage.last_round >= cfg.federation.rounds else stage.last_round
             sigma = ledger.plan(sample_rate=sample_rate, steps_per_round=steps,
                                 rounds_left=max(1, last - server_round + 1), stage=stage.name,
-                                target=site.budget * stage.budget_end)
+                                target=site.budget * stage.budget_end, min_noise=site.policy.min_noise)
             ledger.check(steps)
         except PrivacyBudgetExceeded as err:
             log.warning("%s", err)
             ledger.save(site.state_dir)
             metrics.update(epsilon=ledger.epsilon, budget=ledger.budget, delta=ledger.delta)
-            return reply_content(kind="train", metrics=metrics, spec=site.spec, status={
-                "hospital": site.name, "status": "budget-exhausted", "reason": str(err)})
+            return reply_content(kind="train", metrics=metrics, spec=site.spec, status=_status(
+                site, "budget-exhausted", reason=str(err)))
         privacy = replace(privacy, target_epsilon=None, noise_multiplier=sigma, delta=site.delta)
 
     result = train_local(site.model, site.train, train=train_cfg, privacy=privacy,
@@ -122,9 +123,19 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
         metrics.update({"epsilon": ledger.epsilon, "delta": ledger.delta, "budget": ledger.budget,
                         "noise-multiplier": ledger.noise_multiplier, "sample-rate": ledger.sample_rate,
                         "total-steps": ledger.total_steps, "max-grad-norm": ledger.max_grad_norm})
-    return reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status={
-        "hospital": site.name, "status": "trained", "accountant": privacy.accountant if ledger else "none"},
-        transport=transport, reference=received)
+    return reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status=_status(
+        site, "trained", accountant=privacy.accountant if ledger else "none"), transport=transport, reference=received)
+
+
+def _status(site, status: str, **extra: str) -> dict[str, str]:
+    """A reply's status line; it says plainly when the site trained at its own privacy settings rather
+    than the run's proposal."""
+    out = {"hospital": site.name, "status": status, **extra}
+    if site.policy_notes:
+        out["privacy"] = f"this site's policy applied: {site.policy.describe()}; not applied: " + \
+            "; ".join(site.policy_notes)
+        out["privacy"] = out["privacy"][:500]
+    return out
 
 
 def evaluate(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006

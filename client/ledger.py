@@ -4,7 +4,13 @@ Flower's Opacus example builds a new PrivacyEngine every round, so its epsilon c
 Here a hospital fixes its DP mechanism once (noise multiplier for its whole planned
 participation at its own budget), appends every round's DP-SGD steps to one persisted history,
 and refuses any round that would take it past its budget. The coordinator cannot override it:
-the budget comes from the hospital's node config, and the ledger lives in its state directory.
+the budget comes from the hospital's node config (``client/policy.py``), and the ledger lives in
+its state directory.
+
+A ledger is created once, when a site is set up (``Ledger.init``, run by ``medvlm-fl supernode``).
+Afterwards a deployed site refuses to train without it (a lost ledger would silently restart the
+accounting from zero), and its budget is never raised by opening it: only ``raise_budget``, the
+site's own deliberate act, does that, and the ledger records it.
 """
 
 from __future__ import annotations
@@ -32,15 +38,23 @@ class Ledger:
     history: History = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)   # server rounds this hospital trained in
     stage: Optional[str] = None      # the curriculum stage the mechanism above was fixed for
+    budget_changes: list[dict] = field(default_factory=list)   # the site's own raises, with when and why
 
     # ----------------------------------------------------------------------------- persistence
     @classmethod
     def open(cls, state_dir: str | Path, *, hospital: str, budget: float, delta: float, accountant: str,
-             max_grad_norm: float) -> "Ledger":
-        """Load the hospital's ledger, or start one. A ledger for another delta/accountant is refused:
-        mixing them would make the recorded epsilon meaningless."""
+             max_grad_norm: float, must_exist: bool = False) -> "Ledger":
+        """Load the hospital's ledger, or (``must_exist=False``: a simulation's run folder) start one.
+        A ledger for another delta/accountant is refused: mixing them would make the recorded epsilon
+        meaningless. A budget above the recorded one is refused: see ``raise_budget``."""
         path = Path(state_dir) / LEDGER_FILE
         if not path.exists():
+            if must_exist:
+                raise ValueError(
+                    f"privacy ledger {path} is missing: it was created when this site was set up (medvlm-fl "
+                    "supernode) and records every round this hospital trained. Restore it from backup; training "
+                    "without it would restart this hospital's privacy accounting from zero. (A site that never "
+                    "trained: `medvlm-fl ledger init` on an empty state dir.)")
             return cls(hospital, budget, delta, accountant, max_grad_norm)
         try:
             data = json.loads(path.read_text())
@@ -52,8 +66,44 @@ class Ledger:
             if getattr(ledger, key) != want:
                 raise ValueError(f"privacy ledger {path} was kept with {key}={getattr(ledger, key)!r}, but this "
                                  f"run asks for {key}={want!r}; one hospital keeps one accountant")
-        ledger.budget = budget  # the node config may lower (or raise) the hospital's own budget
+        if budget > ledger.budget + 1e-9:
+            raise ValueError(
+                f"privacy ledger {path} holds budget epsilon={ledger.budget:g}, but {budget:g} was asked for: a "
+                "budget is never raised by starting a run. If this hospital decides to raise it, run "
+                f"`medvlm-fl ledger raise {Path(state_dir)} --epsilon {budget:g} --reason \"...\"` (recorded)")
+        ledger.budget = budget  # the site may lower its own budget
         return ledger
+
+    @classmethod
+    def init(cls, state_dir: str | Path, *, hospital: str, budget: float, delta: float, accountant: str,
+             max_grad_norm: float) -> tuple["Ledger", bool]:
+        """Set up a site's ledger: open the existing one, or create it in a state dir that holds nothing
+        else yet. A used state dir (feature cache, site files) without a ledger is refused: the ledger
+        was lost. Returns (ledger, created)."""
+        state = Path(state_dir)
+        if (state / LEDGER_FILE).exists():
+            return cls.open(state, hospital=hospital, budget=budget, delta=delta, accountant=accountant,
+                            max_grad_norm=max_grad_norm), False
+        used = sorted(p.name for p in state.iterdir()) if state.is_dir() else []
+        if used:
+            raise ValueError(f"state dir {state} has been used ({', '.join(used[:4])}) but holds no privacy ledger "
+                             f"({LEDGER_FILE}): restore the ledger from backup, or give this site a new, empty "
+                             "state dir only if it has never trained")
+        ledger = cls(hospital, budget, delta, accountant, max_grad_norm)
+        ledger.save(state)
+        return ledger, True
+
+    def raise_budget(self, epsilon: float, *, reason: str) -> None:
+        """The site's own decision to allow more spending; kept in the ledger with when and why."""
+        import datetime
+
+        if not reason.strip():
+            raise ValueError("raising a privacy budget needs a reason (kept in the ledger)")
+        if epsilon <= self.budget:
+            raise ValueError(f"epsilon {epsilon:g} is not above the current budget {self.budget:g}")
+        self.budget_changes.append({"from": self.budget, "to": epsilon, "reason": reason,
+                                    "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        self.budget = epsilon
 
     def save(self, state_dir: str | Path) -> Path:
         """Atomic write: a crash never leaves a half-written ledger (spending is never lost)."""
@@ -76,13 +126,14 @@ class Ledger:
         return int(sum(h[2] for h in self.history))
 
     def plan(self, *, sample_rate: float, steps_per_round: int, rounds_left: int, stage: str = "main",
-             target: Optional[float] = None) -> float:
+             target: Optional[float] = None, min_noise: float = 0.0) -> float:
         """Fix the noise multiplier once per curriculum stage, so the stage's planned rounds end at
         ``target`` (default: the whole budget; the last stage's target is the budget); later calls in
         the stage reuse it.
 
         A fixed (sigma, q) per stage makes the history one mechanism per stage, so anyone can
-        recompute epsilon from (noise_multiplier, sample_rate, steps) of each stage and delta."""
+        recompute epsilon from (noise_multiplier, sample_rate, steps) of each stage and delta.
+        ``min_noise`` is the site's floor: a plan that calibrates less noise uses the floor instead."""
         if self.noise_multiplier is not None and self.stage in (stage, None):
             if not math.isclose(self.sample_rate, sample_rate, rel_tol=1e-9):
                 raise ValueError(f"{self.hospital}: sample rate changed from {self.sample_rate} to {sample_rate} "
@@ -94,6 +145,7 @@ class Ledger:
         self.noise_multiplier = calibrate_noise(
             target_epsilon=target, delta=self.delta, sample_rate=sample_rate,
             steps=steps_per_round * rounds_left, accountant=self.accountant, history=self.history)
+        self.noise_multiplier = max(self.noise_multiplier, min_noise)
         self.sample_rate, self.stage = sample_rate, stage
         return self.noise_multiplier
 

@@ -10,8 +10,9 @@ Node config keys (``flower-supernode --node-config '...'``; strings quoted):
     data-format = "slake"             optional: the folder's format (default data.format, auto)
     state-dir  = "/var/lib/medvlm"    where the privacy ledger persists (must survive restarts)
     device     = "cuda:0"             overrides train.device
-    epsilon    = 4.0                  this hospital's own budget (default: privacy.target_epsilon)
-    delta      = 1e-5                 (default: privacy.delta)
+    dp, epsilon, delta, max-grad-norm, accountant, min-noise
+                                      the hospital's privacy policy (client/policy.py): in a
+                                      deployment the run config's privacy.* is never applied
 
 In a simulation Flower injects ``partition-id``; hospital ``i`` is then profile ``data.hospitals[i]``
 and its state lives in ``<run-dir>/hospitals/<name>``.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional
 
+from client.policy import SitePolicy
 from medvlm.config import ExperimentConfig, Stage, for_stage, from_run_config, stage_at
 from medvlm.data.dataset import VQARows, load_splits
 from medvlm.features import cached_encoder, with_frozen_features
@@ -45,6 +47,9 @@ class Site:
     train: VQARows            # frozen patch tokens, encoded once per process
     val: VQARows
     stage: Stage              # the curriculum stage this site's data and trainable parts are for
+    policy: SitePolicy        # the site's own privacy settings (cfg.privacy follows them)
+    policy_notes: tuple[str, ...] = ()   # proposed privacy settings the site did not apply
+    deployed: bool = False    # a real hospital (node config names it), not a simulated profile
 
 
 def _hospital_identity(cfg: ExperimentConfig, node_config: Mapping, run_config: Mapping) -> tuple[str, Path]:
@@ -113,10 +118,12 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
     elif cfg.data.source == "synthetic" and name not in cfg.data.hospitals:
         raise ValueError(f"hospital {name!r} has no data-path and is not a synthetic profile in data.hospitals "
                          f"{cfg.data.hospitals}")
-    budget = float(node_config.get("epsilon", cfg.privacy.target_epsilon or 0.0))
-    delta = float(node_config.get("delta", cfg.privacy.delta))
-    if cfg.privacy.enabled and budget <= 0:
-        raise ValueError(f"hospital {name}: no privacy budget; set privacy.target_epsilon or node config epsilon")
+    policy = SitePolicy.for_site(node_config, cfg.privacy)
+    privacy, notes = policy.govern(cfg.privacy)
+    cfg = replace(cfg, privacy=privacy)
+    if notes:
+        log.warning("hospital %s trains at its own privacy settings (%s); the run's proposal was not applied: %s",
+                    name, policy.describe(), "; ".join(notes))
 
     model = _model(cfg)
     # a hospital's own images: frozen features cached in its state directory, never sent anywhere
@@ -128,7 +135,8 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
     val = with_frozen_features(model, splits["val"])
     log.info("hospital %s, stage %s (%s): %d train / %d val rows, ledger in %s", name, stage.name, stage.task,
              len(train), len(val), state_dir)
-    return Site(name, cfg, state_dir, budget, delta, model, model.trainable_spec(), train, val, stage)
+    return Site(name, cfg, state_dir, policy.epsilon or 0.0, policy.delta, model, model.trainable_spec(), train, val,
+                stage, policy, tuple(notes), deployed="hospital" in node_config)
 
 
 _SITES: dict[str, Site] = {}

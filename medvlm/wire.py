@@ -40,7 +40,7 @@ EVAL_METRIC_PATTERN = re.compile(
     r"report_total|bleu_(correct|total)_[1-4]|bleu_(sys|ref)_len|rouge_l_sum|finding/[A-Za-z0-9_:=. -]{1,40}_(tp|fp|fn)))$")
 # A hospital's status line: a closed vocabulary plus its name and a human-readable reason.
 STATUSES = frozenset({"trained", "budget-exhausted", "evaluated"})
-STATUS_KEYS = frozenset({"hospital", "status", "reason", "accountant"})
+STATUS_KEYS = frozenset({"hospital", "status", "reason", "accountant", "privacy"})
 
 
 def legacy_order(spec: Mapping[str, TensorSpec]) -> list[str]:

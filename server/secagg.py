@@ -31,13 +31,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from medvlm.model.vlm import TensorSpec
-from medvlm.wire import check_metrics, from_wire, legacy_order
+from medvlm.wire import STATUS_KEYS, check_metrics, from_wire, legacy_order
 from server.strategy import RoundReport, Screened
 
 log = logging.getLogger("medvlm.server")
-
-STATUS_KEYS = ("hospital", "status", "accountant")
-
 
 class _SecureRound(Strategy):
     """The legacy strategy SecAggPlusWorkflow drives for one round."""
@@ -76,8 +73,9 @@ class _SecureRound(Strategy):
             except ValueError as err:
                 entry.update(status="rejected", reason=str(err))
                 self.outer.report.rejected.append({"hospital": name, "node": int(proxy.node_id), "reason": str(err)})
-            if status.get("accountant"):
-                entry["accountant"] = status["accountant"]
+            for key in ("accountant", "privacy"):
+                if status.get(key):
+                    entry[key] = status[key]
             entry["bytes_up"] = sum(len(t) for t in res.parameters.tensors)   # the masked vector
             self.outer.report.hospitals[name] = entry
             examples += float(res.num_examples)

@@ -164,6 +164,9 @@ class Screened:
             entry = {"node": node, "status": status.get("status", "?"), **metrics}
             if status.get("accountant"):
                 entry["accountant"] = status["accountant"]
+            if status.get("privacy"):   # the site trained at its own privacy settings, not the run's
+                entry["privacy"] = status["privacy"]
+                log.warning("round %d: %s: %s", server_round, name, status["privacy"])
             if status.get("status") == "budget-exhausted":
                 log.warning("round %d: %s did not train: %s", server_round, name, status.get("reason", ""))
                 entry["reason"] = status.get("reason", "")

@@ -87,7 +87,7 @@ def test_a_hospital_caches_in_its_state_dir(dicom_folder, tmp_path):
     from client.site import build_site
 
     run_config = {"preset": "tiny", "overrides": shlex.join(TINY_OVERRIDES)}
-    node = {"hospital": "st-mary", "data-path": str(dicom_folder), "state-dir": str(tmp_path / "state")}
+    node = {"hospital": "st-mary", "data-path": str(dicom_folder), "state-dir": str(tmp_path / "state"), "epsilon": 8.0}
     site = build_site(run_config, node)
     entries = list((tmp_path / "state" / "features").glob("*/*/*.safetensors"))
     assert len(entries) == 5 and site.train.pixels.dim() == 3

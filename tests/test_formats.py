@@ -271,5 +271,5 @@ def test_the_client_refuses_a_broken_folder_with_the_same_lines(tmp_path, slake)
     assert errors and "train.json[2]" in errors[0]
     with pytest.raises(ManifestError) as info:
         build_site({"preset": "tiny", "overrides": shlex.join(TINY_OVERRIDES)},
-                   {"hospital": "h", "data-path": str(slake), "state-dir": str(tmp_path / "state")})
+                   {"hospital": "h", "data-path": str(slake), "state-dir": str(tmp_path / "state"), "epsilon": 8.0})
     assert info.value.problems == errors
