@@ -1,19 +1,21 @@
 """Start a hospital's SuperNode the secure way, after checking everything it will need.
 
-``medvlm-fl supernode --superlink coordinator:9092 --ca ca.crt --key keys/st-mary
---hospital st-mary --data-path /data/vqa/manifest.jsonl --state-dir /var/lib/medvlm`` checks that
-the CA certificate, the private key, the data manifest (every row, every image) and a writable
-state directory are there, then runs (and prints) ``flower-supernode`` with TLS, node
-authentication and a correctly quoted ``--node-config``. The SuperNode only dials out: the
-hospital opens no inbound port.
+``medvlm-fl supernode --superlink coordinator:9092 --ca ca.crt --key keys/st-mary --hospital st-mary
+--data-path /data/vqa/manifest.jsonl --state-dir /var/lib/medvlm --epsilon 8`` checks that the CA
+certificate, the private key, the data (every row, every image), a writable state directory and the
+hospital's privacy policy are there, sets up the privacy ledger, pins the installed app, then starts
+``flower-supernode`` with TLS, node authentication, ``--isolation process`` and a correctly quoted
+``--node-config``, and serves its tasks with the installed, sandboxed ClientApp (``client/pinned.py``).
+The SuperNode only dials out: the hospital opens no inbound port.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 log = logging.getLogger("medvlm.client")
 
@@ -48,12 +50,33 @@ def check_site(*, data_path: str | Path, state_dir: str | Path, data_format: str
     return len(manifest.rows)
 
 
+def site_policy(*, dp: bool = True, epsilon: Optional[float], delta: float = 1e-5, max_grad_norm: float = 1.0,
+                accountant: str = "rdp", min_noise: float = 0.0) -> dict[str, object]:
+    """The hospital's privacy policy as node-config keys (validated: a SuperNode without a budget is
+    refused here, before it connects)."""
+    from client.policy import SitePolicy
+
+    if dp and epsilon is None:
+        raise ValueError("a hospital sets its own privacy budget: pass --epsilon (e.g. --epsilon 8); the "
+                         "coordinator's run config cannot set or raise it. (--no-dp only if this hospital "
+                         "decides to train without differential privacy.)")
+    SitePolicy(dp=dp, epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm, accountant=accountant,
+               min_noise=min_noise, source="medvlm-fl supernode")
+    return {"dp": "on" if dp else "off", "epsilon": epsilon, "delta": delta, "max-grad-norm": max_grad_norm,
+            "accountant": accountant, "min-noise": min_noise or None}
+
+
 def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, state_dir: str | Path,
                       data_format: str = "auto",
                       ca: Optional[str | Path], key: Optional[str | Path], port: int,
                       device: Optional[str] = None, epsilon: Optional[float] = None,
-                      delta: Optional[float] = None, insecure: bool = False,
-                      stage_data: Optional[dict[str, str]] = None) -> list[str]:
+                      delta: float = 1e-5, insecure: bool = False,
+                      stage_data: Optional[dict[str, str]] = None, **policy: object) -> list[str]:
+    """Check the site, set up its ledger, and return the ``flower-supernode`` command (process
+    isolation: the site's launcher serves its tasks with the installed app)."""
+    from client.ledger import Ledger
+
+    node_policy = site_policy(epsilon=epsilon, delta=delta, **policy)   # refuses a missing budget first
     cmd = ["flower-supernode", "--superlink", superlink]
     if insecure:
         if ca or key:
@@ -75,13 +98,86 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
     for stage, path in (stage_data or {}).items():   # another folder for one curriculum stage
         rows = check_site(data_path=path, state_dir=state_dir, data_format=data_format)
         log.info("hospital %s, stage %s: %d data rows in %s", hospital, stage, rows, path)
+    if node_policy["dp"] == "on":
+        ledger, created = Ledger.init(state_dir, hospital=hospital, budget=float(epsilon), delta=float(delta),
+                                      accountant=str(node_policy["accountant"]),
+                                      max_grad_norm=float(node_policy["max-grad-norm"]))
+        log.info("hospital %s: privacy ledger %s (epsilon %.2f spent of %g)", hospital,
+                 "created" if created else "found", ledger.epsilon, ledger.budget)
+    else:
+        log.warning("hospital %s trains WITHOUT differential privacy (--no-dp): its updates are not DP", hospital)
     node_config = node_config_string({"hospital": hospital, "data-path": str(Path(data_path).resolve()),
                                       "data-format": None if data_format == "auto" else data_format,
                                       "state-dir": str(Path(state_dir).resolve()), "device": device,
-                                      "epsilon": epsilon, "delta": delta,
+                                      **node_policy,
                                       **{f"data-path-{stage}": str(Path(path).resolve())
                                          for stage, path in (stage_data or {}).items()}})
-    return cmd + ["--node-config", node_config, "--port", str(port)]
+    return cmd + ["--node-config", node_config, "--isolation", "process", "--port", str(port)]
+
+
+def task_command(cmd: Sequence[str], *, hospital: str, pin_dir: Path, app_digest: Optional[str] = None,
+                 sandbox: bool = True, read: Sequence[str] = (), key: Optional[str | Path] = None) -> list[str]:
+    """Pin the installed app and return the command that serves one task with it (``--token`` follows).
+    Refuses when the installation differs from a digest the hospital reviewed (``app_digest``), or when
+    the sandbox would leave the node's private key readable."""
+    import json
+
+    from flwr.common.config import parse_config_args
+
+    from client import pinned
+    from client.sandbox import SandboxUnavailable, abi_version, covering
+
+    files = pinned.installed_files()
+    ours = pinned.digest(files)
+    if app_digest and app_digest != ours:
+        raise ValueError(f"the installed app's digest is {ours}, not the {app_digest} this site pinned "
+                         "(--app-digest): its code changed since it was reviewed; reinstall the reviewed version")
+    pin = pinned.write_pin(pin_dir, files)
+    log.info("hospital %s runs only the installed app, digest %s (%d code files)", hospital, ours, len(files))
+    node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    box = "off"
+    if sandbox:
+        if abi_version() < 1:
+            raise SandboxUnavailable("this kernel has no Landlock, so the ClientApp cannot be confined to the data "
+                                     "and state folders; run on Linux >= 5.13, or pass --no-sandbox (the ClientApp "
+                                     "is still only the installed code; then keep the node key unreadable to this "
+                                     "user)")
+        readable, writable = pinned.sandbox_paths(node_config, extra_read=read)
+        if key is not None and (root := covering(key, readable + writable)):
+            raise ValueError(f"the node's private key {key} lies inside {root}, which the ClientApp may read: "
+                             "keep it in a folder of its own (outside the data, state, model and code folders)")
+        box = json.dumps({"read": readable, "write": writable})
+    else:
+        log.warning("hospital %s: the ClientApp runs without a sandbox (--no-sandbox)", hospital)
+    runtime = f"127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+    return [sys.executable, "-m", "client.pinned", "--runtime-api-address", runtime, "--pin", str(pin),
+            "--digest", ours, "--hospital", hospital, "--sandbox", box]
+
+
+def run_supernode(cmd: Sequence[str], task_argv: Sequence[str]) -> int:
+    """Start ``flower-supernode`` and serve its tasks with ``task_argv`` until it exits (its exit code)."""
+    import shutil
+    import signal
+    import subprocess
+
+    from client.pinned import serve
+
+    binary = shutil.which(cmd[0]) or str(Path(sys.executable).parent / cmd[0])
+    supernode = subprocess.Popen([binary, *cmd[1:]])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+    def stop(signum, _frame):
+        supernode.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        return serve(runtime_address=task_argv[task_argv.index("--runtime-api-address") + 1], supernode=supernode,
+                     task_argv=task_argv, env=env)
+    finally:
+        if supernode.poll() is None:
+            supernode.terminate()
+            supernode.wait(timeout=30)
 
 
 def _check_private_key(path: Path) -> None:

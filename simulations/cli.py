@@ -3,14 +3,17 @@
     medvlm-fl simulate [--config PRESET] [--run-dir DIR | --name NAME] [key=value ...]
     medvlm-fl certs --host NAME_OR_IP [--host ...] --out DIR [--force]   (coordinator: CA + SuperLink TLS)
     medvlm-fl node-key --name HOSPITAL --out DIR                        (hospital: node-auth key pair)
-    medvlm-fl superlink --certs DIR [--host H] [--port P]               (coordinator: TLS + node auth)
-    medvlm-fl supernode --superlink H:P --ca ca.crt --key KEY --hospital NAME --data-path M --state-dir D
+    medvlm-fl superlink --certs DIR [--host H] [--port P] [--control-port C]   (coordinator: TLS + node auth;
+                                                                         Control API on 127.0.0.1:C only)
+    medvlm-fl supernode --superlink H:P --ca ca.crt --key KEY --hospital NAME --data-path M --state-dir D --epsilon E
+    medvlm-fl ledger show|init|raise STATE_DIR                          (hospital: its privacy ledger)
     medvlm-fl build-foundation | train-local | evaluate   (see medvlm.cli)
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -68,32 +71,51 @@ def _node_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec(cmd: list[str], dry_run: bool) -> int:
-    """Print the Flower command, then become it (signals and exit codes are Flower's own)."""
-    import os
-    import shlex
-    import shutil
-
-    print(shlex.join(cmd), flush=True)
-    if dry_run:
-        return 0
-    binary = shutil.which(cmd[0]) or str(Path(sys.executable).parent / cmd[0])
-    os.execv(binary, cmd)
-    return 1  # not reached
-
-
 def _superlink(args: argparse.Namespace) -> int:
-    from server.deploy import superlink_command
+    """The SuperLink on the coordinator's loopback (Control API for its own `flwr`), and the gateway on
+    the public address (hospitals' Fleet API only): see server/gateway.py."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import threading
 
-    cmd = superlink_command(certs=args.certs, host=args.host, port=args.port, database=args.database,
+    from server.deploy import superlink_command
+    from server.gateway import serve_gateway
+
+    if args.control_port == args.port:
+        raise ValueError(f"--control-port must differ from --port ({args.port}): the Control API is not public")
+    cmd = superlink_command(certs=args.certs, host="127.0.0.1", port=args.control_port, database=args.database,
                             insecure=args.insecure)
-    if args.database and not args.dry_run:
+    control = f"127.0.0.1:{args.control_port}"
+    print(shlex.join(cmd), flush=True)
+    print(f"gateway {args.host}:{args.port} -> Fleet API of {control}; Control API (flwr run, flwr supernode "
+          f"register) only on {control}", flush=True)
+    if args.dry_run:
+        return 0
+    if args.database:
         Path(args.database).parent.mkdir(parents=True, exist_ok=True)
-    return _exec(cmd, args.dry_run)
+    link = subprocess.Popen([shutil.which(cmd[0]) or str(Path(sys.executable).parent / cmd[0]), *cmd[1:]])
+
+    def watch() -> None:    # the gateway stops with the SuperLink
+        link.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        serve_gateway(host=args.host, port=args.port, upstream=("http" if args.insecure else "https") + f"://{control}",
+                      control=control, certs=None if args.insecure else Path(args.certs))
+    finally:
+        if link.poll() is None:
+            link.terminate()
+            link.wait(timeout=30)
+    return link.returncode or 0
 
 
 def _supernode(args: argparse.Namespace) -> int:
-    from client.deploy import supernode_command
+    import tempfile
+
+    from client.deploy import run_supernode, supernode_command, task_command
 
     stage_data = {}
     for item in args.stage_data or []:
@@ -101,10 +123,50 @@ def _supernode(args: argparse.Namespace) -> int:
         if not sep or not stage or not path:
             raise ValueError(f"--stage-data {item!r}: use STAGE=PATH, e.g. align=/data/reports")
         stage_data[stage] = path
-    return _exec(supernode_command(superlink=args.superlink, hospital=args.hospital, data_path=args.data_path,
-                                   data_format=args.data_format, state_dir=args.state_dir, ca=args.ca, key=args.key, port=args.port,
-                                   device=args.device, epsilon=args.epsilon, delta=args.delta,
-                                   insecure=args.insecure, stage_data=stage_data), args.dry_run)
+    cmd = supernode_command(superlink=args.superlink, hospital=args.hospital, data_path=args.data_path,
+                            data_format=args.data_format, state_dir=args.state_dir, ca=args.ca, key=args.key,
+                            port=args.port, device=args.device, epsilon=args.epsilon, delta=args.delta,
+                            insecure=args.insecure, stage_data=stage_data, dp=not args.no_dp,
+                            max_grad_norm=args.max_grad_norm, accountant=args.accountant, min_noise=args.min_noise)
+    with tempfile.TemporaryDirectory(prefix="medvlm-pin-") as pin_dir:
+        task = task_command(cmd, hospital=args.hospital, pin_dir=Path(pin_dir), app_digest=args.app_digest,
+                            sandbox=not args.no_sandbox, read=args.read or (), key=args.key)
+        print(shlex.join(cmd), flush=True)
+        print("each task: " + shlex.join(task) + " --token ...", flush=True)
+        if args.dry_run:
+            return 0
+        return run_supernode(cmd, task)
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from client.ledger import LEDGER_FILE, Ledger
+
+    state = Path(args.state_dir)
+    if args.action == "init":
+        if args.epsilon is None or args.hospital is None:
+            raise ValueError("ledger init needs --hospital and --epsilon")
+        ledger, created = Ledger.init(state, hospital=args.hospital, budget=args.epsilon, delta=args.delta,
+                                      accountant=args.accountant, max_grad_norm=args.max_grad_norm)
+        print(f"{'created' if created else 'found'} {state / LEDGER_FILE}")
+    path = state / LEDGER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no privacy ledger in {state}")
+    import json
+
+    data = json.loads(path.read_text())
+    ledger = Ledger.open(state, hospital=data["hospital"], budget=data["budget"], delta=data["delta"],
+                         accountant=data["accountant"], max_grad_norm=data["max_grad_norm"], must_exist=True)
+    if args.action == "raise":
+        if args.epsilon is None:
+            raise ValueError("ledger raise needs --epsilon (the new budget) and --reason")
+        ledger.raise_budget(args.epsilon, reason=args.reason or "")
+        ledger.save(state)
+    print(f"{ledger.hospital}: epsilon {ledger.epsilon:.3f} spent of budget {ledger.budget:g} at delta "
+          f"{ledger.delta:g} ({ledger.accountant}); rounds {ledger.rounds}; {ledger.total_steps} DP-SGD steps; "
+          f"sigma {ledger.noise_multiplier}, q {ledger.sample_rate}")
+    for change in ledger.budget_changes:
+        print(f"  budget raised {change['from']:g} -> {change['to']:g} at {change['at']}: {change['reason']}")
+    return 0
 
 
 def _add_federation_commands(sub) -> None:
@@ -133,7 +195,10 @@ def _add_federation_commands(sub) -> None:
     p = sub.add_parser("superlink", help="coordinator: start Flower's SuperLink with TLS and node authentication")
     p.add_argument("--certs", help="folder from `medvlm-fl certs` (ca.crt, server.pem, server.key)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=9092, help="the one port hospitals and `flwr run` connect to")
+    p.add_argument("--port", type=int, default=9092, help="the public port hospitals' SuperNodes connect to")
+    p.add_argument("--control-port", type=int, default=9093,
+                   help="the SuperLink itself, on 127.0.0.1 only: the coordinator's `flwr run` / `flwr supernode` "
+                        "connect here (default 9093)")
     p.add_argument("--database", default="superlink-state/superlink.db",
                    help="SuperLink state (registered hospitals, runs) that survives a restart")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (closed test networks)")
@@ -152,13 +217,34 @@ def _add_federation_commands(sub) -> None:
     p.add_argument("--stage-data", action="append", metavar="STAGE=PATH",
                    help="another data folder for one curriculum stage (federation.stages), e.g. align=/data/reports")
     p.add_argument("--device", help="e.g. cuda:0 (default: the run config's train.device)")
-    p.add_argument("--epsilon", type=float, help="this hospital's privacy budget (default: privacy.target_epsilon)")
-    p.add_argument("--delta", type=float, help="default: privacy.delta")
+    p.add_argument("--epsilon", type=float, help="this hospital's privacy budget at --delta (required with DP; the "
+                                                 "coordinator can neither set nor raise it)")
+    p.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping bound (default 1.0)")
+    p.add_argument("--accountant", default="rdp", choices=["rdp", "prv", "gdp"], help="default rdp")
+    p.add_argument("--min-noise", type=float, default=0.0, help="floor on the noise multiplier (default 0)")
+    p.add_argument("--no-dp", action="store_true", help="this hospital decides to train WITHOUT differential privacy")
+    p.add_argument("--app-digest", help="refuse to start unless the installed app has this digest (the one reviewed)")
+    p.add_argument("--no-sandbox", action="store_true",
+                   help="run the ClientApp without Landlock confinement (kernels without Landlock)")
+    p.add_argument("--read", action="append", metavar="DIR",
+                   help="another folder the ClientApp may read, e.g. local model directories (repeatable)")
     p.add_argument("--port", type=int, default=9094, help="local port for the ClientApp runtime (one per SuperNode "
                                                           "on a machine; not opened to the network)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (closed test networks)")
     p.add_argument("--dry-run", action="store_true", help="check and print the flower-supernode command only")
     p.set_defaults(func=_supernode)
+
+    p = sub.add_parser("ledger", help="hospital: show, set up, or deliberately raise the on-site privacy ledger")
+    p.add_argument("action", choices=["show", "init", "raise"])
+    p.add_argument("state_dir", help="the hospital's state dir")
+    p.add_argument("--hospital", help="init: the hospital's name")
+    p.add_argument("--epsilon", type=float, help="init: the budget; raise: the new budget")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--accountant", default="rdp", choices=["rdp", "prv", "gdp"])
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--reason", help="raise: why (kept in the ledger)")
+    p.set_defaults(func=_ledger)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,6 +1,7 @@
 """Deployment tooling: the coordinator's CA + SuperLink certificate, hospitals' node keys, and the
 secure-by-default SuperLink/SuperNode command lines (the real processes run in test_deploy_e2e)."""
 
+import json
 import logging
 import stat
 
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.common.config import parse_config_args
 
 from client.deploy import node_config_string, supernode_command
+from client.ledger import LEDGER_FILE
 from client.keys import create_node_key
 from medvlm.data.synthetic import generate_hospital, write_manifest
 from server.certs import create_certificates
@@ -78,8 +80,11 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(private.resolve())
     node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])   # Flower's own parser
     assert node_config == {"hospital": "st-mary", "data-path": str(manifest.resolve()),
-                           "state-dir": str((tmp_path / "state").resolve()), "epsilon": 4.0}
-    assert (tmp_path / "state").is_dir()
+                           "state-dir": str((tmp_path / "state").resolve()), "epsilon": 4.0, "dp": "on",
+                           "delta": 1e-5, "max-grad-norm": 1.0, "accountant": "rdp"}   # the site's own policy
+    assert cmd[cmd.index("--isolation") + 1] == "process"            # the site serves its tasks itself
+    assert json.loads((tmp_path / "state" / LEDGER_FILE).read_text())["budget"] == 4.0   # ledger set up
+    common["epsilon"] = 4.0
     named = supernode_command(key=private, data_format="jsonl", **{**common, "data_path": manifest.parent})
     assert parse_config_args([named[named.index("--node-config") + 1]])["data-format"] == "jsonl"
     staged = supernode_command(key=private, stage_data={"align": str(manifest.parent)}, **common)
@@ -90,10 +95,19 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
     with pytest.raises(ValueError, match="not a slake folder"):        # the wrong format, before connecting
         supernode_command(key=private, data_format="slake", **{**common, "data_path": manifest.parent})
 
+    with pytest.raises(ValueError, match="--epsilon"):                 # no budget, no SuperNode
+        supernode_command(key=private, **{**common, "epsilon": None})
+    with pytest.raises(ValueError, match="never raised"):              # the ledger keeps its budget
+        supernode_command(key=private, **{**common, "epsilon": 50.0})
+    (tmp_path / "state" / LEDGER_FILE).unlink()                         # a lost ledger in a used state dir
+    (tmp_path / "state" / "features").mkdir()
+    with pytest.raises(ValueError, match="no privacy ledger"):
+        supernode_command(key=private, **common)
     with pytest.raises(ValueError, match="OpenSSH private key"):       # the .pub file by mistake
         supernode_command(key=private.with_suffix(".pub"), **common)
     with pytest.raises(ValueError, match="CA certificate"):
         supernode_command(key=None, **{**common, "ca": None})
+    common["state_dir"] = tmp_path / "state2"
     lines = manifest.read_text().splitlines()
     lines[2] = lines[2].replace('"question": "', '"question": "  ').replace('"answer_type": "closed"',
                                                                              '"answer_type": "maybe"')
