@@ -229,13 +229,21 @@ def test_two_hospitals_federate_over_tls_and_every_attack_is_refused(tmp_path):
         assert refused.returncode != 0 and "403" in refused.stdout + refused.stderr
         assert "gateway refused POST /v1/control/" in link_log.read_text()
 
-        # the coordinator proposes DP off and epsilon 50: the sites keep their own settings (budgets spent)
+        # the coordinator proposes DP off and epsilon 50: the sites keep their own settings (budgets spent);
+        # hospital-a has lost its ledger meanwhile: it refuses to train rather than start from zero
+        ledger_a = d.work / "state" / "hospital-a" / "privacy-ledger.json"
+        ledger_a.rename(ledger_a.with_suffix(".away"))
         weak = tmp_path / "runs" / "weak"
         d.run(f"flwr run . consortium --stream {_run_config(1, weak, ['privacy.enabled=false', 'privacy.target_epsilon=50'])}",
               cwd=ROOT, timeout=300)
-        hospitals = _records(weak)[1]["hospitals"]
-        assert {h["status"] for h in hospitals.values()} == {"budget-exhausted"}
-        assert all("privacy.enabled=False proposed, True applied" in h["privacy"] for h in hospitals.values())
+        record = _records(weak)[1]
+        assert record["hospitals"]["hospital-b"]["status"] == "budget-exhausted"
+        assert "privacy.enabled=False proposed, True applied" in record["hospitals"]["hospital-b"]["privacy"]
+        assert "privacy.target_epsilon=50.0 proposed, 4.0 applied" in record["hospitals"]["hospital-b"]["privacy"]
+        assert any("refused by hospital-a" not in f["reason"] and "is missing" in f["reason"] for f in record["failed"]), \
+            record["failed"]
+        assert not ledger_a.exists()                                  # nothing started a fresh ledger
+        ledger_a.with_suffix(".away").rename(ledger_a)
         assert {h: (d.work / "state" / h / "privacy-ledger.json").read_text() for h in ledgers} == ledgers
 
         # the coordinator runs a modified app that would ship an image: refused at both sites, before it runs
