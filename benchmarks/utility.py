@@ -1,22 +1,28 @@
-"""Utility: how close the federated, private model gets to pooling the data, side by side.
+"""Utility: does joining the federation pay, and how close does the private federation get to pooling
+the data? Side by side, in one run, every model scored on the same questions (every hospital's
+validation split, pooled; a hospital alone also on its own), per seed (data, federation and training
+seeds together):
 
-All on the default configuration (3 non-IID synthetic hospitals, the built-in foundation, the
-public start) and scored on the same questions (the hospitals' validation splits, pooled):
-
-    federated DP      the default federation: DP-SGD at each hospital, epsilon <= 8 each
-                      (and the same with bf16 / int8 transport and with FFA-LoRA: their accuracy cost)
-    pooled, no DP     one model trained on all hospitals' training data together, no DP, the same
-                      epochs (rounds x local epochs) and so the same number of passes over each example
-    local only (DP)   one hospital (general) alone with DP at epsilon 8, the same epochs
     start             the public start before any hospital data (round 0)
+    <h> alone (DP)    one hospital trained alone with DP-SGD at the configured epsilon, the same
+                      epochs (rounds x local epochs) and learning rate as in the federation
+    federated DP      the configured federation (DP-SGD at each hospital)
+    federated no DP   the same without DP
+    pooled no DP      one model on all hospitals' training data together, the same epochs
+    pooled DP         the same with DP-SGD at the configured epsilon
 
-    python -m benchmarks.utility [--variants fp32,bf16,int8,ffa] [overrides ...]
+Columns: accuracy overall, on the hospital-only question types (``data.hospital_only``: findings
+the public corpus lacks) and on the rest, the per-question majority of the training answers, epsilon.
+The summary lines give the issue's targets: federated DP - best hospital alone (DP), and federated DP
+/ pooled no DP, mean and spread over seeds.
+
+    python -m benchmarks.utility [--config tiny-consortium] [--seeds 0,1,2] [--variants fp32,bf16,int8,ffa] [overrides ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -26,71 +32,117 @@ VARIANTS = {"fp32": [], "bf16": ["federation.transport=bf16"], "int8": ["federat
             "ffa": ["model.lora.ffa=true"]}
 
 
-def central(cfg, *, hospitals, dp: bool) -> tuple[float, float]:
-    """Train one model on the given hospitals' pooled training data; (accuracy, baseline) on the
-    pooled validation split of every configured hospital."""
-    from medvlm.data.dataset import load_splits
-    from medvlm.evaluate import evaluate_with_baseline
+def _accuracy(counts: dict, qtypes) -> float | None:
+    correct = sum(v for k, v in counts.items() if k.endswith("_correct") and k.startswith("qtype/")
+                  and k[len("qtype/"):-len("_correct")] in qtypes)
+    total = sum(v for k, v in counts.items() if k.endswith("_total") and k.startswith("qtype/")
+                and k[len("qtype/"):-len("_total")] in qtypes)
+    return correct / total if total else None
+
+
+def score(model, val, train_rows, cfg) -> dict:
+    """Accuracy overall / on the hospital-only types / on the rest, and the majority's, from counts."""
+    from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES
+    from medvlm.evaluate import baseline_counts, evaluate_counts
+
+    counts = evaluate_counts(model, val, max_new_tokens=cfg.train.eval_max_new_tokens)
+    base = baseline_counts(val, train_rows)
+    qtypes = {k[len("qtype/"):-len("_total")] for k in counts if k.startswith("qtype/") and k.endswith("_total")}
+    only, rest = qtypes & set(HOSPITAL_ONLY_QTYPES), qtypes - set(HOSPITAL_ONLY_QTYPES)
+    return {"acc": _accuracy(counts, qtypes), "only": _accuracy(counts, only), "rest": _accuracy(counts, rest),
+            "base": _accuracy(base, qtypes), "base_only": _accuracy(base, only)}
+
+
+def trained(cfg, train, *, dp: bool):
+    """A fresh model (the configured start) trained on ``train`` for the federation's epochs and lr."""
     from medvlm.model.vlm import build_medvlm
     from medvlm.train import train_local
 
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
-    splits = load_splits(cfg.data, model.vision.preprocess)
-    val = splits["val"]
-    train = splits["train"] if hospitals is None else \
-        load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals)["train"]
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
-    privacy = replace(cfg.privacy, enabled=dp)
-    train_local(model, train, train=replace(cfg.train, epochs=epochs), privacy=privacy, progress=False)
-    result = evaluate_with_baseline(model, val, train.rows, max_new_tokens=cfg.train.eval_max_new_tokens)
-    return result["accuracy"], result["baseline"]["accuracy"]
+    lr = cfg.federation.lr or cfg.train.lr
+    result = train_local(model, train, train=replace(cfg.train, epochs=epochs, lr=lr),
+                         privacy=replace(cfg.privacy, enabled=dp), progress=False)
+    return model, (result.privacy.epsilon if result.privacy else None)
+
+
+def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path) -> dict[str, dict]:
+    from medvlm.config import load_config
+    from medvlm.data.dataset import load_splits
+    from medvlm.model.vlm import build_medvlm
+    from medvlm.runs import load_trainable
+    from simulations.inprocess import run_inprocess
+
+    cfg = load_config(preset, overrides)
+    start = build_medvlm(cfg.model, seed=cfg.federation.seed)
+    pooled = load_splits(cfg.data, start.vision.preprocess)
+    sites = {h: load_splits(cfg.data, start.vision.preprocess, hospitals=[h]) for h in cfg.data.hospitals}
+    val, rows = pooled["val"], pooled["train"].rows
+    out: dict[str, dict] = {"start": score(start, val, rows, cfg)}
+    for h, split in sites.items():
+        t0 = time.perf_counter()
+        model, eps = trained(cfg, split["train"], dp=True)
+        out[f"{h} alone (DP)"] = {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
+                                  "own": score(model, split["val"], split["train"].rows, cfg)["acc"]}
+    for name, extra in [(f"federated DP ({v})" if v != "fp32" else "federated DP", VARIANTS[v]) for v in variants] + \
+            [("federated no DP", ["privacy.enabled=false"])]:
+        t0 = time.perf_counter()
+        run = tmp / name.replace(" ", "-").replace("(", "").replace(")", "")
+        s = run_inprocess(preset, overrides + extra, run)
+        model = build_medvlm(cfg.model, seed=cfg.federation.seed)
+        load_trainable(model, run / "global")
+        out[name] = {**score(model, val, rows, cfg), "s": time.perf_counter() - t0,
+                     "eps": max(s["epsilon"].values()) if s.get("epsilon") else None,
+                     "bytes": s["bytes_sent_per_round"]}
+    for dp in (False, True):
+        t0 = time.perf_counter()
+        model, eps = trained(cfg, pooled["train"], dp=dp)
+        out["pooled DP" if dp else "pooled no DP"] = {**score(model, val, rows, cfg), "eps": eps,
+                                                      "s": time.perf_counter() - t0}
+    return out
+
+
+def _fmt(x, pct: bool = True) -> str:
+    return "-" if x is None else (f"{100 * x:.1f}" if pct else f"{x:.2f}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="fp32,bf16,int8,ffa", help=f"federations among {list(VARIANTS)}")
+    parser.add_argument("--config", default="tiny", help="preset (tiny-consortium: with hospital-only findings)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (data, federation and training)")
+    parser.add_argument("--variants", default="fp32", help=f"federated DP variants among {list(VARIANTS)}")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from medvlm.config import load_config
-    from simulations.inprocess import run_inprocess
-
-    cfg = load_config("tiny", args.overrides)
-    rows: dict[str, dict] = {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.variants.split(","):
-            t0 = time.perf_counter()
-            s = run_inprocess("tiny", list(args.overrides) + VARIANTS[name], Path(tmp) / name)
-            rows[f"federated DP ({name})"] = {"acc": s["final_accuracy"], "base": s["baseline_accuracy"],
-                                              "eps": max(s["epsilon"].values()), "s": time.perf_counter() - t0,
-                                              "bytes": s["bytes_sent_per_round"]}
-            first = json.loads((Path(tmp) / name / "metrics.jsonl").read_text().splitlines()[0])
-            rows.setdefault("start (round 0, public only)", {"acc": first["accuracy"], "base": first["baseline_accuracy"]})
-        t0 = time.perf_counter()
-        acc, base = central(cfg, hospitals=None, dp=False)
-        rows["pooled, no DP"] = {"acc": acc, "base": base, "s": time.perf_counter() - t0}
-        t0 = time.perf_counter()
-        acc, base = central(cfg, hospitals=[cfg.data.hospitals[0]], dp=True)
-        rows[f"local only: {cfg.data.hospitals[0]} (DP)"] = {"acc": acc, "base": base, "s": time.perf_counter() - t0,
-                                                             "eps": cfg.privacy.target_epsilon}
-    pooled = rows["pooled, no DP"]["acc"]
-    print(f"utility: {len(cfg.data.hospitals)} hospitals x {cfg.data.images_per_hospital} images, "
-          f"{cfg.federation.rounds} rounds x {cfg.federation.local_epochs:g} local epochs; accuracy on the pooled "
-          "validation questions")
-    print(f"{'variant':30s}{'accuracy':>10s}{'majority':>10s}{'vs pooled':>11s}{'epsilon':>9s}{'KiB up':>8s}"
-          f"{'seconds':>9s}")
-    for name, r in rows.items():
-        if r.get("acc") is None:
-            continue
-        eps = f"{r['eps']:.2f}" if r.get("eps") is not None else "-"
-        kib = f"{r['bytes'] / 1024:.0f}" if r.get("bytes") else "-"
-        base = f"{r['base']:.3f}" if r.get("base") is not None else "-"
-        secs = f"{r['s']:.0f}" if r.get("s") else "-"
-        print(f"{name:30s}{r['acc']:10.3f}{base:>10s}{r['acc'] / pooled:10.2f}x{eps:>9s}{kib:>8s}{secs:>9s}")
-    main_fed = next((r for n, r in rows.items() if n.startswith("federated")), None)
-    if main_fed:
-        ratio = main_fed["acc"] / pooled
-        print(f"federated DP / pooled non-DP = {ratio:.2f} (goal >= 0.9: {'met' if ratio >= 0.9 else 'not met'})")
+        for seed in seeds:
+            extra = [f"data.seed={seed}", f"federation.seed={seed}", f"train.seed={seed}"]
+            runs[seed] = one_seed(args.config, list(args.overrides) + extra, args.variants.split(","),
+                                  Path(tmp) / f"seed-{seed}")
+    names = list(runs[seeds[0]])
+    print(f"utility ({args.config} {' '.join(args.overrides)}): accuracy (%) on every hospital's validation "
+          f"questions, pooled; mean over seeds {seeds} (spread: max - min)")
+    print(f"{'model':26s}{'overall':>9s}{'spread':>8s}{'h-only':>8s}{'rest':>7s}{'own val':>9s}{'majority':>9s}"
+          f"{'maj h-only':>11s}{'epsilon':>9s}{'seconds':>9s}")
+    mean = lambda vals: statistics.mean(vals) if vals else None  # noqa: E731
+    for name in names:
+        rows = [runs[s][name] for s in seeds]
+        col = lambda key: mean([r[key] for r in rows if r.get(key) is not None])  # noqa: E731
+        accs = [r["acc"] for r in rows]
+        print(f"{name:26s}{_fmt(col('acc')):>9s}{_fmt(max(accs) - min(accs)):>8s}{_fmt(col('only')):>8s}"
+              f"{_fmt(col('rest')):>7s}{_fmt(col('own')):>9s}{_fmt(col('base')):>9s}{_fmt(col('base_only')):>11s}"
+              f"{_fmt(col('eps'), pct=False):>9s}{_fmt(col('s'), pct=False):>9s}")
+    gains = [runs[s]["federated DP"]["acc"] - max(r["acc"] for n, r in runs[s].items() if n.endswith("alone (DP)"))
+             for s in seeds]
+    ratios = [runs[s]["federated DP"]["acc"] / runs[s]["pooled no DP"]["acc"] if runs[s]["pooled no DP"]["acc"]
+              else float("nan") for s in seeds]
+    print(f"federated DP - best hospital alone (DP): {100 * mean(gains):+.1f} points "
+          f"(per seed {', '.join(f'{100 * g:+.1f}' for g in gains)}; goal >= +5 on every seed: "
+          f"{'met' if all(g >= 0.05 for g in gains) else 'not met'})")
+    print(f"federated DP / pooled no DP: {mean(ratios):.2f} (per seed {', '.join(f'{r:.2f}' for r in ratios)}; "
+          f"goal >= 0.9 on every seed: {'met' if all(r >= 0.9 for r in ratios) else 'not met'})")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     medvlm-fl build-foundation [--variant tiny|tiny-random] [--force]
     medvlm-fl train-local [--config PRESET] [--hospital NAME ...] [--no-dp] [key=value ...]
     medvlm-fl evaluate RUN_DIR [--split val|test]
-    medvlm-fl write-synthetic --hospital NAME --out DIR [--images N] [--seed S] [--image-format dicom]
+    medvlm-fl write-synthetic --hospital NAME --out DIR [--images N] [--seed S] [--image-format dicom] [--hospital-only]
     medvlm-fl check-data PATH [--format F] [--language en]
     medvlm-fl answer --run RUN_DIR --image PATH --question "..."  [--manifest DIR --out preds.jsonl]
     medvlm-fl report --run RUN_DIR --image PATH                   [--manifest DIR --out preds.csv]
@@ -242,7 +242,7 @@ def _write_synthetic(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "manifest.jsonl").exists() and not args.force:
         raise FileExistsError(f"{out / 'manifest.jsonl'} exists; pass --force to overwrite it")
-    data = generate_hospital(args.hospital, args.images, seed=args.seed)
+    data = generate_hospital(args.hospital, args.images, seed=args.seed, hospital_only=args.hospital_only)
     path = write_manifest(data, out, image_format=args.image_format)
     print(f"{args.hospital}: {args.images} {args.image_format} images, {len(data.rows)} questions -> {path}")
     return 0
@@ -324,6 +324,8 @@ def build_parser(extend: Optional[Callable] = None, description: str = __doc__) 
                                                "(a data folder for a SuperNode's data-path)")
     p.add_argument("--hospital", required=True, help="profile: general, oncology, cardiac, pediatric, ...")
     p.add_argument("--out", required=True, help="folder to write (images/ and manifest.jsonl)")
+    p.add_argument("--hospital-only", action="store_true",
+                   help="with the findings the public corpus lacks (pneumothorax, pacemaker; data.hospital_only)")
     p.add_argument("--images", type=int, default=400, help="number of images (about 9 questions each)")
     p.add_argument("--seed", type=int, default=0, help="data.seed the simulation uses for the same profile")
     p.add_argument("--image-format", default="png", choices=["png", "dicom"],

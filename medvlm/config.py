@@ -153,6 +153,9 @@ class DataConfig:
     # <profile>-<k> for the k-th site like a profile: many-hospital simulations)
     hospitals: list[str] = field(default_factory=lambda: ["general", "oncology", "cardiac"])
     images_per_hospital: int = 400   # each image carries several questions
+    # synthetic: hospitals also hold findings the public corpus lacks (pneumothorax, pacemaker) and
+    # are asked about them (question types in medvlm.data.synthetic.HOSPITAL_ONLY_QTYPES)
+    hospital_only: bool = False
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0

@@ -70,3 +70,35 @@ def test_write_manifest(tmp_path):
 def test_unknown_profile():
     with pytest.raises(ValueError, match="unknown hospital profile"):
         generate_hospital("mars", 2)
+
+
+def test_hospital_only_findings_exist_only_at_hospitals_and_only_when_asked():
+    from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES, public_corpus_text
+
+    plain, extended = generate_hospital("general", 60, seed=2), generate_hospital("general", 60, seed=2,
+                                                                                  hospital_only=True)
+    assert not {r["qtype"] for r in plain.rows} & set(HOSPITAL_ONLY_QTYPES)          # off: data as before
+    assert all(f.pneumothorax == "none" and not f.device for f in plain.findings)
+    assert set(HOSPITAL_ONLY_QTYPES) <= {r["qtype"] for r in extended.rows}
+    public = generate_hospital("public", 300, seed=0, hospital_only=True)            # the public corpus: never
+    assert all(f.pneumothorax == "none" and not f.device for f in public.findings)
+    assert np.array_equal(public.images, generate_hospital("public", 300, seed=0).images)
+    text = " ".join(public_corpus_text(public.findings))
+    assert "pneumothorax" not in text and "pacemaker" not in text
+    for r in extended.rows:                                                         # answers follow the findings
+        f = extended.findings[r["image_index"]]
+        if r["qtype"] == "pneumothorax":
+            assert r["answer"] == ("yes" if f.pneumothorax != "none" else "no")
+        if r["qtype"] == "device":
+            assert r["answer"] == ("yes" if f.device else "no") and ("pacemaker" in r["report"]) == f.device
+
+
+def test_no_hospital_holds_most_of_the_hospital_only_cases():
+    sites = {h: generate_hospital(h, 400, seed=0, hospital_only=True) for h in ("general", "oncology", "cardiac")}
+    cases = {h: sum((f.pneumothorax != "none") + f.device for f in d.findings) for h, d in sites.items()}
+    assert all(n < 0.5 * sum(cases.values()) for n in cases.values()), cases
+    assert not any(f.device for f in sites["oncology"].findings)                    # one site has none of one
+    saturated = lambda d, pick: np.mean([(d.images[i] >= 250).sum() for i, f in enumerate(d.findings)  # noqa: E731
+                                         if pick(f) and f.modality == "x-ray"])
+    general = sites["general"]                                                       # never stored inverted
+    assert saturated(general, lambda f: f.device) > saturated(general, lambda f: not f.device) + 15   # metal shows

@@ -187,8 +187,8 @@ def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[st
         return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
     merged: dict[str, list[VQARows]] = {"train": [], "val": [], "test": []}
     for name in hospitals or cfg.hospitals:
-        data = from_synthetic(generate_hospital(name, cfg.images_per_hospital, seed=cfg.seed), preprocess,
-                              task=cfg.task, qtypes=cfg.qtypes)
+        hospital = generate_hospital(name, cfg.images_per_hospital, seed=cfg.seed, hospital_only=cfg.hospital_only)
+        data = from_synthetic(hospital, preprocess, task=cfg.task, qtypes=cfg.qtypes)
         for split, part in split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                                       seed=cfg.seed).items():
             merged[split].append(part)

@@ -8,6 +8,14 @@ left, right), enlarged heart (yes/no); modality style x-ray / CT / MRI. Sides ar
 Hospital profiles vary scanner contrast, noise, intensity inversion, disease prevalence and
 modality mix, so hospitals are non-IID. The ``public`` profile is the corpus the built-in
 foundation models are pretrained on; it uses a seed stream disjoint from every hospital.
+
+Knowledge only the hospitals hold: a **pneumothorax** (one lung partly collapsed: a dark rim of
+air without lung, the collapsed lung brighter, a thin bright pleural line) and an implanted
+**pacemaker** (a bright metal box in the upper chest wall with a lead to the heart). The public
+corpus has neither finding, never asks about them and never names them in a report; the hospitals
+hold them in different shares (``HOSPITAL_ONLY_QTYPES``; the README has the table), so no hospital
+alone has many cases and one (oncology) has no pacemaker at all. They exist with
+``data.hospital_only=true`` (the ``tiny-consortium`` preset).
 """
 
 from __future__ import annotations
@@ -34,16 +42,23 @@ class HospitalProfile:
     noise: float = 0.04        # std of additive Gaussian noise (intensity in [0, 1])
     p_invert: float = 0.0      # probability an image is stored inverted (MONOCHROME1-like)
     stream: int = 0            # seed stream: hospitals never share one with the public corpus
+    p_pneumothorax: float = 0.0   # hospital-only findings (data.hospital_only; never in the public corpus)
+    p_device: float = 0.0
 
 
 PROFILES: dict[str, HospitalProfile] = {
     p.name: p
     for p in (
-        HospitalProfile("general", (0.7, 0.2, 0.1), 0.35, 0.3, 0.3, 1.0, 0.04, 0.0, stream=1),
-        HospitalProfile("oncology", (0.2, 0.7, 0.1), 0.7, 0.25, 0.15, 0.8, 0.05, 0.0, stream=2),
-        HospitalProfile("cardiac", (0.4, 0.1, 0.5), 0.2, 0.45, 0.65, 1.25, 0.03, 0.3, stream=3),
-        HospitalProfile("rural", (0.9, 0.1, 0.0), 0.35, 0.35, 0.35, 1.1, 0.09, 0.1, stream=4),
-        HospitalProfile("imaging", (0.2, 0.4, 0.4), 0.45, 0.35, 0.35, 0.9, 0.03, 0.05, stream=5),
+        HospitalProfile("general", (0.7, 0.2, 0.1), 0.35, 0.3, 0.3, 1.0, 0.04, 0.0, stream=1,
+                        p_pneumothorax=0.35, p_device=0.2),
+        HospitalProfile("oncology", (0.2, 0.7, 0.1), 0.7, 0.25, 0.15, 0.8, 0.05, 0.0, stream=2,
+                        p_pneumothorax=0.3, p_device=0.0),
+        HospitalProfile("cardiac", (0.4, 0.1, 0.5), 0.2, 0.45, 0.65, 1.25, 0.03, 0.3, stream=3,
+                        p_pneumothorax=0.15, p_device=0.45),
+        HospitalProfile("rural", (0.9, 0.1, 0.0), 0.35, 0.35, 0.35, 1.1, 0.09, 0.1, stream=4,
+                        p_pneumothorax=0.25, p_device=0.1),
+        HospitalProfile("imaging", (0.2, 0.4, 0.4), 0.45, 0.35, 0.35, 0.9, 0.03, 0.05, stream=5,
+                        p_pneumothorax=0.2, p_device=0.3),
         HospitalProfile("public", (0.34, 0.33, 0.33), 0.5, 0.5, 0.5, 1.0, 0.05, 0.15, stream=1000),
     )
 }
@@ -56,6 +71,8 @@ class Findings:
     nodule_side: str      # "left" | "right" | "" when no nodules
     effusion: str         # "none" | "left" | "right"
     cardiomegaly: bool
+    pneumothorax: str = "none"   # "none" | "left" | "right": hospital-only
+    device: bool = False         # an implanted pacemaker: hospital-only
 
     def abnormalities(self) -> list[str]:
         out = []
@@ -89,7 +106,11 @@ def sample_findings(rng: np.random.Generator, profile: HospitalProfile) -> Findi
     nodule_side = ("left", "right")[int(rng.integers(2))] if nodules else ""
     effusion = ("left", "right")[int(rng.integers(2))] if rng.random() < profile.p_effusion else "none"
     cardiomegaly = bool(rng.random() < profile.p_cardiomegaly)
-    return Findings(modality, nodules, nodule_side, effusion, cardiomegaly)
+    # hospital-only findings draw nothing where they cannot occur: the public stream stays as it was
+    pneumothorax = ("none" if not profile.p_pneumothorax or rng.random() >= profile.p_pneumothorax
+                    else ("left", "right")[int(rng.integers(2))])
+    device = bool(profile.p_device and rng.random() < profile.p_device)
+    return Findings(modality, nodules, nodule_side, effusion, cardiomegaly, pneumothorax, device)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -152,6 +173,25 @@ def render(findings: Findings, rng: np.random.Generator, profile: HospitalProfil
             placed.append((ny, nx))
             r = s * rng.uniform(0.055, 0.075)
             img[_ellipse(yy, xx, ny, nx, r, r)] = nod_t
+    if findings.pneumothorax != "none":   # the lung collapses towards the hilum: air rim, pleural line
+        ly, lx = lung_centres[findings.pneumothorax]
+        towards = -1.0 if findings.pneumothorax == "right" else 1.0     # lateral side of that lung
+        shrink = rng.uniform(0.5, 0.65)
+        cy2, cx2 = ly + lung_ry * (1 - shrink) * 0.5, lx - towards * lung_rx * (1 - shrink) * 0.6
+        collapsed = _ellipse(yy, xx, cy2, cx2, lung_ry * shrink, lung_rx * shrink)
+        rim = lung_masks[findings.pneumothorax] & ~collapsed
+        img[rim] = bg
+        line = _ellipse(yy, xx, cy2, cx2, lung_ry * shrink + 1.0, lung_rx * shrink + 1.0) & ~collapsed
+        img[line & lung_masks[findings.pneumothorax]] = 0.75
+        img[collapsed & lung_masks[findings.pneumothorax]] = min(1.0, lung_t + 0.25)
+    if findings.device:                    # pacemaker below the patient's left clavicle, lead to the heart
+        dy, dx = cy - s * (0.3 if style == "x-ray" else 0.32), cx + s * 0.27
+        box = (np.abs(yy - dy) <= s * 0.045) & (np.abs(xx - dx) <= s * 0.07)
+        img[box] = 1.0
+        for t in np.linspace(0.0, 1.0, 40):
+            y, x = int(round(dy + t * (hy - dy))), int(round(dx + t * (hx - dx)))
+            if 0 <= y < size and 0 <= x < size:
+                img[y, x] = 0.95
     # scanner: contrast curve, inversion, noise
     img = np.clip(img, 0.0, 1.0) ** profile.contrast
     if rng.random() < profile.p_invert:
@@ -170,13 +210,21 @@ def report_text(f: Findings) -> str:
         parts.append(f"{f.effusion} pleural effusion.")
     if f.cardiomegaly:
         parts.append("the heart is enlarged.")
+    if f.pneumothorax != "none":
+        parts.append(f"{f.pneumothorax} pneumothorax.")
+    if f.device:
+        parts.append("a pacemaker is in place.")
     if len(parts) == 1:
         parts.append("no acute findings.")
     return " ".join(parts)
 
 
-def questions(f: Findings) -> list[tuple[str, str, str, str]]:
-    """(question, answer, answer_type, qtype) for one image's findings."""
+HOSPITAL_ONLY_QTYPES = ("pneumothorax", "device")
+
+
+def questions(f: Findings, *, hospital_only: bool = False) -> list[tuple[str, str, str, str]]:
+    """(question, answer, answer_type, qtype) for one image's findings; ``hospital_only`` adds the
+    questions the public corpus never asks (``HOSPITAL_ONLY_QTYPES``)."""
     yn = lambda b: "yes" if b else "no"  # noqa: E731
     out = [
         ("is there a pleural effusion?", yn(f.effusion != "none"), "closed", "effusion"),
@@ -192,6 +240,9 @@ def questions(f: Findings) -> list[tuple[str, str, str, str]]:
                     "nodule_description"))
     if f.effusion != "none":
         out.append(("where is the effusion?", f"{f.effusion} lung base", "open", "effusion_location"))
+    if hospital_only:
+        out.append(("is there a pneumothorax?", yn(f.pneumothorax != "none"), "closed", "pneumothorax"))
+        out.append(("is there a pacemaker?", yn(f.device), "closed", "device"))
     return out
 
 
@@ -227,10 +278,14 @@ def site_names(n: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- generation
 def generate_hospital(profile: str | HospitalProfile, num_images: int, *, seed: int = 0,
-                      size: int = IMAGE_SIZE) -> SyntheticSet:
-    """Generate one hospital's images and questions, deterministically from (profile, seed)."""
+                      size: int = IMAGE_SIZE, hospital_only: bool = False) -> SyntheticSet:
+    """Generate one hospital's images and questions, deterministically from (profile, seed).
+    ``hospital_only``: with the findings and questions the public corpus lacks (pneumothorax,
+    pacemaker) at the profile's prevalence; without it, the data are exactly as before they existed."""
     if isinstance(profile, str):
         profile = resolve_profile(profile)
+    if not hospital_only:
+        profile = replace(profile, p_pneumothorax=0.0, p_device=0.0)
     root = np.random.SeedSequence([seed, profile.stream])
     images = np.empty((num_images, size, size), np.uint8)
     findings, rows = [], []
@@ -240,7 +295,7 @@ def generate_hospital(profile: str | HospitalProfile, num_images: int, *, seed: 
         images[i] = render(f, rng, profile, size)
         findings.append(f)
         report = report_text(f)
-        for q, a, atype, qtype in questions(f):
+        for q, a, atype, qtype in questions(f, hospital_only=hospital_only):
             rows.append({"image_index": i, "question": q, "answer": a, "answer_type": atype,
                          "qtype": qtype, "report": report, "modality": f.modality})
     return SyntheticSet(images, findings, rows)
