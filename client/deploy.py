@@ -125,7 +125,7 @@ def task_command(cmd: Sequence[str], *, hospital: str, pin_dir: Path, app_digest
     from flwr.common.config import parse_config_args
 
     from client import pinned
-    from client.sandbox import SandboxUnavailable, abi_version, covering
+    from client.sandbox import abi_version, covering
 
     files = pinned.installed_files()
     ours = pinned.digest(files)
@@ -138,7 +138,7 @@ def task_command(cmd: Sequence[str], *, hospital: str, pin_dir: Path, app_digest
     box = "off"
     if sandbox:
         if abi_version() < 1:
-            raise SandboxUnavailable("this kernel has no Landlock, so the ClientApp cannot be confined to the data "
+            raise ValueError("this kernel has no Landlock, so the ClientApp cannot be confined to the data "
                                      "and state folders; run on Linux >= 5.13, or pass --no-sandbox (the ClientApp "
                                      "is still only the installed code; then keep the node key unreadable to this "
                                      "user)")

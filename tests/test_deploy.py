@@ -116,3 +116,36 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
         supernode_command(key=private, **common)
     with pytest.raises(ValueError, match="double quote"):
         node_config_string({"hospital": 'a"b'})
+
+
+def test_the_launchers_dry_runs_and_the_ledger_command(tmp_path, capsys, caplog):
+    from simulations.cli import main
+
+    create_certificates(tmp_path / "certs", ["127.0.0.1"])
+    private, _ = create_node_key(tmp_path / "keys", "st-mary")
+    manifest = write_manifest(generate_hospital("general", 4, seed=0), tmp_path / "data")
+    state = tmp_path / "state"
+    assert main(["superlink", "--certs", str(tmp_path / "certs"), "--port", "9092", "--control-port", "9093",
+                 "--database", str(tmp_path / "db" / "s.db"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--host 127.0.0.1 --port 9093" in out and "Control API (flwr run, flwr supernode register) only on" in out
+    assert main(["superlink", "--certs", str(tmp_path / "certs"), "--port", "9092", "--control-port", "9092",
+                 "--dry-run"]) == 2 and "must differ" in caplog.text
+    args = ["supernode", "--superlink", "127.0.0.1:9092", "--ca", str(tmp_path / "certs" / "ca.crt"), "--key",
+            str(private), "--hospital", "st-mary", "--data-path", str(manifest), "--state-dir", str(state),
+            "--epsilon", "3", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "--isolation process" in out and "each task: " in out and "-m client.pinned" in out
+    assert '"write": ["' + str(state.resolve()) in out                    # the sandbox writes only there (+ cache)
+    inside = tmp_path / "data" / "keys"                                     # a key the ClientApp could read
+    create_node_key(inside, "st-mary")
+    assert main([*args[:5], "--key", str(inside / "st-mary"), *args[7:]]) == 2
+    assert "lies inside" in caplog.text
+
+    assert main(["ledger", "show", str(state)]) == 0
+    assert "epsilon 0.000 spent of budget 3" in capsys.readouterr().out
+    assert main(["ledger", "raise", str(state), "--epsilon", "5"]) == 2 and "needs a reason" in caplog.text
+    assert main(["ledger", "raise", str(state), "--epsilon", "5", "--reason", "ethics board"]) == 0
+    assert "budget raised 3 -> 5" in capsys.readouterr().out
+    assert json.loads((state / LEDGER_FILE).read_text())["budget"] == 5
