@@ -7,7 +7,7 @@ app that would ship a hospital's image. A second test captures a plaintext (``--
 the wire and looks for patient data in it.
 
 The commands are the documentation's own (``STEPS``; a fast test checks that docs/deploy.md shows
-each of them). Marked slow + deploy: about 5 minutes on 2 cores; every process is stopped at the end.
+each of them). Marked slow + deploy: about 7 minutes on 2 cores; every process is stopped at the end.
 """
 
 from __future__ import annotations
