@@ -71,7 +71,8 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
                       ca: Optional[str | Path], key: Optional[str | Path], port: int,
                       device: Optional[str] = None, epsilon: Optional[float] = None,
                       delta: float = 1e-5, insecure: bool = False,
-                      stage_data: Optional[dict[str, str]] = None, **policy: object) -> list[str]:
+                      stage_data: Optional[dict[str, str]] = None, labeler: Optional[str] = None,
+                      **policy: object) -> list[str]:
     """Check the site, set up its ledger, and return the ``flower-supernode`` command (process
     isolation: the site's launcher serves its tasks with the installed app)."""
     from client.ledger import Ledger
@@ -109,7 +110,7 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
     node_config = node_config_string({"hospital": hospital, "data-path": str(Path(data_path).resolve()),
                                       "data-format": None if data_format == "auto" else data_format,
                                       "state-dir": str(Path(state_dir).resolve()), "device": device,
-                                      **node_policy,
+                                      "labeler": labeler, **node_policy,
                                       **{f"data-path-{stage}": str(Path(path).resolve())
                                          for stage, path in (stage_data or {}).items()}})
     return cmd + ["--node-config", node_config, "--isolation", "process", "--port", str(port)]

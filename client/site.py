@@ -13,6 +13,7 @@ Node config keys (``flower-supernode --node-config '...'``; strings quoted):
     dp, epsilon, delta, max-grad-norm, accountant, min-noise
                                       the hospital's privacy policy (client/policy.py): in a
                                       deployment the run config's privacy.* is never applied
+    labeler    = "synthetic"          the report finding labeler (deployment: never data.labeler)
 
 In a simulation Flower injects ``partition-id``; hospital ``i`` is then profile ``data.hospitals[i]``
 and its state lives in ``<run-dir>/hospitals/<name>``.
@@ -111,6 +112,14 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
     cfg = for_stage(cfg, stage)
     if "device" in node_config:
         cfg = replace(cfg, train=replace(cfg.train, device=str(node_config["device"])))
+    site_notes = []
+    if "hospital" in node_config:
+        # a deployed site's finding labeler is its own: it turns the site's reports into the names of the
+        # counts it sends (a coordinator's "shlex:split" would send a count for every word of every report)
+        labeler = str(node_config.get("labeler", "synthetic"))
+        if cfg.data.labeler != labeler:
+            site_notes.append(f"data.labeler={cfg.data.labeler} proposed, {labeler} applied")
+        cfg = replace(cfg, data=replace(cfg.data, labeler=labeler))
     data_cfg = cfg.data
     path = node_config.get(f"data-path-{stage.name}", node_config.get("data-path"))
     if path is not None:
@@ -120,6 +129,7 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
                          f"{cfg.data.hospitals}")
     policy = SitePolicy.for_site(node_config, cfg.privacy)
     privacy, notes = policy.govern(cfg.privacy)
+    notes += site_notes
     cfg = replace(cfg, privacy=privacy)
     if notes:
         log.warning("hospital %s trains at its own privacy settings (%s); the run's proposal was not applied: %s",

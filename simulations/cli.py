@@ -126,7 +126,7 @@ def _supernode(args: argparse.Namespace) -> int:
     cmd = supernode_command(superlink=args.superlink, hospital=args.hospital, data_path=args.data_path,
                             data_format=args.data_format, state_dir=args.state_dir, ca=args.ca, key=args.key,
                             port=args.port, device=args.device, epsilon=args.epsilon, delta=args.delta,
-                            insecure=args.insecure, stage_data=stage_data, dp=not args.no_dp,
+                            insecure=args.insecure, stage_data=stage_data, labeler=args.labeler, dp=not args.no_dp,
                             max_grad_norm=args.max_grad_norm, accountant=args.accountant, min_noise=args.min_noise)
     with tempfile.TemporaryDirectory(prefix="medvlm-pin-") as pin_dir:
         task = task_command(cmd, hospital=args.hospital, pin_dir=Path(pin_dir), app_digest=args.app_digest,
@@ -224,6 +224,8 @@ def _add_federation_commands(sub) -> None:
     p.add_argument("--accountant", default="rdp", choices=["rdp", "prv", "gdp"], help="default rdp")
     p.add_argument("--min-noise", type=float, default=0.0, help="floor on the noise multiplier (default 0)")
     p.add_argument("--no-dp", action="store_true", help="this hospital decides to train WITHOUT differential privacy")
+    p.add_argument("--labeler", help="report finding labeler, package.module:function (default: synthetic); the "
+                                     "run config's data.labeler is never used at a deployed site")
     p.add_argument("--app-digest", help="refuse to start unless the installed app has this digest (the one reviewed)")
     p.add_argument("--no-sandbox", action="store_true",
                    help="run the ClientApp without Landlock confinement (kernels without Landlock)")

@@ -109,3 +109,18 @@ def test_a_deployed_site_without_its_ledger_does_not_train(deployed):
     with pytest.raises(ValueError, match="privacy ledger .* is missing"):
         train([])
     assert not (state / LEDGER_FILE).exists()
+
+
+def test_a_deployed_site_keeps_its_own_report_labeler(deployed, tmp_path):
+    """data.labeler names what evaluation counts are called: a coordinator's ``shlex:split`` would send a
+    count per word of the hospital's reports. A deployed site uses the labeler of its node config."""
+    from client.site import build_site
+
+    _, state = deployed
+    node = {"hospital": "st-mary", "data-path": str(tmp_path / "data" / "manifest.jsonl"), "state-dir": str(state),
+            "epsilon": 2.0}
+    run_config = {"preset": "tiny", "overrides": shlex.join(TINY_OVERRIDES + ["data.labeler=shlex:split"])}
+    site = build_site(run_config, node)
+    assert site.cfg.data.labeler == "synthetic"
+    assert "data.labeler=shlex:split proposed, synthetic applied" in site.policy_notes
+    assert build_site(run_config, {**node, "labeler": "shlex:split"}).cfg.data.labeler == "shlex:split"   # its own
