@@ -3,6 +3,7 @@ local data (charging the on-site ledger), or evaluate it, and reply through the 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
@@ -12,8 +13,10 @@ from typing import Mapping
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import rounds
 from client.egress import as_secure_fit_reply, reply_content
 from client.ledger import Ledger
+from client.rounds import request_key
 from client.site import get_site
 from medvlm.metrics import baseline_for, counts_for, load_labeler
 from medvlm.privacy import PrivacyBudgetExceeded
@@ -78,14 +81,21 @@ def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  #
     train_cfg = replace(cfg.train, epochs=float(round_cfg["local-epochs"]), lr=float(round_cfg["lr"]),
                         trainable=list(site.stage.trainable))
     sent, received, transport = _load_global(site, msg)
-    reply = _train(site, cfg, train_cfg, server_round, num_rounds, transport=transport, received=received)
+    reply = _train(site, cfg, train_cfg, server_round, num_rounds, transport=transport, received=received,
+                   key=request_key(sent, round_cfg))
     if SECURE_ARRAYS in msg.content.array_records:   # SecAgg+: secaggplus_mod masks this reply
         reply = as_secure_fit_reply(reply, sent=sent, spec=site.spec)
     return Message(reply, reply_to=msg)
 
 
+def _ledger_metrics(ledger: Ledger) -> dict[str, float]:
+    return {"epsilon": ledger.epsilon, "delta": ledger.delta, "budget": ledger.budget,
+            "noise-multiplier": ledger.noise_multiplier, "sample-rate": ledger.sample_rate,
+            "total-steps": ledger.total_steps, "max-grad-norm": ledger.max_grad_norm}
+
+
 def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transport: str = "fp32",
-           received: Mapping | None = None) -> RecordDict:
+           received: Mapping | None = None, key: str | None = None) -> RecordDict:
     from medvlm.train import planned_steps, train_local
 
     metrics: dict[str, float] = {"num-examples": len(site.train)}
@@ -95,6 +105,17 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
         ledger = Ledger.open(site.state_dir, hospital=site.name, budget=site.budget, delta=site.delta,
                              accountant=privacy.accountant, max_grad_norm=privacy.max_grad_norm,
                              must_exist=site.deployed)
+        again = rounds.kept(site.state_dir, ledger, server_round, key) if key else None
+        if again is not None:   # the coordinator lost our reply (a crash): the same update, nothing spent
+            state, kept_metrics = again
+            note = (f"round {server_round} was trained and charged for this same global state before; its kept "
+                    "update is sent again and no privacy is spent")
+            log.info("%s: %s", site.name, note)
+            metrics.update(kept_metrics)
+            metrics.update(_ledger_metrics(ledger))
+            return reply_content(kind="train", metrics=metrics, spec=site.spec, state=state, status=_status(
+                site, "trained", ledger, accountant=privacy.accountant, resent=note), transport=transport,
+                reference=received)
         sample_rate, steps = planned_steps(len(site.train), train_cfg)
         try:
             stage = site.stage      # each stage ends at its share of the budget (the last at all of it),
@@ -109,7 +130,7 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
             ledger.save(site.state_dir)
             metrics.update(epsilon=ledger.epsilon, budget=ledger.budget, delta=ledger.delta)
             return reply_content(kind="train", metrics=metrics, spec=site.spec, status=_status(
-                site, "budget-exhausted", reason=str(err)))
+                site, "budget-exhausted", ledger, reason=str(err)))
         privacy = replace(privacy, target_epsilon=None, noise_multiplier=sigma, delta=site.delta)
 
     result = train_local(site.model, site.train, train=train_cfg, privacy=privacy,
@@ -118,19 +139,23 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
     metrics.update({"train-loss": result.metrics["train_loss"], "steps": result.metrics["steps"],
                     "seconds": result.metrics["seconds"]})
     if ledger is not None:
-        ledger.record(history=result.accountant_state["history"], server_round=server_round)
+        if key:   # kept first, then charged: an update the ledger never charged is never sent again
+            rounds.keep(site.state_dir, server_round, key, result.state, metrics)
+        ledger.record(history=result.accountant_state["history"], server_round=server_round, key=key)
         ledger.save(site.state_dir)  # charged before anything is released
-        metrics.update({"epsilon": ledger.epsilon, "delta": ledger.delta, "budget": ledger.budget,
-                        "noise-multiplier": ledger.noise_multiplier, "sample-rate": ledger.sample_rate,
-                        "total-steps": ledger.total_steps, "max-grad-norm": ledger.max_grad_norm})
+        metrics.update(_ledger_metrics(ledger))
     return reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status=_status(
-        site, "trained", accountant=privacy.accountant if ledger else "none"), transport=transport, reference=received)
+        site, "trained", ledger, accountant=privacy.accountant if ledger else "none"), transport=transport,
+        reference=received)
 
 
-def _status(site, status: str, **extra: str) -> dict[str, str]:
+def _status(site, status: str, ledger: Ledger | None = None, **extra: str) -> dict[str, str]:
     """A reply's status line; it says plainly when the site trained at its own privacy settings rather
-    than the run's proposal."""
+    than the run's proposal, and carries the ledger's mechanisms (σ, q, steps per stage: what anyone
+    recomputes the site's epsilon from)."""
     out = {"hospital": site.name, "status": status, **extra}
+    if ledger is not None and ledger.history:
+        out["ledger"] = json.dumps(ledger.mechanisms(), separators=(",", ":"))
     if site.policy_notes:
         out["privacy"] = f"this site's policy applied: {site.policy.describe()}; not applied: " + \
             "; ".join(site.policy_notes)

@@ -39,6 +39,8 @@ class Ledger:
     rounds: list[int] = field(default_factory=list)   # server rounds this hospital trained in
     stage: Optional[str] = None      # the curriculum stage the mechanism above was fixed for
     budget_changes: list[dict] = field(default_factory=list)   # the site's own raises, with when and why
+    stage_mechanisms: dict = field(default_factory=dict)   # stage -> [noise multiplier, sample rate] fixed for it
+    kept: dict = field(default_factory=dict)   # str(server round) -> key of the request whose charged update is kept
 
     # ----------------------------------------------------------------------------- persistence
     @classmethod
@@ -147,6 +149,7 @@ class Ledger:
             steps=steps_per_round * rounds_left, accountant=self.accountant, history=self.history)
         self.noise_multiplier = max(self.noise_multiplier, min_noise)
         self.sample_rate, self.stage = sample_rate, stage
+        self.stage_mechanisms[stage] = [self.noise_multiplier, sample_rate]
         return self.noise_multiplier
 
     def epsilon_after(self, steps: int) -> float:
@@ -162,12 +165,30 @@ class Ledger:
                 f"{self.hospital}: {steps} more DP-SGD steps would take epsilon from {self.epsilon:.3f} to "
                 f"{after:.3f}, past this hospital's budget {self.budget:g} at delta={self.delta:g}")
 
-    def record(self, *, history: History, server_round: int) -> None:
+    def record(self, *, history: History, server_round: int, key: Optional[str] = None) -> None:
         """Adopt the accountant's history after a round. Opacus merges consecutive steps of one
-        mechanism into one entry, so the check is on what matters: spending never goes down."""
+        mechanism into one entry, so the check is on what matters: spending never goes down.
+        ``key``: the request this round answered (see ``client/rounds.py``); its kept update may be
+        sent again for the same request without being charged again."""
         new_total = int(sum(h[2] for h in history))
         if new_total < self.total_steps:
             raise ValueError(f"{self.hospital}: the accountant's history has {new_total} steps, fewer than the "
                              f"{self.total_steps} already in the ledger; refusing to rewrite recorded spending")
         self.history = [tuple(h) for h in history]
         self.rounds.append(server_round)
+        if key is not None:
+            self.kept[str(server_round)] = key
+
+    def mechanisms(self) -> list[dict]:
+        """The history as (noise multiplier, sample rate, steps) per run of one mechanism, each named by
+        the curriculum stage it was fixed for: exactly what recomputes ``epsilon``."""
+        out: list[dict] = []
+        for sigma, q, steps in self.history:
+            stage = next((name for name, (s, r) in self.stage_mechanisms.items()
+                          if math.isclose(s, sigma, rel_tol=1e-12) and math.isclose(r, q, rel_tol=1e-12)), None)
+            if out and (out[-1]["noise_multiplier"], out[-1]["sample_rate"]) == (sigma, q):
+                out[-1]["steps"] += int(steps)
+            else:
+                out.append({"stage": stage or self.stage or "main", "noise_multiplier": sigma, "sample_rate": q,
+                            "steps": int(steps)})
+        return out

@@ -40,7 +40,10 @@ EVAL_METRIC_PATTERN = re.compile(
     r"report_total|bleu_(correct|total)_[1-4]|bleu_(sys|ref)_len|rouge_l_sum|finding/[A-Za-z0-9_:=. -]{1,40}_(tp|fp|fn)))$")
 # A hospital's status line: a closed vocabulary plus its name and a human-readable reason.
 STATUSES = frozenset({"trained", "budget-exhausted", "evaluated"})
-STATUS_KEYS = frozenset({"hospital", "status", "reason", "accountant", "privacy"})
+STATUS_KEYS = frozenset({"hospital", "status", "reason", "accountant", "privacy", "resent", "ledger"})
+# "ledger": the hospital's DP mechanisms as JSON, [{stage, noise_multiplier, sample_rate, steps}, ...]
+MECHANISM_KEYS = frozenset({"stage", "noise_multiplier", "sample_rate", "steps"})
+STAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 
 
 def legacy_order(spec: Mapping[str, TensorSpec]) -> list[str]:
@@ -196,5 +199,32 @@ def check_status(status: Mapping[str, object]) -> None:
     if status.get("status") not in STATUSES:
         raise EgressError(f"status {status.get('status')!r} is not one of {sorted(STATUSES)}")
     for key, value in status.items():
-        if not isinstance(value, str) or len(value) > 500:
+        if not isinstance(value, str) or len(value) > (4000 if key == "ledger" else 500):
             raise EgressError(f"status field {key!r} must be a short string")
+    if "ledger" in status:
+        parse_mechanisms(status["ledger"])
+
+
+def parse_mechanisms(text: str) -> list[dict]:
+    """A status ``ledger`` field: a list of DP mechanisms, each exactly {stage, noise_multiplier,
+    sample_rate, steps} with finite numbers (nothing else can ride along in it)."""
+    import json
+
+    try:
+        items = json.loads(text)
+    except (TypeError, ValueError):
+        raise EgressError("status field 'ledger' is not JSON") from None
+    if not isinstance(items, list) or len(items) > 64:
+        raise EgressError("status field 'ledger' must be a list of at most 64 mechanisms")
+    out = []
+    for m in items:
+        if not isinstance(m, dict) or set(m) != MECHANISM_KEYS or not isinstance(m["stage"], str) \
+                or not STAGE_NAME.match(m["stage"]):
+            raise EgressError(f"status field 'ledger': each mechanism is exactly {sorted(MECHANISM_KEYS)}")
+        sigma, q, steps = m["noise_multiplier"], m["sample_rate"], m["steps"]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (sigma, q, steps)) \
+                or sigma < 0 or not 0 < q <= 1 or steps < 0 or int(steps) != steps:
+            raise EgressError(f"status field 'ledger': mechanism {m} has a value out of range")
+        out.append({"stage": m["stage"], "noise_multiplier": float(sigma), "sample_rate": float(q),
+                    "steps": int(steps)})
+    return out

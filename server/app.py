@@ -58,18 +58,14 @@ def round_record(server_round: int, report: RoundReport, train: Optional[MetricR
     return record
 
 
-def update_privacy(privacy: dict, report: RoundReport, delta: float, stage: str = "main") -> dict:
-    """Keep each hospital's latest privacy report, and its mechanism per curriculum stage
-    (noise multiplier, sample rate, steps): enough to recompute its epsilon."""
+def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
+    """Keep each hospital's latest privacy report with its mechanisms as its ledger states them
+    (noise multiplier, sample rate, steps per stage): exactly what recomputes its epsilon, whatever
+    rounds were resent, lost or resumed."""
     for name, h in report.hospitals.items():
         if "epsilon" not in h:
             continue
         previous = privacy.get(name, {})
-        mechanisms = {m["stage"]: dict(m) for m in previous.get("mechanisms", [])}
-        if "noise-multiplier" in h and "steps" in h:   # it trained (an update rejected later still spent)
-            m = mechanisms.setdefault(stage, {"stage": stage, "steps": 0})
-            m.update(noise_multiplier=h["noise-multiplier"], sample_rate=h.get("sample-rate"),
-                     steps=int(m["steps"] + h.get("steps", 0)))
         privacy[name] = {
             "epsilon": h["epsilon"], "delta": h.get("delta", delta), "budget": h.get("budget"),
             "noise_multiplier": h.get("noise-multiplier", previous.get("noise_multiplier")),
@@ -77,7 +73,7 @@ def update_privacy(privacy: dict, report: RoundReport, delta: float, stage: str 
             "steps": int(h.get("total-steps", previous.get("steps", 0))),
             "max_grad_norm": h.get("max-grad-norm", previous.get("max_grad_norm")),
             "accountant": h.get("accountant", previous.get("accountant")),
-            "mechanisms": list(mechanisms.values()),
+            "mechanisms": h.get("mechanisms", previous.get("mechanisms", [])),
         }
     return privacy
 
@@ -198,7 +194,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
             evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
                 strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
                 timeout=fed.timeout_s))
-        privacy = update_privacy(privacy, report, cfg.privacy.delta, stage=stage.name)
+        privacy = update_privacy(privacy, report, cfg.privacy.delta)
         record = tag(round_record(server_round, report, train_metrics, evaluation, privacy,
                                   time.perf_counter() - t0), stage)
         record["train_seconds"] = t_train    # sample -> train -> validate -> aggregate (evaluation excluded)

@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medvlm.model.vlm import TensorSpec
-from medvlm.wire import check_metrics, check_status, decode, encode, from_wire, to_wire
+from medvlm.wire import check_metrics, check_status, decode, encode, from_wire, parse_mechanisms, to_wire
 
 log = logging.getLogger("medvlm.server")
 
@@ -167,6 +167,14 @@ class Screened:
             if status.get("privacy"):   # the site trained at its own privacy settings, not the run's
                 entry["privacy"] = status["privacy"]
                 log.warning("round %d: %s: %s", server_round, name, status["privacy"])
+            if status.get("resent"):    # asked again for a round it had trained: its kept update, nothing spent
+                entry["resent"] = True
+                log.info("round %d: %s: %s", server_round, name, status["resent"])
+            if status.get("ledger"):
+                try:
+                    entry["mechanisms"] = parse_mechanisms(status["ledger"])
+                except ValueError as err:
+                    log.warning("round %d: %s: unreadable ledger in the reply: %s", server_round, name, err)
             if status.get("status") == "budget-exhausted":
                 log.warning("round %d: %s did not train: %s", server_round, name, status.get("reason", ""))
                 entry["reason"] = status.get("reason", "")

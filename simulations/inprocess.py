@@ -20,15 +20,18 @@ def set_task_identity() -> None:
 
 
 class Killed(Exception):
-    """The coordinator process died (kill -9, power cut) at the start of a round."""
+    """The coordinator process died (kill -9, power cut) at the start of a round, or after the
+    hospitals trained it but before their replies were aggregated."""
 
 
 class InProcessGrid(Grid):
     def __init__(self, nodes: dict[int, dict], handlers: dict[str, Handler],
                  run_config: Optional[dict] = None, overrides: Optional[dict[int, dict[str, Handler]]] = None,
-                 kill_at_round: Optional[int] = None, silent: Optional[set[int]] = None):
+                 kill_at_round: Optional[int] = None, silent: Optional[set[int]] = None,
+                 kill_after_training: Optional[int] = None):
         set_task_identity()
         self.kill_at_round = kill_at_round
+        self.kill_after_training = kill_after_training   # dies once the hospitals trained this round, replies lost
         self.silent = silent or set()          # nodes whose replies never arrive (a timeout)
         self.nodes = nodes                     # node id -> node config
         self.handlers = handlers               # "train" / "evaluate" -> handler
@@ -60,6 +63,9 @@ class InProcessGrid(Grid):
             except Exception as err:  # noqa: BLE001 - what Flower does with a crashing ClientApp
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             replies.append(reply)
+            if self.kill_after_training and msg.metadata.message_type == "train" and \
+                    int(config.get("server-round", 0)) >= self.kill_after_training and len(replies) == len(self.nodes):
+                raise Killed(f"killed in round {self.kill_after_training} after the hospitals trained")
         self.received += replies
         return replies
 

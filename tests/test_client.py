@@ -93,3 +93,75 @@ def test_egress_guard_refuses_anything_but_allowed_parts(tiny_model):
         reply_content(**{**ok, "kind": "evaluate", "metrics": {"num-examples": 3}}, state=state)
     with pytest.raises(EgressError, match="not allowed"):
         reply_content(**{**ok, "status": {"hospital": "h", "status": "trained", "report": "a text"}}, state=state)
+
+
+def test_a_round_asked_again_is_resent_not_trained_and_charged_again(run, monkeypatch):
+    """A coordinator that lost the replies (crash, resume from its checkpoint) asks again for the same
+    round with the same global state: the hospital sends the update it kept and spends nothing."""
+    from client import rounds
+    from medvlm.privacy import epsilon
+    from medvlm.wire import parse_mechanisms
+
+    message, context, state, ledger_dir = run
+    first = client_app.train(message("train"), context)
+    charged = json.loads((ledger_dir / LEDGER_FILE).read_text())
+    calls = []
+    monkeypatch.setattr("medvlm.train.train_local", lambda *a, **k: calls.append(1) or pytest.fail("trained again"))
+    again = client_app.train(message("train"), context)
+    assert not calls
+    ledger = json.loads((ledger_dir / LEDGER_FILE).read_text())
+    assert ledger["rounds"] == [1] and ledger["history"] == charged["history"]
+    status = dict(again.content.config_records["status"])
+    assert status["status"] == "trained" and "no privacy is spent" in status["resent"]
+    for name in state:
+        assert np.array_equal(again.content.array_records["arrays"][name].numpy(),
+                              first.content.array_records["arrays"][name].numpy())
+    m1, m2 = (dict(r.content.metric_records["metrics"]) for r in (first, again))
+    assert m1["epsilon"] == m2["epsilon"] and m1["steps"] == m2["steps"]
+    # the reply's ledger recomputes the ledger's epsilon exactly
+    mechanisms = parse_mechanisms(status["ledger"])
+    history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in mechanisms]
+    assert epsilon(history, delta=ledger["delta"], accountant=ledger["accountant"]) == pytest.approx(m2["epsilon"])
+
+    # another global state for the same round is a new release: trained and charged
+    monkeypatch.undo()
+    changed = {k: (v + 0.01 if k.startswith("fusion.") else v) for k, v in state.items()}
+    msg = message("train")
+    msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in to_wire(changed).items()})
+    client_app.train(msg, context)
+    assert json.loads((ledger_dir / LEDGER_FILE).read_text())["rounds"] == [1, 1]
+    # an update kept but never charged (a crash between the two writes) is never sent
+    ledger = json.loads((ledger_dir / LEDGER_FILE).read_text())
+    ledger["kept"] = {}
+    (ledger_dir / LEDGER_FILE).write_text(json.dumps(ledger))
+    assert rounds.kept(ledger_dir, type("L", (), {"kept": {}, "hospital": "cardiac"})(), 1, "x") is None
+    third = client_app.train(msg, context)     # not resent: it would train, and the 2-round budget is spent
+    status = dict(third.content.config_records["status"])
+    assert "resent" not in status and status["status"] == "budget-exhausted"
+
+
+def test_a_hospital_that_fails_mid_round_charges_nothing(run, monkeypatch):
+    message, context, _, ledger_dir = run
+    client_app.train(message("train"), context)
+    before = (ledger_dir / LEDGER_FILE).read_text()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr("medvlm.train.train_local", crash)
+    with pytest.raises(RuntimeError):
+        client_app.train(message("train", server_round=2), context)
+    assert (ledger_dir / LEDGER_FILE).read_text() == before
+
+
+def test_the_reply_ledger_field_carries_only_mechanisms():
+    from medvlm.wire import check_status
+
+    good = json.dumps([{"stage": "vqa", "noise_multiplier": 0.6, "sample_rate": 0.01, "steps": 10}])
+    check_status({"hospital": "a", "status": "trained", "ledger": good})
+    for bad in ("not json", json.dumps([{"stage": "vqa", "noise_multiplier": 0.6, "sample_rate": 0.01, "steps": 10,
+                                         "image": "AAAA"}]),
+                json.dumps([{"stage": "vqa", "noise_multiplier": float("nan"), "sample_rate": 0.01, "steps": 1}]),
+                json.dumps([{"stage": "a b/c", "noise_multiplier": 1, "sample_rate": 0.01, "steps": 1}])):
+        with pytest.raises(EgressError):
+            check_status({"hospital": "a", "status": "trained", "ledger": bad})

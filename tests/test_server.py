@@ -67,7 +67,8 @@ def test_only_valid_updates_are_averaged_and_every_rejection_has_a_reason():
 def federation(tmp_path):
     overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]", "federation.local_epochs=1"]
 
-    def start(rounds: int, *, extra=(), crash_node=None, run_dir=None, kill_at_round=None, silent=None):
+    def start(rounds: int, *, extra=(), crash_node=None, run_dir=None, kill_at_round=None, silent=None,
+              kill_after_training=None):
         run_config = {"preset": "tiny", "overrides": shlex.join(overrides + list(extra))}
         cfg = load_config("tiny", overrides + list(extra) + [f"federation.rounds={rounds}"])
         nodes = {10 + i: {"partition-id": i} for i in range(3)}
@@ -77,7 +78,7 @@ def federation(tmp_path):
 
         grid = InProcessGrid(nodes, {"train": client_app.train, "evaluate": client_app.evaluate}, run_config,
                              overrides={crash_node: {"train": crash}} if crash_node else None,
-                             kill_at_round=kill_at_round, silent=silent)
+                             kill_at_round=kill_at_round, silent=silent, kill_after_training=kill_after_training)
         summary = run_federation(grid, cfg, run_dir or tmp_path / "run")
         return summary, grid
     return start, tmp_path / "run"
@@ -111,6 +112,31 @@ def test_federation_runs_checkpoints_and_resumes_with_ledgers_intact(federation,
     assert (run_dir / "plots.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="train.lr"):               # resuming with another experiment
         start(3, extra=["train.lr=0.5"])
+
+
+def test_a_coordinator_crash_after_the_hospitals_trained_costs_no_privacy_twice(federation):
+    """Killed once every hospital trained round 2 (and charged it) but before their replies were
+    aggregated: the resumed coordinator asks for round 2 again with the same state, and each hospital
+    sends its kept update. Each ledger records round 2 once, and the summary's mechanisms recompute
+    each ledger's epsilon exactly."""
+    from medvlm.privacy import epsilon
+
+    start, run_dir = federation
+    with pytest.raises(Killed):
+        start(2, kill_after_training=2)
+    charged = {h: json.loads((run_dir / "hospitals" / h / "privacy-ledger.json").read_text())
+               for h in ("general", "oncology", "cardiac")}
+    assert all(led["rounds"] == [1, 2] for led in charged.values())
+    summary, grid = start(2)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["round"] == 2 and all(h.get("resent") for h in record["hospitals"].values())
+    for h, before in charged.items():
+        after = json.loads((run_dir / "hospitals" / h / "privacy-ledger.json").read_text())
+        assert after["rounds"] == [1, 2] and after["history"] == before["history"]
+        p = summary["privacy"][h]
+        history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in p["mechanisms"]]
+        assert sum(m["steps"] for m in p["mechanisms"]) == p["steps"] == sum(x[2] for x in after["history"])
+        assert epsilon(history, delta=p["delta"], accountant=p["accountant"]) == pytest.approx(p["epsilon"], abs=1e-9)
 
 
 def test_a_crashing_hospital_does_not_stop_the_federation(federation):
