@@ -296,7 +296,8 @@ class FederationConfig:
     lr: Optional[float] = None       # local learning rate in rounds (default: train.lr)
     fraction_train: float = 1.0      # share of connected hospitals sampled per round
     fraction_evaluate: float = 1.0
-    min_nodes: int = 1               # wait for at least this many hospitals; rounds go on with fewer replies
+    min_nodes: int = 1               # a round starts once this many hospitals are connected; it goes on with fewer replies
+    node_wait_s: float = 600.0       # ... waiting at most this long for them, then the run stops saying who is missing
     timeout_s: float = 600.0         # a hospital that has not replied by then is left out of the round
     max_update_mb: float = 64.0      # a reply larger than this is rejected unread
     seed: int = 0                    # initial global state
@@ -342,6 +343,7 @@ class FederationConfig:
                "must be in [0, 1]")
         _check(self.min_nodes >= 1, "federation.min_nodes", self.min_nodes, "must be >= 1")
         _check(self.timeout_s > 0, "federation.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.node_wait_s >= 0, "federation.node_wait_s", self.node_wait_s, "must be >= 0")
         _check(self.max_update_mb > 0, "federation.max_update_mb", self.max_update_mb, "must be > 0")
 
 

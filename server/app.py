@@ -52,6 +52,7 @@ def round_record(server_round: int, report: RoundReport, train: Optional[MetricR
         "budget": {name: p.get("budget") for name, p in privacy.items()},
         "examples": {name: h.get("num-examples") for name, h in report.hospitals.items()},
         "hospitals": report.hospitals, "rejected": report.rejected, "failed": report.failed,
+        "evaluated_hospitals": sorted(report.evaluation), "evaluation_asked": report.evaluation_asked,
         "bytes_up": sum(h.get("bytes_up", 0) for h in report.hospitals.values()),
         "bytes_down": report.bytes_down, "bytes_down_evaluate": report.bytes_down_evaluate, "seconds": seconds,
     })
@@ -155,16 +156,25 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     def tag(record: dict, stage: Stage) -> dict:
         return {"round": record["round"], "stage": stage.name, "task": stage.task, **record}
 
-    if not records and fed.fraction_evaluate > 0:   # round 0: where the federation starts from
+    def evaluate_start() -> None:   # round 0: where the federation starts from
         t0 = time.perf_counter()
         strategy.report = RoundReport()
-        evaluation = strategy.aggregate_evaluate(0, grid.send_and_receive(
-            strategy.configure_evaluate(0, arrays, stage_config(stage_at(cfg, 0)), grid), timeout=fed.timeout_s))
+        evaluation = strategy.aggregate_evaluate(0, strategy.exchange(
+            grid, strategy.configure_evaluate(0, arrays, stage_config(stage_at(cfg, 0)), grid), timeout=fed.timeout_s,
+            server_round=0, phase="evaluate"))
         record = tag(round_record(0, strategy.report, None, evaluation, privacy, time.perf_counter() - t0),
                      stage_at(cfg, 0))
         checkpoints.save(0, state, {"config": to_dict(cfg), "records": rounds.records + [record], "privacy": privacy})
         rounds.add(record)
+
     for server_round in range(first, fed.rounds + 1):
+        short = wait_for_hospitals(grid, strategy.origins.names, min_nodes=fed.min_nodes, wait_s=fed.node_wait_s)
+        if short:
+            stopped = f"stopped before round {server_round}: {short}"
+            log.error("%s", stopped)
+            break
+        if not rounds.records and fed.fraction_evaluate > 0:
+            evaluate_start()
         t0 = time.perf_counter()
         stage = stage_at(cfg, server_round)
         if server_round == stage.first_round and len(stages(cfg)) > 1:
@@ -172,28 +182,23 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
                      stage.first_round, stage.last_round)
         round_config = stage_config(stage)
         if fed.secure_aggregation == "secagg+":   # the coordinator sees only the mean update
-            messages, replies = [], []
             new_arrays, train_metrics = secure_train_round(
                 grid, strategy, arrays, server_round=server_round, config=round_config, spec=spec,
                 clipping_range=fed.secagg_clipping_range, timeout=fed.timeout_s)
         else:
-            messages = list(aggregator.configure_train(server_round, arrays, ConfigRecord(dict(round_config)), grid))
-            replies = list(grid.send_and_receive(messages, timeout=fed.timeout_s))
+            messages = aggregator.configure_train(server_round, arrays, ConfigRecord(dict(round_config)), grid)
+            replies = strategy.exchange(grid, messages, timeout=fed.timeout_s, server_round=server_round,
+                                        phase="train")   # the round goes on without those that did not reply
             accepted = strategy.screen(server_round, replies)   # before anything (clipping) touches an update
             new_arrays, train_metrics = aggregator.aggregate_train(server_round, accepted)
         report = strategy.report
-        silent = sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
-        for node in silent:   # no reply within federation.timeout_s: the round went on without it
-            log.warning("round %d: node %d did not reply within %.0fs", server_round, node, fed.timeout_s)
-            report.failed.append({"hospital": f"node-{node}", "node": node,
-                                  "reason": f"no reply within federation.timeout_s={fed.timeout_s:g}"})
         if new_arrays is not None:
             arrays = new_arrays
         evaluation, t_train = None, time.perf_counter() - t0
         if fed.fraction_evaluate > 0:
-            evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
-                timeout=fed.timeout_s))
+            evaluation = strategy.aggregate_evaluate(server_round, strategy.exchange(
+                grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
+                timeout=fed.timeout_s, server_round=server_round, phase="evaluate"))
         privacy = update_privacy(privacy, report, cfg.privacy.delta)
         record = tag(round_record(server_round, report, train_metrics, evaluation, privacy,
                                   time.perf_counter() - t0), stage)
@@ -213,6 +218,22 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     summary = describe(stopped)
     write_summary(run_dir, summary)
     return summary
+
+
+def wait_for_hospitals(grid: Grid, names: Mapping[int, str], *, min_nodes: int, wait_s: float,
+                       poll_s: float = 2.0) -> Optional[str]:
+    """Wait at most ``wait_s`` for ``min_nodes`` hospitals to be connected (Flower's own sampling would
+    wait for ever). None when they are; else the reason, naming the hospitals seen before that are gone."""
+    deadline = time.monotonic() + wait_s
+    while len(nodes := set(grid.get_node_ids())) < min_nodes:
+        if time.monotonic() >= deadline:
+            missing = sorted(f"{name} (node {node})" for node, name in names.items() if node not in nodes)
+            return (f"{len(nodes)} of federation.min_nodes={min_nodes} hospitals connected after waiting "
+                    f"federation.node_wait_s={wait_s:g} s" + (f"; not connected: {', '.join(missing)}" if missing else ""))
+        log.info("waiting for hospitals: %d connected, federation.min_nodes=%d (at most %.0f s more)", len(nodes),
+                 min_nodes, max(0.0, deadline - time.monotonic()))
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    return None
 
 
 def trainable_parts(model) -> dict:

@@ -53,17 +53,48 @@ class RoundReport:
     bytes_down: int = 0                                       # train messages
     bytes_down_evaluate: int = 0                              # evaluate messages
     evaluation: dict[str, dict] = field(default_factory=dict)  # name -> summed counts
+    evaluation_asked: int = 0                                 # hospitals asked to evaluate
 
 
-def _node_name(msg: Message) -> tuple[str, int]:
-    node = int(msg.metadata.src_node_id)
-    if not msg.has_content():
-        return f"node-{node}", node
-    try:
-        name = str(msg.content.config_records["status"]["hospital"])
-    except (KeyError, TypeError, AttributeError):
-        name = f"node-{node}"
-    return name, node
+# Flower's error codes (flwr.common.constant.ErrorCode) as the reason a hospital's reply is missing
+_ERROR_KINDS = {1: "crashed (its app failed to load)", 2: "crashed", 3: "reply lost", 4: "reply expired before it "
+                "was collected", 5: "node unavailable (its SuperNode stopped sending heartbeats: stopped, killed or "
+                "cut off)", 6: "refused by a mod", 7: "refused the app bundle", 8: "crashed (its app process died)"}
+
+
+def failure_reason(error) -> str:
+    """One line: what kind of failure (Flower's error code) and its message."""
+    kind = _ERROR_KINDS.get(int(error.code), f"error code {error.code}")
+    detail = str(error.reason or "").strip()
+    return f"{kind}: {detail}" if detail and int(error.code) != 5 else kind
+
+
+class Origins:
+    """Which hospital each reply answers for. A reply names its sender, except the SuperLink's own
+    error replies (node unavailable, reply expired), which come from the SuperLink: those are matched
+    to the message they answer. Names are learned from the hospitals' replies."""
+
+    def __init__(self) -> None:
+        self.asked: dict[str, int] = {}       # message id -> node it was sent to
+        self.names: dict[int, str] = {}       # node -> hospital
+
+    def sent(self, messages: Iterable[Message]) -> None:
+        self.asked.update({m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages
+                           if m.metadata.message_id})
+
+    def node(self, msg: Message) -> int:
+        return self.asked.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+
+    def __call__(self, msg: Message) -> tuple[str, int]:
+        node = self.node(msg)
+        if msg.has_content():
+            try:
+                self.names[node] = str(msg.content.config_records["status"]["hospital"])
+            except (KeyError, TypeError, AttributeError):
+                pass
+        return self.names.get(node, f"node-{node}"), node
+
+
 
 
 def sum_counts(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -96,6 +127,35 @@ class Screened:
         self.master: dict[str, torch.Tensor] = {}
         self.report = RoundReport()
         self._screened: set[int] = set()
+        self.origins = Origins()
+
+    def exchange(self, grid: Grid, messages: Iterable[Message], *, timeout: float, server_round: int,
+                 phase: str) -> list[Message]:
+        """Send, wait for the replies (at most ``timeout`` s), and record once, with the true reason,
+        each hospital asked that neither replied nor was reported failed by the SuperLink."""
+        messages = list(messages)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))   # ... once every reply is in
+        if phase == "evaluate":
+            self.report.evaluation_asked = len(messages)
+        self.origins.sent(messages)
+        answered = {self.origins.node(r) for r in replies}
+        for node in sorted({int(m.metadata.dst_node_id) for m in messages} - answered):
+            name = self.origins.names.get(node, f"node-{node}")
+            reason = f"no reply within federation.timeout_s={timeout:g} s"
+            self.fail(server_round, name, node, reason, phase)
+        return replies
+
+    def fail(self, server_round: int, name: str, node: int, reason: str, phase: str) -> None:
+        """Record a hospital's failure once per round: a node that failed to train and then to evaluate
+        is one record (its phases listed), not two."""
+        for entry in self.report.failed:
+            if entry["node"] == node:
+                if phase not in entry["phase"].split(", "):
+                    entry["phase"] += f", {phase}"
+                log.warning("round %d: %s did not %s either: %s", server_round, name, phase, reason)
+                return
+        log.warning("round %d: %s (node %d) failed to %s: %s", server_round, name, node, phase, reason)
+        self.report.failed.append({"hospital": name, "node": node, "reason": reason, "phase": phase})
 
     def _wire(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
         """The message form of the float32 global state: encoded per ``transport``, said in the config."""
@@ -154,10 +214,9 @@ class Screened:
         every other one is recorded with its reason."""
         accepted = []
         for msg in replies:
-            name, node = _node_name(msg)
+            name, node = self.origins(msg)
             if msg.has_error():
-                self.report.failed.append({"hospital": name, "node": node, "reason": msg.error.reason})
-                log.warning("round %d: %s failed: %s", server_round, name, msg.error.reason)
+                self.fail(server_round, name, node, failure_reason(msg.error), "train")
                 continue
             status = dict(msg.content.config_records.get("status", {}))
             metrics = dict(msg.content.metric_records["metrics"]) if "metrics" in msg.content.metric_records else {}
@@ -219,11 +278,9 @@ class Screened:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         good = []
         for msg in replies:
-            name, node = _node_name(msg)
+            name, node = self.origins(msg)
             if msg.has_error():
-                self.report.failed.append({"hospital": name, "node": node, "reason": msg.error.reason,
-                                           "phase": "evaluate"})
-                log.warning("round %d: %s failed to evaluate: %s", server_round, name, msg.error.reason)
+                self.fail(server_round, name, node, failure_reason(msg.error), "evaluate")
                 continue
             try:
                 metrics = dict(msg.content.metric_records["metrics"])
@@ -233,6 +290,10 @@ class Screened:
                 continue
             self.report.evaluation[name] = metrics
             good.append(msg)
+        known = sorted(set(self.origins.names.values()) - set(self.report.evaluation))
+        log.info("round %d: evaluated on %d hospital(s) (%s)%s", server_round, len(good),
+                 ", ".join(sorted(self.report.evaluation)) or "none",
+                 f"; not scored: {', '.join(known)}" if known else "")
         # summed here rather than by FedAvg, whose consistency check wants identical keys: hospitals
         # report counts for the question types they have, which differ between sites
         return sum_counts([msg.content for msg in good], self.weighted_by_key) if good else None
@@ -298,7 +359,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                     for k, a in msg.content.array_records["arrays"].items())
         if norm2 > 0:
             return True
-        name, node = _node_name(msg)
+        name, node = self.strategy.origins(msg)
         reason = "update identical to the global state (nothing to average under central DP)"
         log.warning("round %d: left out %s: %s", server_round, name, reason)
         self.strategy.report.rejected.append({"hospital": name, "node": node, "reason": reason})

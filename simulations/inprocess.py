@@ -6,6 +6,7 @@ the federation with it (crashes, kills, timeouts), and so do the benchmarks (``r
 from __future__ import annotations
 
 import copy
+import uuid
 from typing import Callable, Iterable, Optional
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -28,11 +29,12 @@ class InProcessGrid(Grid):
     def __init__(self, nodes: dict[int, dict], handlers: dict[str, Handler],
                  run_config: Optional[dict] = None, overrides: Optional[dict[int, dict[str, Handler]]] = None,
                  kill_at_round: Optional[int] = None, silent: Optional[set[int]] = None,
-                 kill_after_training: Optional[int] = None):
+                 kill_after_training: Optional[int] = None, unavailable: Optional[set[int]] = None):
         set_task_identity()
         self.kill_at_round = kill_at_round
         self.kill_after_training = kill_after_training   # dies once the hospitals trained this round, replies lost
         self.silent = silent or set()          # nodes whose replies never arrive (a timeout)
+        self.unavailable = unavailable or set()   # nodes the SuperLink reports gone (no heartbeat): still listed
         self.nodes = nodes                     # node id -> node config
         self.handlers = handlers               # "train" / "evaluate" -> handler
         self.overrides = overrides or {}       # node id -> {"train": handler} (e.g. one that raises)
@@ -52,9 +54,16 @@ class InProcessGrid(Grid):
             config = msg.content.config_records.get("config") or msg.content.config_records.get("fitins.config") or {}
             if self.kill_at_round and int(config.get("server-round", 0)) >= self.kill_at_round:
                 raise Killed(f"killed at round {self.kill_at_round}")
+            if not msg.metadata.message_id:     # Flower's grid gives each pushed message its id
+                msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             if node in self.silent:
+                continue
+            if node in self.unavailable:       # the SuperLink's own error reply, from the SuperLink's node id
+                from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
                 continue
             handler = self.overrides.get(node, {}).get(msg.metadata.message_type) or \
                 self.handlers[msg.metadata.message_type]

@@ -68,7 +68,7 @@ def federation(tmp_path):
     overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]", "federation.local_epochs=1"]
 
     def start(rounds: int, *, extra=(), crash_node=None, run_dir=None, kill_at_round=None, silent=None,
-              kill_after_training=None):
+              kill_after_training=None, unavailable=None):
         run_config = {"preset": "tiny", "overrides": shlex.join(overrides + list(extra))}
         cfg = load_config("tiny", overrides + list(extra) + [f"federation.rounds={rounds}"])
         nodes = {10 + i: {"partition-id": i} for i in range(3)}
@@ -78,7 +78,8 @@ def federation(tmp_path):
 
         grid = InProcessGrid(nodes, {"train": client_app.train, "evaluate": client_app.evaluate}, run_config,
                              overrides={crash_node: {"train": crash}} if crash_node else None,
-                             kill_at_round=kill_at_round, silent=silent, kill_after_training=kill_after_training)
+                             kill_at_round=kill_at_round, silent=silent, kill_after_training=kill_after_training,
+                             unavailable=unavailable)
         summary = run_federation(grid, cfg, run_dir or tmp_path / "run")
         return summary, grid
     return start, tmp_path / "run"
@@ -146,6 +147,33 @@ def test_a_crashing_hospital_does_not_stop_the_federation(federation):
     assert len(record["failed"]) == 1 and "simulated hospital crash" in record["failed"][0]["reason"]
     assert sum(h["status"] == "trained" for h in record["hospitals"].values()) == 2
     assert summary["final_accuracy"] is not None and summary["failed_replies"] == 1
+
+
+def test_a_hospital_gone_is_one_failure_with_its_true_reason(federation):
+    """The SuperLink answers for a SuperNode that stopped sending heartbeats (its error reply comes from
+    the SuperLink's node id): one record for the hospital, saying so, not a second, false timeout."""
+    start, run_dir = federation
+    summary, _ = start(1, unavailable={11})
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    assert len(record["failed"]) == 1, record["failed"]
+    failure = record["failed"][0]
+    assert failure["node"] == 11 and failure["reason"].startswith("node unavailable")
+    assert failure["phase"] == "train, evaluate" and "timeout" not in failure["reason"]
+    assert record["evaluation_asked"] == 3 and len(record["evaluated_hospitals"]) == 2
+    assert summary["failed_replies"] == 2     # round 0's evaluation and round 1: one each
+
+
+def test_a_federation_short_of_hospitals_stops_saying_who_is_missing(federation):
+    from server.app import wait_for_hospitals
+
+    grid = type("Grid", (), {"get_node_ids": lambda self: [10, 11]})()
+    reason = wait_for_hospitals(grid, {10: "general", 11: "oncology", 12: "cardiac"}, min_nodes=3, wait_s=0.3,
+                                poll_s=0.1)
+    assert "2 of federation.min_nodes=3" in reason and "cardiac (node 12)" in reason
+    assert wait_for_hospitals(grid, {}, min_nodes=2, wait_s=0) is None
+    start, run_dir = federation
+    summary, _ = start(1, extra=["federation.min_nodes=4", "federation.node_wait_s=0.2"])
+    assert summary["rounds"] == 0 and "3 of federation.min_nodes=4" in summary["stopped"]
 
 
 def test_federation_finishes_cleanly_when_every_budget_is_spent(federation):
