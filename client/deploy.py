@@ -155,6 +155,44 @@ def task_command(cmd: Sequence[str], *, hospital: str, pin_dir: Path, app_digest
             "--digest", ours, "--hospital", hospital, "--sandbox", box]
 
 
+def probe_superlink(address: str, *, ca: Optional[str | Path] = None, insecure: bool = False,
+                    timeout: float = 10.0) -> str:
+    """Check, before the SuperNode starts retrying for ever, that the SuperLink answers at ``address`` the
+    way this site is set up: TLS verified by ``ca``, or plain (``insecure``). Raises with one line saying
+    what to fix; returns what was found."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise ValueError(f"--superlink {address!r}: use HOST:PORT, e.g. coordinator.example.org:9092")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as err:
+        raise ConnectionError(f"cannot reach the SuperLink at {address} ({err.strerror or err}): check the host, "
+                              "the port (the coordinator's public port, 9092 by default) and the firewall") from None
+    verify = ssl.create_default_context(cafile=str(ca)) if ca and not insecure else ssl._create_unverified_context()
+    with sock:
+        try:
+            with verify.wrap_socket(sock, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as err:
+            raise ValueError(f"the SuperLink at {address} presents a certificate that {ca} does not accept "
+                             f"({err.verify_message}): use the consortium's ca.crt from the coordinator, and the host "
+                             "name its certificate was made for (medvlm-fl certs --host)") from None
+        except (ssl.SSLError, OSError):
+            if insecure:
+                return "plain"
+            raise ValueError(f"the SuperLink at {address} does not speak TLS (started --insecure?): ask the "
+                             "coordinator for its TLS address, or start this SuperNode with --insecure on a test "
+                             "network only") from None
+    if insecure:
+        raise ValueError(f"the SuperLink at {address} speaks TLS, but this SuperNode was started with --insecure: "
+                         "pass --ca ca.crt --key <this hospital's node key> instead")
+    return "tls"
+
+
 def run_supernode(cmd: Sequence[str], task_argv: Sequence[str]) -> int:
     """Start ``flower-supernode`` and serve its tasks with ``task_argv`` until it exits (its exit code)."""
     import shutil

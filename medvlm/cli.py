@@ -349,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
     args = (parser or build_parser()).parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as err:
         log.error("%s", err)
         return 2
 

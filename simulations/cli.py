@@ -115,7 +115,7 @@ def _superlink(args: argparse.Namespace) -> int:
 def _supernode(args: argparse.Namespace) -> int:
     import tempfile
 
-    from client.deploy import run_supernode, supernode_command, task_command
+    from client.deploy import probe_superlink, run_supernode, supernode_command, task_command
 
     stage_data = {}
     for item in args.stage_data or []:
@@ -135,6 +135,9 @@ def _supernode(args: argparse.Namespace) -> int:
         print("each task: " + shlex.join(task) + " --token ...", flush=True)
         if args.dry_run:
             return 0
+        found = probe_superlink(args.superlink, ca=args.ca, insecure=args.insecure)
+        print(f"the SuperLink at {args.superlink} answers ({'TLS, verified by the CA' if found == 'tls' else 'without TLS'})",
+              flush=True)
         return run_supernode(cmd, task)
 
 

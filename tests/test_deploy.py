@@ -149,3 +149,65 @@ def test_the_launchers_dry_runs_and_the_ledger_command(tmp_path, capsys, caplog)
     assert main(["ledger", "raise", str(state), "--epsilon", "5", "--reason", "ethics board"]) == 0
     assert "budget raised 3 -> 5" in capsys.readouterr().out
     assert json.loads((state / LEDGER_FILE).read_text())["budget"] == 5
+
+
+def _serve(tls_ctx=None):
+    """A one-port server on 127.0.0.1 that completes TLS handshakes with ``tls_ctx`` (or speaks plain TCP)."""
+    import socket
+    import ssl
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def loop():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                if tls_ctx is not None:
+                    try:
+                        with tls_ctx.wrap_socket(conn, server_side=True):
+                            pass
+                    except (ssl.SSLError, OSError):
+                        pass
+                else:
+                    conn.recv(1024)   # a plain server reads a TLS hello as garbage and hangs up
+
+    threading.Thread(target=loop, daemon=True).start()
+    return srv, f"127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_a_supernode_set_up_wrongly_is_refused_at_start_with_what_to_fix(tmp_path):
+    import ssl
+
+    from client.deploy import probe_superlink
+
+    paths = create_certificates(tmp_path / "good", ["127.0.0.1"])
+    other = create_certificates(tmp_path / "other", ["127.0.0.1"])      # another consortium's CA
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(paths.server_cert, paths.server_key)
+    tls, tls_addr = _serve(ctx)
+    plain, plain_addr = _serve()
+    try:
+        assert probe_superlink(tls_addr, ca=paths.ca_cert) == "tls"
+        with pytest.raises(ValueError, match="speaks TLS, but this SuperNode was started with --insecure"):
+            probe_superlink(tls_addr, insecure=True)
+        with pytest.raises(ValueError, match="does not accept"):
+            probe_superlink(tls_addr, ca=other.ca_cert)
+        with pytest.raises(ValueError, match="does not speak TLS"):
+            probe_superlink(plain_addr, ca=paths.ca_cert, timeout=3)
+        assert probe_superlink(plain_addr, insecure=True, timeout=3) == "plain"
+    finally:
+        tls.close()
+        plain.close()
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{unused.getsockname()[1]}"                  # bound, never listening
+        with pytest.raises(ConnectionError, match="cannot reach the SuperLink"):
+            probe_superlink(closed, ca=paths.ca_cert, timeout=2)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        probe_superlink("coordinator", ca=paths.ca_cert)
