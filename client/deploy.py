@@ -38,11 +38,15 @@ def node_config_string(values: dict[str, object]) -> str:
     return " ".join(parts)
 
 
-def check_site(*, data_path: str | Path, state_dir: str | Path, data_format: str = "auto") -> int:
-    """Fail before connecting if the data or the ledger folder is unusable; returns the row count."""
+def check_site(*, data_path: str | Path, state_dir: str | Path, data_format: str = "auto",
+               on_bad_row: str = "error") -> int:
+    """Fail before connecting if the data or the ledger folder is unusable; returns the row count.
+    ``on_bad_row="skip"``: the site trains without the bad rows (each listed in the log)."""
     from medvlm.data.manifest import read_manifest
 
-    manifest = read_manifest(data_path, fmt=data_format)   # names every bad row and refuses to start
+    manifest = read_manifest(data_path, fmt=data_format, on_bad_row=on_bad_row)   # names every bad row
+    for reason, n in manifest.left_out.items():
+        log.info("%s: %d row(s) left out: %s", data_path, n, reason)
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     if not os.access(state, os.W_OK):
@@ -67,7 +71,7 @@ def site_policy(*, dp: bool = True, epsilon: Optional[float], delta: float = 1e-
 
 
 def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, state_dir: str | Path,
-                      data_format: str = "auto",
+                      data_format: str = "auto", on_bad_row: str = "error",
                       ca: Optional[str | Path], key: Optional[str | Path], port: int,
                       device: Optional[str] = None, epsilon: Optional[float] = None,
                       delta: float = 1e-5, insecure: bool = False,
@@ -94,10 +98,10 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
         _check_private_key(Path(key))
         cmd += ["--root-certificates", str(Path(ca).resolve()), "--auth-supernode-private-key",
                 str(Path(key).resolve())]
-    rows = check_site(data_path=data_path, state_dir=state_dir, data_format=data_format)
+    rows = check_site(data_path=data_path, state_dir=state_dir, data_format=data_format, on_bad_row=on_bad_row)
     log.info("hospital %s: %d data rows in %s; ledger in %s", hospital, rows, data_path, state_dir)
     for stage, path in (stage_data or {}).items():   # another folder for one curriculum stage
-        rows = check_site(data_path=path, state_dir=state_dir, data_format=data_format)
+        rows = check_site(data_path=path, state_dir=state_dir, data_format=data_format, on_bad_row=on_bad_row)
         log.info("hospital %s, stage %s: %d data rows in %s", hospital, stage, rows, path)
     if node_policy["dp"] == "on":
         ledger, created = Ledger.init(state_dir, hospital=hospital, budget=float(epsilon), delta=float(delta),
@@ -109,6 +113,7 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
         log.warning("hospital %s trains WITHOUT differential privacy (--no-dp): its updates are not DP", hospital)
     node_config = node_config_string({"hospital": hospital, "data-path": str(Path(data_path).resolve()),
                                       "data-format": None if data_format == "auto" else data_format,
+                                      "on-bad-row": None if on_bad_row == "error" else on_bad_row,
                                       "state-dir": str(Path(state_dir).resolve()), "device": device,
                                       "labeler": labeler, **node_policy,
                                       **{f"data-path-{stage}": str(Path(path).resolve())

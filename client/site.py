@@ -8,6 +8,8 @@ Node config keys (``flower-supernode --node-config '...'``; strings quoted):
     data-path-<stage> = "/data/reports"  optional: another folder for one curriculum stage
                                       (federation.stages); the stage's task picks the rows
     data-format = "slake"             optional: the folder's format (default data.format, auto)
+    on-bad-row = "skip"               optional: train without the rows the data check rejects (listed
+                                      in the log); default "error": refuse. The site's choice, never the run's
     state-dir  = "/var/lib/medvlm"    where the privacy ledger persists (must survive restarts)
     device     = "cuda:0"             overrides train.device
     dp, epsilon, delta, max-grad-norm, accountant, min-noise
@@ -123,7 +125,11 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
     data_cfg = cfg.data
     path = node_config.get(f"data-path-{stage.name}", node_config.get("data-path"))
     if path is not None:
-        data_cfg = replace(cfg.data, source=str(path), format=str(node_config.get("data-format", cfg.data.format)))
+        on_bad_row = str(node_config.get("on-bad-row", "error"))
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"node config on-bad-row={on_bad_row!r}: use error or skip")
+        data_cfg = replace(cfg.data, source=str(path), format=str(node_config.get("data-format", cfg.data.format)),
+                           on_bad_row=on_bad_row)
     elif cfg.data.source == "synthetic" and name not in cfg.data.hospitals:
         raise ValueError(f"hospital {name!r} has no data-path and is not a synthetic profile in data.hospitals "
                          f"{cfg.data.hospitals}")

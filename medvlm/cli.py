@@ -248,8 +248,13 @@ def _write_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", out=sys.stdout) -> int:
-    """Check a data folder and print its summary and every problem; 0 when it has no errors."""
+TINY_SPLIT = 20   # fewer rows than this in a split: its figures mean little
+
+
+def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", on_bad_row: str = "error",
+               out=sys.stdout) -> int:
+    """Check a data folder and print its summary and every problem. 0 when it has no errors, or when
+    the site skips bad rows (``on_bad_row="skip"``: they are listed as skipped); else 1."""
     from medvlm.data.manifest import ManifestError, read_manifest, summarize
 
     try:
@@ -261,23 +266,34 @@ def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", out
         return 1
     logging.getLogger("medvlm.data.manifest").setLevel(logging.ERROR)  # listed below, once
     info = summarize(manifest)
-    print(f"{path} ({info['format']} format)", file=out)
+    print(f"{path} ({info['format']} format: {info['layout']})", file=out)
     print(f"  rows {info['rows']} ({info['vqa_rows']} question/answer, {info['report_rows']} report) "
           f"on {info['images']} images {info['image_types']}", file=out)
     print(f"  closed {info['closed']}, open {info['open']}; answer vocabulary {info['answer_vocabulary']}", file=out)
-    print(f"  modalities {info['modalities']}; splits {info['splits']}", file=out)
+    print(f"  modalities {info['modalities']}; rows per split {info['splits']}", file=out)
+    for reason, n in info["left_out"].items():
+        print(f"  left out: {n} row(s): {reason}", file=out)
+    skip = on_bad_row == "skip"
     for problem in manifest.problems:
-        print(f"  ERROR {problem}", file=out)
+        print(f"  {'SKIPPED' if skip else 'ERROR'} {problem}", file=out)
     for warning in manifest.warnings:
         print(f"  WARNING {warning}", file=out)
-    verdict = "OK" if not manifest.problems else f"{len(manifest.problems)} error(s): fix these rows (or set " \
-                                                  "data.on_bad_row=skip to train without them)"
+    for split, n in info["splits"].items():
+        if n < TINY_SPLIT:
+            print(f"  WARNING split {split!r} has only {n} row(s): its figures will mean little", file=out)
+    if not manifest.problems:
+        verdict = "OK"
+    elif skip:
+        verdict = f"OK with {len(manifest.problems)} bad row(s) skipped (--on-bad-row skip)"
+    else:
+        verdict = (f"{len(manifest.problems)} error(s): fix these rows, or skip them (--on-bad-row skip here and "
+                   "on medvlm-fl supernode)")
     print(f"{verdict}; {len(manifest.warnings)} warning(s)", file=out)
-    return 0 if not manifest.problems else 1
+    return 0 if not manifest.problems or skip else 1
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    return check_data(args.path, fmt=args.format, language=args.language)
+    return check_data(args.path, fmt=args.format, language=args.language, on_bad_row=args.on_bad_row)
 
 
 def build_parser(extend: Optional[Callable] = None, description: str = __doc__) -> argparse.ArgumentParser:
@@ -339,6 +355,8 @@ def build_parser(extend: Optional[Callable] = None, description: str = __doc__) 
     p.add_argument("path", help="a data folder or file: manifest.jsonl, VQA-RAD, SLAKE, PMC-VQA, MIMIC-CXR-style")
     p.add_argument("--format", default="auto", choices=list(DATA_FORMATS), help="default: recognised from the files")
     p.add_argument("--language", default="en", help="SLAKE: which q_lang to keep (default en)")
+    p.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
+                   help="error: exit 1 listing bad rows (default); skip: list them as skipped, exit 0")
     p.set_defaults(func=_check_data)
     return parser
 

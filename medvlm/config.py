@@ -113,7 +113,7 @@ class ModelConfig:
                f"model.fusion.init={self.fusion.init!r} is set too: choose one of them")
 
 
-DATA_FORMATS = ("auto", "jsonl", "vqa-rad", "slake", "pmc-vqa", "mimic-cxr")
+DATA_FORMATS = ("auto", "jsonl", "vqa-rad", "slake", "pmc-vqa", "mimic-cxr", "r2gen")
 TASKS = ("vqa", "report")
 
 
@@ -159,6 +159,10 @@ class DataConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0
+    # dataset: keep a release's published train / validate / test split (validation drawn from the
+    # training images, val_fraction of them, when a release publishes none); redraw: split by image
+    # with val_fraction / test_fraction. Rows without a split (the synthetic data) are always redrawn.
+    split_source: str = "dataset"
     # what to do with a bad manifest row: "error" (default, lists every bad row) or "skip"
     on_bad_row: str = "error"
     # vqa: answer questions; report: write the findings report of an image (report rows, or the
@@ -176,6 +180,8 @@ class DataConfig:
         _check(self.val_fraction + self.test_fraction < 1, "data.val_fraction+data.test_fraction",
                self.val_fraction + self.test_fraction, "must leave some training data (< 1)")
         _check(self.on_bad_row in ("error", "skip"), "data.on_bad_row", self.on_bad_row, "use error or skip")
+        _check(self.split_source in ("dataset", "redraw"), "data.split_source", self.split_source,
+               "use dataset or redraw")
         _check(self.format in DATA_FORMATS, "data.format", self.format, f"use one of {list(DATA_FORMATS)}")
         _check(self.task in TASKS, "data.task", self.task, f"use one of {list(TASKS)}")
         _check(self.labeler == "synthetic" or ":" in self.labeler, "data.labeler", self.labeler,

@@ -124,7 +124,8 @@ def _supernode(args: argparse.Namespace) -> int:
             raise ValueError(f"--stage-data {item!r}: use STAGE=PATH, e.g. align=/data/reports")
         stage_data[stage] = path
     cmd = supernode_command(superlink=args.superlink, hospital=args.hospital, data_path=args.data_path,
-                            data_format=args.data_format, state_dir=args.state_dir, ca=args.ca, key=args.key,
+                            data_format=args.data_format, on_bad_row=args.on_bad_row, state_dir=args.state_dir,
+                            ca=args.ca, key=args.key,
                             port=args.port, device=args.device, epsilon=args.epsilon, delta=args.delta,
                             insecure=args.insecure, stage_data=stage_data, labeler=args.labeler, dp=not args.no_dp,
                             max_grad_norm=args.max_grad_norm, accountant=args.accountant, min_noise=args.min_noise)
@@ -216,6 +217,9 @@ def _add_federation_commands(sub) -> None:
     p.add_argument("--data-path", required=True, help="the data folder or manifest (see `medvlm-fl check-data`)")
     p.add_argument("--data-format", default="auto", choices=list(DATA_FORMATS),
                    help="the data folder's format (default: recognised from its files)")
+    p.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
+                   help="error: refuse to start while the data check rejects rows (default); skip: train "
+                        "without them (each listed in the log; see medvlm-fl check-data)")
     p.add_argument("--state-dir", required=True, help="folder for the privacy ledger; must survive restarts")
     p.add_argument("--stage-data", action="append", metavar="STAGE=PATH",
                    help="another data folder for one curriculum stage (federation.stages), e.g. align=/data/reports")

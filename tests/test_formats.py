@@ -229,7 +229,7 @@ def test_synthetic_hospital_folders_pass(tmp_path):
     for name in ("general", "oncology", "cardiac"):
         write_manifest(generate_hospital(name, 6, seed=0), tmp_path / name)
         code, out = run_check(tmp_path / name)
-        assert code == 0 and "(jsonl format)" in out and "OK; 0 warning(s)" in out
+        assert code == 0 and "(jsonl format: the project's manifest.jsonl)" in out and "OK; 0 warning(s)" in out
         assert "closed" in out and "answer vocabulary" in out
 
 
@@ -273,3 +273,103 @@ def test_the_client_refuses_a_broken_folder_with_the_same_lines(tmp_path, slake)
         build_site({"preset": "tiny", "overrides": shlex.join(TINY_OVERRIDES)},
                    {"hospital": "h", "data-path": str(slake), "state-dir": str(tmp_path / "state"), "epsilon": 8.0})
     assert info.value.problems == errors
+
+
+# ----------------------------------------------------------------------------- the releases as downloaded (issue 20)
+PMC_V2_COLUMNS = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
+                  "Answer", "split"]
+
+
+def test_pmc_vqa_v2_letters_become_the_choice_text_and_images_2_figures_is_found(tmp_path):
+    root = tmp_path / "PMC-VQA"
+    save(root / "images_2" / "figures" / "PMC9_fig2.jpg", 0)
+    with (root / "train_2.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(PMC_V2_COLUMNS)
+        writer.writerow([0, "PMC9_fig2.jpg", "a caption", "Which modality?", "A:CT", "B:MRI", "C:PET", "D:X-ray",
+                         "B", "train"])
+        writer.writerow([1, "PMC9_fig2.jpg", "a caption", "Which side?", "A:Left", "B:Right", "C:Both", "",
+                         "D", "train"])                                                # names an empty choice
+    code, out = run_check(root)
+    assert code == 1 and "train_2.csv:3: Answer 'D' names choice D, which is empty" in out
+    assert "PMC-VQA v2" in out
+    manifest = read_manifest(root, on_bad_row="skip")
+    assert [r["answer"] for r in manifest.rows] == ["MRI"]                     # the text, never the letter
+    assert manifest.rows[0]["image"].endswith("images_2/figures/PMC9_fig2.jpg")
+
+
+def test_vqa_rad_in_the_mevf_split_layout(tmp_path):
+    root = tmp_path / "data_RAD"
+    save(root / "images" / "synpic100.jpg", 0)
+    save(root / "images" / "synpic200.jpg", 1)
+    (root / "trainset.json").write_text(json.dumps([
+        vqa_rad_entry(0, "synpic100.jpg", "Is there a pleural effusion?", "Yes", "CLOSED"),
+        vqa_rad_entry(1, "synpic200.jpg", "Is there a pleural effusion?", "No", "CLOSED")]))
+    (root / "testset.json").write_text(json.dumps([vqa_rad_entry(2, "synpic200.jpg", "What organ?", "lung", "OPEN")]))
+    assert detect_format(root) == "vqa-rad"
+    manifest = read_manifest(root)
+    assert [r["split"] for r in manifest.rows] == ["train", "train", "test"]
+    assert manifest.layout.startswith("VQA-RAD, MEVF")
+    code, out = run_check(root)
+    assert code == 0 and "MEVF split layout" in out
+
+
+def test_r2gen_annotation_json_one_row_per_study_on_its_first_view(tmp_path):
+    root = tmp_path / "iu_xray"
+    for study in ("CXR1_1_IM-0001", "CXR2_1_IM-0002"):
+        save(root / "images" / study / "0.png", 0, "PNG")
+        save(root / "images" / study / "1.png", 1, "PNG")
+    ann = {"train": [{"id": "CXR1_1_IM-0001", "report": "The heart is normal. No effusion.",
+                      "image_path": ["CXR1_1_IM-0001/0.png", "CXR1_1_IM-0001/1.png"], "split": "train"}],
+           "val": [],
+           "test": [{"id": "CXR2_1_IM-0002", "report": "Small left effusion.",
+                     "image_path": ["CXR2_1_IM-0002/0.png", "CXR2_1_IM-0002/1.png"], "split": "test"}]}
+    (root / "annotation.json").write_text(json.dumps(ann))
+    assert detect_format(root) == "r2gen"
+    manifest = read_manifest(root)
+    assert len(manifest.report_rows) == 2 and manifest.rows[0]["image"].endswith("CXR1_1_IM-0001/0.png")
+    assert manifest.rows[1]["split"] == "test" and manifest.rows[1]["report"] == "Small left effusion."
+    assert manifest.left_out == {"another view of a study (its first view is used)": 2}
+    code, out = run_check(root)
+    assert code == 0 and "left out: 2 row(s): another view" in out
+
+
+def test_nothing_is_dropped_silently_and_the_site_decides_on_bad_rows(slake):
+    entries = json.loads((slake / "train.json").read_text())
+    entries.append(slake_entry(7, 1, "What is shown?", "", "OPEN"))                   # SLAKE 1.0's empty answer
+    (slake / "train.json").write_text(json.dumps(entries, ensure_ascii=False))
+    code, out = run_check(slake)
+    assert code == 1 and "train.json[3]: empty or non-text 'answer'" in out and "--on-bad-row skip" in out
+    assert "left out: 1 row(s): question in 'zh' (data.language=en)" in out
+    code, out = run_check(slake, on_bad_row="skip")
+    assert code == 0 and "SKIPPED train.json[3]" in out and "1 bad row(s) skipped" in out
+    assert "WARNING split 'test' has only 1 row(s)" in out
+    manifest = read_manifest(slake, on_bad_row="skip")
+    assert manifest.left_out["question in 'zh' (data.language=en)"] == 1
+
+
+def test_a_release_one_folder_down_is_pointed_at(tmp_path, slake):
+    with pytest.raises(FormatError, match="one level down, in 'Slake1.0'"):
+        detect_format(slake.parent)
+
+
+def test_contradictions_read_the_right_way_round(slake):
+    entries = json.loads((slake / "test.json").read_text())
+    entries.append(slake_entry(5, 2, "Is there a mass?", "No", "CLOSED"))
+    (slake / "test.json").write_text(json.dumps(entries))
+    manifest = read_manifest(slake, on_bad_row="skip")
+    assert any("test.json[1]: contradicts test.json[0]" in p and "answer 'no' here but 'yes' at test.json[0]" in p
+               for p in manifest.problems)
+
+
+def test_the_published_splits_are_kept(slake):
+    from medvlm.config import DataConfig
+    from medvlm.data.dataset import load_splits
+
+    preprocess = lambda im: __import__("torch").zeros(3, 8, 8)   # noqa: E731 (no encoder needed)
+    splits = load_splits(DataConfig(source=str(slake)), preprocess)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2, "val": 1, "test": 1}
+    assert [r["question"] for r in splits["val"].rows] == ["Which organ is abnormal?"]
+    redrawn = load_splits(DataConfig(source=str(slake), split_source="redraw", val_fraction=0.0, test_fraction=0.0),
+                          preprocess)
+    assert len(redrawn["train"]) == 4

@@ -13,6 +13,7 @@ vision encoder's own ``preprocess`` once, when the dataset is built.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -29,6 +30,8 @@ from medvlm.model.vlm import IGNORE_INDEX
 
 
 REPORT_PROMPT = "findings:"
+log = logging.getLogger(__name__)
+
 REPORT_QUESTION = "write the findings report."   # what a report row's "question" says (logs, manifests)
 MIN_PROMPT_TOKENS = 4                             # a long answer (a report) leaves this much for the prompt
 
@@ -170,12 +173,38 @@ def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] 
 def split_rows(data: VQARows, *, val_fraction: float, test_fraction: float, seed: int) -> dict[str, VQARows]:
     """Split by image, so no image's questions straddle train and test."""
     parts = split_images(len(data.pixels), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    out = {}
-    for name, keep in parts.items():
-        remap = {old: new for new, old in enumerate(keep)}
-        rows = [dict(r, image_index=remap[r["image_index"]]) for r in data.rows if r["image_index"] in remap]
-        out[name] = VQARows(data.pixels[keep] if keep else data.pixels[:0], rows)
-    return out
+    return {name: _subset(data, [r for r in data.rows if r["image_index"] in set(keep)])
+            for name, keep in parts.items()}
+
+
+def _subset(data: VQARows, rows: Sequence[dict]) -> VQARows:
+    """The rows given, with only the images they use (re-indexed)."""
+    keep = sorted({r["image_index"] for r in rows})
+    remap = {old: new for new, old in enumerate(keep)}
+    return VQARows(data.pixels[keep] if keep else data.pixels[:0],
+                   [dict(r, image_index=remap[r["image_index"]]) for r in rows])
+
+
+PUBLISHED_SPLITS = {"train": "train", "val": "val", "validate": "val", "valid": "val", "test": "test"}
+
+
+def published_splits(data: VQARows, *, val_fraction: float, seed: int) -> Optional[dict[str, VQARows]]:
+    """The release's own train / val / test (its ``split`` per row), or None when its rows carry none.
+    A release that publishes no validation split (VQA-RAD, PMC-VQA) gets one drawn from its training
+    images (``val_fraction`` of them): the test split stays exactly as published."""
+    named = [PUBLISHED_SPLITS.get(str(r.get("split", "")).lower()) for r in data.rows]
+    if not data.rows or any(n is None for n in named):
+        return None
+    groups: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for r, n in zip(data.rows, named):
+        groups[n].append(r)
+    if not groups["val"] and groups["train"]:
+        images = sorted({r["image_index"] for r in groups["train"]})
+        order = np.random.default_rng(seed + 7919).permutation(len(images))
+        val = {images[i] for i in order[:int(round(len(images) * val_fraction))]}
+        groups["val"] = [r for r in groups["train"] if r["image_index"] in val]
+        groups["train"] = [r for r in groups["train"] if r["image_index"] not in val]
+    return {name: _subset(data, rows) for name, rows in groups.items()}
 
 
 def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[str] | None = None,
@@ -184,6 +213,12 @@ def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[st
     folder in any supported format; ``encode_files``: see :func:`from_manifest`)."""
     if cfg.source != "synthetic":
         data = from_manifest(cfg.source, preprocess, cfg=cfg, encode_files=encode_files)
+        if cfg.split_source == "dataset":
+            published = published_splits(data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+            if published is not None:
+                log.info("%s: the release's own splits: %s", cfg.source,
+                         ", ".join(f"{k} {len(v)} rows" for k, v in published.items()))
+                return published
         return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
     merged: dict[str, list[VQARows]] = {"train": [], "val": [], "test": []}
     for name in hospitals or cfg.hospitals:

@@ -14,9 +14,14 @@ Validation (missing files, unreadable images, empty fields, duplicates) is one p
 format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
 
     jsonl      manifest.jsonl (or any .jsonl): the project's own rows, image paths relative to it
-    vqa-rad    "VQA_RAD Dataset Public.json" + "VQA_RAD Image Folder/" (OSF release)
+    vqa-rad    "VQA_RAD Dataset Public.json" + "VQA_RAD Image Folder/" (OSF release), or the MEVF
+               split layout most Med-VQA code ships: trainset.json / testset.json + images/
     slake      train.json, validate.json, test.json + imgs/ (Slake1.0); rows in data.language
-    pmc-vqa    train_2.csv/test_2.csv (or train.csv/test.csv) + images/ (or figures/)
+    pmc-vqa    train_2.csv/test_2.csv (v2: Answer is the choice letter, mapped to that choice's text)
+               or train.csv/test.csv (v1), images in images_2/figures/, images/ or figures/
+    r2gen      annotation.json {"train": [{id, report, image_path: [...], split}], "val", "test"}
+               + images/ (R2Gen's IU X-Ray and MIMIC-CXR layout); one report row per study, on
+               its first listed view (IU X-Ray: the frontal one); the other views are left out
     mimic-cxr  files/pXX/pNNNNNNNN/sNNNNNNNN/*.jpg|*.dcm with the study's report
                files/pXX/pNNNNNNNN/sNNNNNNNN.txt (in the same tree or under mimic-cxr-reports/);
                mimic-cxr-2.0.0-split.csv is used for the split when present
@@ -33,6 +38,9 @@ from typing import Callable, Optional
 
 VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
 VQA_RAD_IMAGES = "VQA_RAD Image Folder"
+MEVF_FILES = {"trainset.json": "train", "testset.json": "test"}
+R2GEN_FILE = "annotation.json"
+PMC_IMAGE_DIRS = ("images_2/figures", "images_2", "figures", "images")
 SLAKE_FILES = {"train.json": "train", "validate.json": "val", "test.json": "test"}
 PMC_CSVS = (("train_2.csv", "test_2.csv"), ("train.csv", "test.csv"))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -43,6 +51,7 @@ class RawRow:
     where: str                    # "manifest.jsonl:5", "train.json[12]", "test_2.csv:8"
     row: Optional[dict]           # normalised fields; None when the row could not be parsed
     problem: Optional[str] = None
+    left_out: Optional[str] = None   # a row deliberately not used, and why (counted, never silent)
 
 
 class FormatError(ValueError):
@@ -53,8 +62,10 @@ def detect_format(path: Path) -> str:
     if path.is_file():
         if path.suffix == ".jsonl":
             return "jsonl"
-        if path.name == VQA_RAD_JSON:
+        if path.name == VQA_RAD_JSON or path.name in MEVF_FILES:
             return "vqa-rad"
+        if path.name == R2GEN_FILE:
+            return "r2gen"
         if path.suffix == ".csv":
             return "pmc-vqa"
         raise FormatError(f"{path}: not a recognised data file (a .jsonl manifest, {VQA_RAD_JSON!r} or a "
@@ -63,17 +74,46 @@ def detect_format(path: Path) -> str:
         raise FileNotFoundError(f"data {path} not found")
     if (path / "manifest.jsonl").is_file():
         return "jsonl"
-    if (path / VQA_RAD_JSON).is_file():
+    if (path / VQA_RAD_JSON).is_file() or any((path / f).is_file() for f in MEVF_FILES):
         return "vqa-rad"
+    if (path / R2GEN_FILE).is_file():
+        return "r2gen"
     if any((path / f).is_file() for f in SLAKE_FILES):
         return "slake"
     if any((path / f).is_file() for pair in PMC_CSVS for f in pair):
         return "pmc-vqa"
     if (path / "files").is_dir():
         return "mimic-cxr"
-    raise FormatError(f"{path}: no manifest.jsonl, {VQA_RAD_JSON!r}, SLAKE train/validate/test.json, PMC-VQA "
-                      "train/test csv or MIMIC-CXR files/ tree here; name the format with --format "
-                      "(data.format) or point at the file")
+    below = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and _recognised(sub))
+    hint = (f"; the data look one level down, in {', '.join(repr(b) for b in below[:3])}: point at that folder"
+            if below else "")
+    raise FormatError(f"{path}: no manifest.jsonl, {VQA_RAD_JSON!r} (or MEVF trainset.json / testset.json), SLAKE "
+                      f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE} or MIMIC-CXR files/ tree "
+                      f"here{hint}; otherwise name the format with --format (data.format) or point at the file")
+
+
+def _recognised(path: Path) -> bool:
+    try:
+        detect_format(path)
+    except (FormatError, OSError):
+        return False
+    return True
+
+
+def describe_layout(path: Path, fmt: str) -> str:
+    """The layout a reader recognised, in words (check-data and the site log say it)."""
+    folder = path if path.is_dir() else path.parent
+    if fmt == "vqa-rad":
+        return ("VQA-RAD, MEVF split layout (trainset.json / testset.json + images/)"
+                if any((folder / f).is_file() for f in MEVF_FILES) and not (folder / VQA_RAD_JSON).is_file()
+                else "VQA-RAD, OSF release (VQA_RAD Dataset Public.json + VQA_RAD Image Folder/)")
+    if fmt == "pmc-vqa":
+        v2 = any((folder / f).is_file() for f in PMC_CSVS[0])
+        return "PMC-VQA v2 (train_2.csv / test_2.csv, answers as choice letters)" if v2 else \
+            "PMC-VQA v1 (train.csv / test.csv)"
+    return {"jsonl": "the project's manifest.jsonl", "slake": "SLAKE 1.0 (train / validate / test.json + imgs/)",
+            "r2gen": f"R2Gen {R2GEN_FILE} (train / val / test studies + images/)",
+            "mimic-cxr": "MIMIC-CXR files/ tree with the studies' reports"}.get(fmt, fmt)
 
 
 def read_rows(path: str | Path, fmt: str = "auto", *, language: str = "en") -> tuple[str, list[RawRow]]:
@@ -84,7 +124,7 @@ def read_rows(path: str | Path, fmt: str = "auto", *, language: str = "en") -> t
     fmt = detect_format(path) if fmt == "auto" else fmt
     readers: dict[str, Callable[[Path], list[RawRow]]] = {
         "jsonl": read_jsonl, "vqa-rad": read_vqa_rad, "slake": lambda p: read_slake(p, language=language),
-        "pmc-vqa": read_pmc_vqa, "mimic-cxr": read_mimic_cxr}
+        "pmc-vqa": read_pmc_vqa, "mimic-cxr": read_mimic_cxr, "r2gen": read_r2gen}
     if fmt not in readers:
         raise FormatError(f"unknown data format {fmt!r}: use one of {sorted(readers)} or auto")
     return fmt, readers[fmt](path)
@@ -140,23 +180,30 @@ def read_jsonl(path: Path) -> list[RawRow]:
 
 # ----------------------------------------------------------------------------- VQA-RAD
 def read_vqa_rad(path: Path) -> list[RawRow]:
-    file = path / VQA_RAD_JSON if path.is_dir() else path
-    _need([file] if file.is_file() else [], path, "vqa-rad", repr(VQA_RAD_JSON))
-    images = file.parent / VQA_RAD_IMAGES
+    """The OSF release (one JSON, the split in ``phrase_type``) or MEVF's trainset.json / testset.json
+    (the same entries, split by file, images in ``images/``)."""
+    if path.is_dir() and not (path / VQA_RAD_JSON).is_file():
+        files = [path / f for f in MEVF_FILES if (path / f).is_file()]
+    else:
+        files = [path / VQA_RAD_JSON if path.is_dir() else path]
+    _need([f for f in files if f.is_file()], path, "vqa-rad", f"{VQA_RAD_JSON!r} or trainset.json / testset.json")
     out = []
-    for i, item in enumerate(_load_json_list(file)):
-        where = f"{file.name}[{i}]"
-        if not isinstance(item, dict):
-            out.append(RawRow(where, None, f"entry is a {type(item).__name__}, expected an object"))
-            continue
-        phrase = _text(item.get("phrase_type")).lower()
-        out.append(RawRow(where, {
-            "image": str(images / _text(item.get("image_name"))) if _text(item.get("image_name")) else "",
-            "question": _text(item.get("question")), "answer": _text(item.get("answer")),
-            "answer_type": _text(item.get("answer_type")).lower(),
-            "qtype": _text(item.get("question_type")).lower() or None,
-            "organ": _text(item.get("image_organ")).lower() or None,
-            "split": "test" if phrase.startswith("test") else "train"}))
+    for file in files:
+        mevf = file.name in MEVF_FILES
+        images = file.parent / ("images" if mevf else VQA_RAD_IMAGES)
+        for i, item in enumerate(_load_json_list(file)):
+            where = f"{file.name}[{i}]"
+            if not isinstance(item, dict):
+                out.append(RawRow(where, None, f"entry is a {type(item).__name__}, expected an object"))
+                continue
+            phrase = _text(item.get("phrase_type")).lower()
+            out.append(RawRow(where, {
+                "image": str(images / _text(item.get("image_name"))) if _text(item.get("image_name")) else "",
+                "question": _text(item.get("question")), "answer": _text(item.get("answer")),
+                "answer_type": _text(item.get("answer_type")).lower(),
+                "qtype": _text(item.get("question_type")).lower() or None,
+                "organ": _text(item.get("image_organ")).lower() or None,
+                "split": MEVF_FILES[file.name] if mevf else ("test" if phrase.startswith("test") else "train")}))
     return out
 
 
@@ -172,8 +219,10 @@ def read_slake(path: Path, *, language: str = "en") -> list[RawRow]:
             if not isinstance(item, dict):
                 out.append(RawRow(where, None, f"entry is a {type(item).__name__}, expected an object"))
                 continue
-            if _text(item.get("q_lang") or language) != language:
-                continue   # SLAKE is bilingual: one language per run (data.language)
+            lang = _text(item.get("q_lang") or language)
+            if lang != language:   # SLAKE is bilingual: one language per run (data.language), the rest counted
+                out.append(RawRow(where, None, left_out=f"question in {lang!r} (data.language={language})"))
+                continue
             out.append(RawRow(where, {
                 "image": str(images / _text(item.get("img_name"))) if _text(item.get("img_name")) else "",
                 "question": _text(item.get("question")), "answer": _text(item.get("answer")),
@@ -187,6 +236,7 @@ def read_slake(path: Path, *, language: str = "en") -> list[RawRow]:
 
 # ----------------------------------------------------------------------------- PMC-VQA
 _CHOICE_PREFIX = re.compile(r"^\s*[A-D]\s*[:.)]\s*")
+_LETTER = re.compile(r"^\s*[A-Da-d]\s*[:.)]?\s*$")
 
 
 def read_pmc_vqa(path: Path) -> list[RawRow]:
@@ -198,7 +248,7 @@ def read_pmc_vqa(path: Path) -> list[RawRow]:
     _need(files, path, "pmc-vqa", "train_2.csv / test_2.csv (or train.csv / test.csv)")
     out = []
     for file in files:
-        images = next((file.parent / d for d in ("images", "figures") if (file.parent / d).is_dir()),
+        images = next((file.parent / d for d in PMC_IMAGE_DIRS if (file.parent / d).is_dir()),
                       file.parent / "images")
         with file.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
@@ -207,13 +257,57 @@ def read_pmc_vqa(path: Path) -> list[RawRow]:
                 raise FormatError(f"{file}: PMC-VQA columns {sorted(need)} expected, found {reader.fieldnames}")
             for item in reader:
                 choices = [_CHOICE_PREFIX.sub("", _text(item.get(f"Choice {c}"))) for c in "ABCD"]
-                answer = _CHOICE_PREFIX.sub("", _text(item.get("Answer")))
-                out.append(RawRow(f"{file.name}:{reader.line_num}", {
+                where = f"{file.name}:{reader.line_num}"
+                raw = _text(item.get("Answer"))
+                if _LETTER.match(raw):       # v2: the answer is the letter of a choice; the model learns its text
+                    letter = raw.strip()[0].upper()
+                    answer = choices["ABCD".index(letter)]
+                    if not answer:
+                        out.append(RawRow(where, None, f"Answer {raw!r} names choice {letter}, which is empty"))
+                        continue
+                else:
+                    answer = _CHOICE_PREFIX.sub("", raw)
+                split = _text(item.get("split")).lower()
+                out.append(RawRow(where, {
                     "image": str(images / _text(item["Figure_path"])) if _text(item["Figure_path"]) else "",
                     "question": _text(item["Question"]), "answer": answer,
                     # the generative ("blank") setting: the model writes the answer, it does not pick a letter
                     "answer_type": "open", "choices": [c for c in choices if c] or None,
-                    "split": "test" if file.name.startswith("test") else "train"}))
+                    "split": {"validate": "val", "valid": "val"}.get(split, split) if split in (
+                        "train", "val", "valid", "validate", "test") else
+                    ("test" if file.name.startswith("test") else "train")}))
+    return out
+
+
+# ----------------------------------------------------------------------------- R2Gen annotation.json
+def read_r2gen(path: Path) -> list[RawRow]:
+    """R2Gen's ``annotation.json``: studies per split, each with its report and image paths (relative
+    to ``images/``). One report row per study, on its first view; the other views are counted as left
+    out (IU X-Ray lists the frontal view first)."""
+    file = path / R2GEN_FILE if path.is_dir() else path
+    _need([file] if file.is_file() else [], path, "r2gen", R2GEN_FILE)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FormatError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not any(isinstance(data.get(k), list) for k in ("train", "val", "test")):
+        raise FormatError(f"{file}: expected R2Gen's {{\"train\": [...], \"val\": [...], \"test\": [...]}}")
+    images = file.parent / "images"
+    out = []
+    for split in ("train", "val", "test"):
+        for i, item in enumerate(data.get(split) or []):
+            where = f"{file.name}[{split}][{i}]"
+            if not isinstance(item, dict):
+                out.append(RawRow(where, None, f"entry is a {type(item).__name__}, expected an object"))
+                continue
+            views = [_text(v) for v in (item.get("image_path") or []) if _text(v)]
+            if not views:
+                out.append(RawRow(where, None, "no image_path"))
+                continue
+            out.append(RawRow(where, {"image": str(images / views[0]), "report": report_text(_text(item.get("report"))),
+                                      "split": split, "study": _text(item.get("id")) or None}))
+            out += [RawRow(f"{where} view {v}", None, left_out="another view of a study (its first view is used)")
+                    for v in views[1:]]
     return out
 
 

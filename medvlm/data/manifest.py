@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from medvlm.config import DicomConfig
-from medvlm.data.formats import RawRow, read_rows
+from medvlm.data.formats import RawRow, describe_layout, read_rows
 from medvlm.data.images import load_image
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ class ManifestError(ValueError):
     def __init__(self, path: Path, problems: list[str]):
         self.path, self.problems = path, problems
         listing = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
-        super().__init__(f"{path}: {len(problems)} bad row(s); fix them or set data.on_bad_row=skip:\n  {listing}")
+        super().__init__(f"{path}: {len(problems)} bad row(s); fix them, or skip them (check-data / supernode "
+                         f"--on-bad-row skip; data.on_bad_row=skip in a simulation):\n  {listing}")
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Manifest:
     rows: list[dict]          # valid rows; "image" an absolute path, "where" the row's location
     problems: list[str]       # "where: reason" for every rejected row (errors)
     warnings: list[str] = field(default_factory=list)   # "where: reason" for rows left out harmlessly
+    left_out: dict[str, int] = field(default_factory=dict)   # reason -> rows deliberately not used
+    layout: str = ""                                         # what the reader recognised, in words
 
     @property
     def vqa_rows(self) -> list[dict]:
@@ -104,9 +107,13 @@ def read_manifest(path: str | Path, *, fmt: str = "auto", on_bad_row: str = "err
     fmt, raw = read_rows(path, fmt, language=language)
     dicom = dicom or DicomConfig()
     rows, problems, warnings = [], [], []
+    left_out: Counter = Counter()
     images: dict[str, Optional[str]] = {}
     seen: dict[tuple, tuple[str, str]] = {}
     for item in raw:
+        if item.left_out:
+            left_out[item.left_out] += 1
+            continue
         problem = item.problem or _row_problem(item.row, images, dicom, known_good)
         if problem:
             problems.append(f"{item.where}: {problem}")
@@ -118,9 +125,10 @@ def read_manifest(path: str | Path, *, fmt: str = "auto", on_bad_row: str = "err
             first, first_target = seen[key]
             if first_target == target:
                 warnings.append(f"{item.where}: repeats {first} (same image, same question and answer); left out")
+                left_out["exact repeat of another row"] += 1
             else:
                 problems.append(f"{item.where}: contradicts {first}: same image and question, answer "
-                                f"{target!r} there vs {first_target!r}")
+                                f"{target!r} here but {first_target!r} at {first}")
             continue
         seen[key] = (item.where, target)
         rows.append(row)
@@ -128,9 +136,13 @@ def read_manifest(path: str | Path, *, fmt: str = "auto", on_bad_row: str = "err
         raise ManifestError(path, problems)
     for p in problems + warnings:
         log.warning("skipping %s", p)
+    if problems:
+        left_out["bad row, skipped (data.on_bad_row=skip)"] += len(problems)
+    for reason, n in left_out.items():
+        log.warning("%s: %d row(s) left out: %s", path, n, reason)
     if not rows:
         raise ManifestError(path, problems or [f"no rows ({fmt} format)"])
-    return Manifest(path, fmt, rows, problems, warnings)
+    return Manifest(path, fmt, rows, problems, warnings, dict(left_out), describe_layout(path, fmt))
 
 
 def summarize(manifest: Manifest) -> dict:
@@ -138,6 +150,7 @@ def summarize(manifest: Manifest) -> dict:
     vqa = manifest.vqa_rows
     return {
         "format": manifest.format,
+        "layout": manifest.layout,
         "rows": len(manifest.rows),
         "vqa_rows": len(vqa),
         "report_rows": len(manifest.report_rows),
@@ -151,4 +164,5 @@ def summarize(manifest: Manifest) -> dict:
         "splits": dict(Counter(str(r.get("split", "unsplit")) for r in manifest.rows).most_common()),
         "errors": len(manifest.problems),
         "warnings": len(manifest.warnings),
+        "left_out": dict(manifest.left_out),
     }
