@@ -373,3 +373,13 @@ def test_the_published_splits_are_kept(slake):
     redrawn = load_splits(DataConfig(source=str(slake), split_source="redraw", val_fraction=0.0, test_fraction=0.0),
                           preprocess)
     assert len(redrawn["train"]) == 4
+
+
+def test_a_missing_image_is_one_problem_naming_the_rows_that_use_it(vqa_rad):
+    root, entries = vqa_rad
+    entries += [vqa_rad_entry(3 + i, "synpic999.jpg", f"Question {i}?", "No", "CLOSED") for i in range(4)]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(entries))
+    manifest = read_manifest(root, on_bad_row="skip")
+    assert len(manifest.problems) == 1
+    assert "[3]: image" in manifest.problems[0] and "also used by 3 more row(s)" in manifest.problems[0]
+    assert manifest.left_out["bad row, skipped (on_bad_row=skip)"] == 4 and len(manifest.rows) == 3

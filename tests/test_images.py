@@ -1,5 +1,7 @@
 """DICOM reading on pydicom's own test files (CT, MR, multi-frame, compressed) and on files we write."""
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -106,3 +108,37 @@ def test_config_rejects_half_a_window():
         DicomConfig(window_center=40)
     with pytest.raises(ValueError, match="data.dicom.frame"):
         DicomConfig(frame="centre")
+
+
+# ----------------------------------------------------------------------------- real DICOM files (pydicom-data)
+REAL_DICOM = ["RG1_UNCI.dcm",        # CR chest, MONOCHROME1, 15 bits, a full-range window
+              "emri_small.dcm",      # enhanced MR, multi-frame
+              "CT_small.dcm", "MR_small.dcm",
+              "rtdose.dcm",          # RT dose, multi-frame
+              "SC_rgb_jpeg_dcmtk.dcm"]  # JPEG baseline, YBR colour
+
+
+@pytest.mark.parametrize("name", REAL_DICOM)
+def test_real_dicom_files_become_pictures(name):
+    from pydicom.data import get_testdata_file
+
+    image = np.asarray(load_image(get_testdata_file(name)))
+    assert image.dtype == np.uint8 and image.ndim in (2, 3) and image.std() > 5, name
+
+
+def test_a_full_range_window_gets_the_robust_one_and_monochrome1_stays_inverted():
+    from pydicom.data import get_testdata_file
+
+    from medvlm.config import DicomConfig
+    from medvlm.data.images import dicom_to_uint8
+
+    path = Path(get_testdata_file("RG1_UNCI.dcm"))     # window 15000 / 30000 over 15-bit values
+    own = dicom_to_uint8(path, DicomConfig(window="file"))
+    auto = dicom_to_uint8(path, DicomConfig())
+    robust = dicom_to_uint8(path, DicomConfig(window="percentile"))
+    assert np.array_equal(auto, robust) and auto.std() > own.std() * 1.2        # more contrast
+    assert np.percentile(auto, 1) < np.percentile(own, 1) - 20                   # the dark end is used
+    # the same picture, the same way up: MONOCHROME1 inverted as with the file's window
+    assert np.corrcoef(own.ravel().astype(float), auto.ravel().astype(float))[0, 1] > 0.9
+    ct = dicom_to_uint8(Path(get_testdata_file("CT_small.dcm")), DicomConfig())
+    assert np.array_equal(ct, dicom_to_uint8(Path(get_testdata_file("CT_small.dcm")), DicomConfig(window="file")))

@@ -91,10 +91,14 @@ def dicom_to_uint8(path: Path, cfg: DicomConfig) -> np.ndarray:
     values = apply_modality_lut(arr, ds).astype(np.float64)   # stored values -> e.g. Hounsfield units
     if not np.isfinite(values).all():
         raise ValueError(f"DICOM {path}: pixel values are not finite after RescaleSlope/Intercept")
+    has_window = "WindowCenter" in ds or "VOILUTSequence" in ds
     if cfg.window_center is not None:
         lo, hi = cfg.window_center - cfg.window_width / 2, cfg.window_center + cfg.window_width / 2
         image = _to_uint8(np.clip(values, lo, hi), lo, hi)
-    elif "WindowCenter" in ds or "VOILUTSequence" in ds:
+    elif cfg.window == "percentile" or (cfg.window == "auto" and has_window and _full_range(ds)):
+        lo, hi = (float(v) for v in np.percentile(values, cfg.percentiles))
+        image = _to_uint8(np.clip(values, lo, hi), lo, hi)
+    elif has_window:
         shown = apply_voi_lut(values, ds, index=0)
         # the window's output range, as pydicom maps it: apply it to values beyond both ends
         extremes = np.array([values.min() - 1e9, values.max() + 1e9])
@@ -106,6 +110,16 @@ def dicom_to_uint8(path: Path, cfg: DicomConfig) -> np.ndarray:
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":   # low values bright
         image = 255 - image
     return image
+
+
+def _full_range(ds) -> bool:
+    """True when the file's (first) window spans >= 90% of what its pixels can store: no real window."""
+    try:
+        width = float(np.atleast_1d(ds.WindowWidth)[0])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False   # a VOI LUT sequence: the file's own mapping
+    slope = abs(float(ds.get("RescaleSlope", 1) or 1))
+    return width >= 0.9 * slope * 2 ** int(ds.get("BitsStored", 16))
 
 
 def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -110,13 +110,22 @@ def read_manifest(path: str | Path, *, fmt: str = "auto", on_bad_row: str = "err
     left_out: Counter = Counter()
     images: dict[str, Optional[str]] = {}
     seen: dict[tuple, tuple[str, str]] = {}
+    bad_images: dict[str, list[str]] = {}     # an unusable image: reported once, with the rows that use it
+    bad_rows = 0
     for item in raw:
         if item.left_out:
             left_out[item.left_out] += 1
             continue
         problem = item.problem or _row_problem(item.row, images, dicom, known_good)
         if problem:
-            problems.append(f"{item.where}: {problem}")
+            bad_rows += 1
+            image = (item.row or {}).get("image")
+            if not item.problem and isinstance(image, str) and images.get(image) == problem:
+                if image not in bad_images:
+                    problems.append(f"{item.where}: {problem}")
+                bad_images.setdefault(image, []).append(item.where)
+            else:
+                problems.append(f"{item.where}: {problem}")
             continue
         row = _clean(item.row, item.where)
         key = (row["image"], row["question"].lower()) if "question" in row else (row["image"],)
@@ -132,12 +141,17 @@ def read_manifest(path: str | Path, *, fmt: str = "auto", on_bad_row: str = "err
             continue
         seen[key] = (item.where, target)
         rows.append(row)
+    for image, wheres in bad_images.items():
+        if len(wheres) > 1:
+            i = next(i for i, p in enumerate(problems) if p.startswith(f"{wheres[0]}: "))
+            also = ", ".join(wheres[1:6]) + (f" and {len(wheres) - 6} more" if len(wheres) > 6 else "")
+            problems[i] += f" (also used by {len(wheres) - 1} more row(s): {also})"
     if problems and on_bad_row == "error":
         raise ManifestError(path, problems)
     for p in problems + warnings:
         log.warning("skipping %s", p)
-    if problems:
-        left_out["bad row, skipped (data.on_bad_row=skip)"] += len(problems)
+    if bad_rows:
+        left_out["bad row, skipped (on_bad_row=skip)"] += bad_rows
     for reason, n in left_out.items():
         log.warning("%s: %d row(s) left out: %s", path, n, reason)
     if not rows:
