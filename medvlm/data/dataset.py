@@ -150,6 +150,8 @@ def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] 
     cfg = cfg or DataConfig(source=str(path))
     manifest = read_manifest(path, fmt=cfg.format, on_bad_row=cfg.on_bad_row, dicom=cfg.dicom, language=cfg.language,
                              known_good=encode_files.cached if encode_files else None)
+    log.info("%s: %s; %d rows%s", path, manifest.layout, len(manifest.rows),
+             "".join(f"; left out {n}: {reason}" for reason, n in manifest.left_out.items()))
     vqa = task_rows(manifest.rows, cfg.task, cfg.qtypes)
     if not vqa and cfg.task == "vqa":
         raise ValueError(f"{path}: {len(manifest.report_rows)} report row(s) and no question/answer rows"
