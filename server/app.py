@@ -124,7 +124,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
                              local_epochs=fed.local_epochs, lr=fed.lr if fed.lr is not None else cfg.train.lr,
                              max_update_bytes=int(fed.max_update_mb * 2**20), fraction_train=fed.fraction_train,
                              fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,
-                             min_available_nodes=fed.min_nodes, uniform_weights=fed.central_dp.enabled,
+                             # Flower's sampling would wait for ever: the waiting is wait_for_hospitals', bounded
+                             min_available_nodes=1, uniform_weights=fed.central_dp.enabled,
                              transport=fed.transport, frozen_digest=skeleton.frozen_digest())
     aggregator = strategy
     if fed.secure_aggregation == "secagg+":
@@ -195,7 +196,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         if new_arrays is not None:
             arrays = new_arrays
         evaluation, t_train = None, time.perf_counter() - t0
-        if fed.fraction_evaluate > 0:
+        gone = wait_for_hospitals(grid, strategy.origins.names, min_nodes=1, wait_s=fed.node_wait_s) \
+            if fed.fraction_evaluate > 0 else None
+        if gone:
+            log.warning("round %d: not evaluated: %s", server_round, gone)
+        elif fed.fraction_evaluate > 0:
             evaluation = strategy.aggregate_evaluate(server_round, strategy.exchange(
                 grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
                 timeout=fed.timeout_s, server_round=server_round, phase="evaluate"))

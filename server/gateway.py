@@ -49,8 +49,14 @@ def create_gateway(upstream: str, *, ca: Optional[Path], control: str):
             log.warning("gateway refused %s %s from %s: not the Fleet API", request.method, path, peer)
             return PlainTextResponse(refusal(path, control), status_code=403)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        upstream_response = await client.request(request.method, path, params=request.query_params,
-                                                 headers=headers, content=await request.body())
+        try:
+            upstream_response = await client.request(request.method, path, params=request.query_params,
+                                                     headers=headers, content=await request.body())
+        except httpx.TransportError as err:   # the SuperLink is (re)starting: 503 makes SuperNodes retry
+            log.warning("gateway: the SuperLink at %s is not answering (%s): 503 to %s", upstream,
+                        type(err).__name__, path)
+            return PlainTextResponse(f"the SuperLink behind this gateway is not answering ({type(err).__name__}); "
+                                     "retry", status_code=503)
         out_headers = {k: v for k, v in upstream_response.headers.items() if k.lower() not in HOP_BY_HOP}
         return Response(upstream_response.content, status_code=upstream_response.status_code, headers=out_headers)
 

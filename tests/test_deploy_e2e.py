@@ -129,9 +129,9 @@ class Deployment:
             assert out.returncode == 0, f"{step}: {out.stdout[-2000:]}\n{out.stderr[-3000:]}"
         return out
 
-    def start(self, step: str) -> tuple[subprocess.Popen, Path]:
+    def start(self, step: str, *, cwd: Path | None = None) -> tuple[subprocess.Popen, Path]:
         log = self.tmp / f"{step.split()[0]}-{len(self.procs)}.log"
-        proc = subprocess.Popen(self.command(step), cwd=self.work, env=self.env, stdout=log.open("w"),
+        proc = subprocess.Popen(self.command(step), cwd=cwd or self.work, env=self.env, stdout=log.open("w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc, log
@@ -335,4 +335,119 @@ def test_a_plaintext_round_on_the_wire_carries_no_patient_data(tmp_path):
     finally:
         if recorder:
             recorder.close()
+        d.stop()
+
+
+# ----------------------------------------------------------------------------- faults, in real processes
+def _plain_consortium(d: Deployment, db: Path) -> tuple[subprocess.Popen, dict[str, subprocess.Popen]]:
+    """A plaintext SuperLink (its state in ``db``) and hospitals a and b: the fault tests' set-up."""
+    link, link_log = d.start(f"medvlm-fl superlink --insecure --host 127.0.0.1 --port {d.values['port']} "
+                             f"--control-port {d.values['control']} --database {db}")
+    _wait_for_port(d.values["port"], link, link_log)
+    _wait_for_port(d.values["control"], link, link_log)
+    config = Path(d.env["FLWR_HOME"]) / "config.toml"
+    if "insecure = true" not in config.read_text():
+        config.write_text(config.read_text().replace('root-certificates = ', 'insecure = true\n# '))
+    nodes = {}
+    for h, eps, port in (("a", 8, d.values["port_a"]), ("b", 8, d.values["port_b"])):
+        nodes[h], _ = d.start(f"medvlm-fl supernode --insecure --superlink 127.0.0.1:{d.values['port']} "
+                              f"--hospital hospital-{h} --data-path data/hospital-{h}/manifest.jsonl "
+                              f"--state-dir state/hospital-{h} --epsilon {eps} --port {port}")
+    return link, nodes
+
+
+def _wait_for(condition, what: str, timeout: float = 300, procs: tuple = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for proc, log in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: a process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not after {timeout} s")
+
+
+def _task_running(hospital: str) -> bool:
+    out = subprocess.run(["pgrep", "-f", f"client.pinned .*--hospital {hospital} "], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+def _ledger(d: Deployment, h: str) -> dict:
+    path = d.work / "state" / f"hospital-{h}" / "privacy-ledger.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@pytest.mark.slow
+@pytest.mark.deploy
+def test_a_hospital_killed_mid_round_is_one_true_failure_and_the_run_stops_saying_who_is_missing(tmp_path):
+    d = Deployment(tmp_path)
+    try:
+        d.run("data_a")
+        d.run("data_b")
+        link, nodes = _plain_consortium(d, tmp_path / "db" / "link.db")
+        run_dir = tmp_path / "runs" / "killed-node"
+        config_arg = _run_config(2, run_dir, ["federation.node_wait_s=20", "federation.timeout_s=400"])
+        run, run_log = d.start(f"flwr run . consortium --stream {config_arg}", cwd=ROOT)
+        state = run_dir / "server-state.json"
+        _wait_for(lambda: state.is_file() and json.loads(state.read_text())["round"] == 0, "round 0 evaluated",
+                  procs=((run, run_log),))
+        _wait_for(lambda: _task_running("hospital-b"), "hospital-b trains round 1")
+        os.killpg(nodes["b"].pid, signal.SIGKILL)                      # the SuperNode, its launcher and task
+        _wait_for(lambda: (run_dir / "summary.json").is_file(), "the run ends", timeout=400)
+        records, summary = _records(run_dir), json.loads((run_dir / "summary.json").read_text())
+        one = records[1]
+        assert one["hospitals"]["hospital-a"]["status"] == "trained"
+        assert len(one["failed"]) == 1, one["failed"]                 # one failure, one record, the true reason
+        failure = one["failed"][0]
+        assert failure["hospital"] == "hospital-b" and failure["reason"].startswith("node unavailable"), failure
+        assert "timeout" not in failure["reason"]
+        assert one["evaluated_hospitals"] == ["hospital-a"]
+        assert "stopped before round 2: 1 of federation.min_nodes=2 hospitals connected" in summary["stopped"]
+        assert "not connected: hospital-b (node" in summary["stopped"]
+        assert _ledger(d, "b").get("rounds", []) == []                 # killed mid-training: nothing charged
+        assert _ledger(d, "a")["rounds"] == [1]
+    finally:
+        d.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.deploy
+def test_a_coordinator_killed_mid_round_and_resumed_spends_no_privacy_twice(tmp_path):
+    from medvlm.privacy import epsilon
+
+    d = Deployment(tmp_path)
+    try:
+        d.run("data_a")
+        d.run("data_b")
+        db = tmp_path / "db" / "link.db"
+        link, nodes = _plain_consortium(d, db)
+        run_dir = tmp_path / "runs" / "resumed"
+        config_arg = _run_config(2, run_dir, [])
+        d.start(f"flwr run . consortium --stream {config_arg}", cwd=ROOT)
+        # killed once a hospital has trained and charged round 2, before the round is aggregated
+        _wait_for(lambda: 2 in _ledger(d, "a").get("rounds", []) or 2 in _ledger(d, "b").get("rounds", []),
+                  "a hospital charged round 2")
+        os.killpg(link.pid, signal.SIGKILL)                           # the SuperLink and its ServerApp
+        saved = json.loads((run_dir / "server-state.json").read_text())
+        assert saved["round"] == 1, "the coordinator had already finished round 2"
+        link, link_log = d.start(f"medvlm-fl superlink --insecure --host 127.0.0.1 --port {d.values['port']} "
+                                 f"--control-port {d.values['control']} --database {db}")
+        _wait_for_port(d.values["control"], link, link_log)
+        d.run(f"flwr run . consortium --stream {config_arg}", cwd=ROOT, timeout=400)
+        _wait_for(lambda: (run_dir / "summary.json").is_file(), "the resumed run ends", timeout=120)
+        summary, records = json.loads((run_dir / "summary.json").read_text()), _records(run_dir)
+        assert [r["round"] for r in records] == [0, 1, 2] and summary["rounds"] == 2
+        resent = [h for h, e in records[2]["hospitals"].items() if e.get("resent")]
+        assert resent, records[2]["hospitals"]                        # the charged update, sent again
+        for h in ("a", "b"):
+            ledger = _ledger(d, h)
+            assert ledger["rounds"] == [1, 2], ledger["rounds"]          # each round charged once
+            p = summary["privacy"][f"hospital-{h}"]
+            history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in p["mechanisms"]]
+            assert sum(x[2] for x in history) == p["steps"] == sum(x[2] for x in ledger["history"])
+            assert epsilon(history, delta=p["delta"], accountant=p["accountant"]) == pytest.approx(p["epsilon"])
+            assert p["epsilon"] == pytest.approx(epsilon(ledger["history"], delta=ledger["delta"],
+                                                         accountant=ledger["accountant"]))
+    finally:
         d.stop()

@@ -108,3 +108,14 @@ def test_the_public_gateway_refuses_everything_but_the_fleet_api():
         for path in ("/v1/control/start-run", "/v1/control/create-node-cli", "/v1/runtime/pull-messages", "/"):
             reply = client.post(path, content=b"\x00")
             assert reply.status_code == 403 and "only on the coordinator's own host (127.0.0.1:9093)" in reply.text
+
+
+def test_the_gateway_says_retry_while_the_superlink_behind_it_is_down():
+    """A SuperLink restarting behind the gateway is a 503 (Flower's SuperNodes retry it), not a 500
+    (they would give up and exit: a coordinator restart would lose its hospitals)."""
+    from starlette.testclient import TestClient
+
+    gateway = create_gateway("http://127.0.0.1:1", ca=None, control="127.0.0.1:9093")   # nothing listens on 1
+    with TestClient(gateway) as client:
+        reply = client.post("/v1/fleet/pull-messages", content=b"\x00")
+        assert reply.status_code == 503 and "not answering" in reply.text
