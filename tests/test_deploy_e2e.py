@@ -307,12 +307,7 @@ def test_a_plaintext_round_on_the_wire_carries_no_patient_data(tmp_path):
     recorder = None
     try:
         d.run("data_a")
-        link, link_log = d.start(f"medvlm-fl superlink --insecure --host 127.0.0.1 --port {d.values['port']} "
-                                 f"--control-port {d.values['control']} --database {tmp_path / 'db' / 'link.db'}")
-        _wait_for_port(d.values["port"], link, link_log)
-        _wait_for_port(d.values["control"], link, link_log)
-        config = Path(d.env["FLWR_HOME"]) / "config.toml"
-        config.write_text(config.read_text().replace('root-certificates = ', 'insecure = true\n# '))
+        _plain_link(d, tmp_path / "db" / "link.db")
         recorder = Recorder(d.values["port"])
         d.start(f"medvlm-fl supernode --insecure --superlink 127.0.0.1:{recorder.port} --hospital hospital-a "
                 f"--data-path data/hospital-a/manifest.jsonl --state-dir state/hospital-a --epsilon 8 "
@@ -338,9 +333,8 @@ def test_a_plaintext_round_on_the_wire_carries_no_patient_data(tmp_path):
         d.stop()
 
 
-# ----------------------------------------------------------------------------- faults, in real processes
-def _plain_consortium(d: Deployment, db: Path) -> tuple[subprocess.Popen, dict[str, subprocess.Popen]]:
-    """A plaintext SuperLink (its state in ``db``) and hospitals a and b: the fault tests' set-up."""
+def _plain_link(d: Deployment, db: Path) -> subprocess.Popen:
+    """A plaintext SuperLink (its state in ``db``), and the coordinator's ``flwr`` set to reach it so."""
     link, link_log = d.start(f"medvlm-fl superlink --insecure --host 127.0.0.1 --port {d.values['port']} "
                              f"--control-port {d.values['control']} --database {db}")
     _wait_for_port(d.values["port"], link, link_log)
@@ -348,6 +342,15 @@ def _plain_consortium(d: Deployment, db: Path) -> tuple[subprocess.Popen, dict[s
     config = Path(d.env["FLWR_HOME"]) / "config.toml"
     if "insecure = true" not in config.read_text():
         config.write_text(config.read_text().replace('root-certificates = ', 'insecure = true\n# '))
+    return link
+
+
+# ----------------------------------------------------------------------------- faults, in real processes
+def _plain_consortium(d: Deployment, db: Path) -> tuple[subprocess.Popen, dict[str, subprocess.Popen]]:
+    """Hospitals a and b's data, a plaintext SuperLink and their SuperNodes: the fault tests' set-up."""
+    d.run("data_a")
+    d.run("data_b")
+    link = _plain_link(d, db)
     nodes = {}
     for h, eps, port in (("a", 8, d.values["port_a"]), ("b", 8, d.values["port_b"])):
         nodes[h], _ = d.start(f"medvlm-fl supernode --insecure --superlink 127.0.0.1:{d.values['port']} "
@@ -383,8 +386,6 @@ def _ledger(d: Deployment, h: str) -> dict:
 def test_a_hospital_killed_mid_round_is_one_true_failure_and_the_run_stops_saying_who_is_missing(tmp_path):
     d = Deployment(tmp_path)
     try:
-        d.run("data_a")
-        d.run("data_b")
         link, nodes = _plain_consortium(d, tmp_path / "db" / "link.db")
         run_dir = tmp_path / "runs" / "killed-node"
         config_arg = _run_config(2, run_dir, ["federation.node_wait_s=20", "federation.timeout_s=400"])
@@ -418,8 +419,6 @@ def test_a_coordinator_killed_mid_round_and_resumed_spends_no_privacy_twice(tmp_
 
     d = Deployment(tmp_path)
     try:
-        d.run("data_a")
-        d.run("data_b")
         db = tmp_path / "db" / "link.db"
         link, nodes = _plain_consortium(d, db)
         run_dir = tmp_path / "runs" / "resumed"
@@ -431,9 +430,7 @@ def test_a_coordinator_killed_mid_round_and_resumed_spends_no_privacy_twice(tmp_
         os.killpg(link.pid, signal.SIGKILL)                           # the SuperLink and its ServerApp
         saved = json.loads((run_dir / "server-state.json").read_text())
         assert saved["round"] == 1, "the coordinator had already finished round 2"
-        link, link_log = d.start(f"medvlm-fl superlink --insecure --host 127.0.0.1 --port {d.values['port']} "
-                                 f"--control-port {d.values['control']} --database {db}")
-        _wait_for_port(d.values["control"], link, link_log)
+        _plain_link(d, db)
         d.run(f"flwr run . consortium --stream {config_arg}", cwd=ROOT, timeout=400)
         _wait_for(lambda: (run_dir / "summary.json").is_file(), "the resumed run ends", timeout=120)
         summary, records = json.loads((run_dir / "summary.json").read_text()), _records(run_dir)
