@@ -173,6 +173,20 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from medvlm.config import load_config
+    from medvlm.runs import new_run_dir
+    from simulations.audit import card, run_audit
+
+    out = Path(args.out) if args.out else new_run_dir(load_config(args.config, list(args.overrides)).output_dir,
+                                                      "audit")
+    report = run_audit(args.config, list(args.overrides), out, canaries=args.canaries, federated=args.federated,
+                       seed=args.seed)
+    print(card(report))
+    print(f"report, plot and card in {out / 'audit'}")
+    return 0
+
+
 def _add_federation_commands(sub) -> None:
     p = sub.add_parser("simulate", help="run (or resume) a local federation of synthetic hospitals (Flower simulation)")
     p.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path (default: tiny)")
@@ -243,6 +257,17 @@ def _add_federation_commands(sub) -> None:
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (closed test networks)")
     p.add_argument("--dry-run", action="store_true", help="check and print the flower-supernode command only")
     p.set_defaults(func=_supernode)
+
+    p = sub.add_parser("audit", help="empirical privacy audit: canaries, an epsilon lower bound next to the "
+                                     "accountant's (DP on, noise far too low, DP off)")
+    p.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path (default: tiny)")
+    p.add_argument("--canaries", type=int, default=1000, help="canaries, each in the hospital's data with p = 1/2")
+    p.add_argument("--federated", action="store_true", help="audit the federation's global model (canaries at the "
+                                                             "first hospital), not that hospital's update")
+    p.add_argument("--seed", type=int, default=0, help="which canaries are drawn in")
+    p.add_argument("--out", help="folder for audit/ (default: a new run folder under output_dir)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. privacy.target_epsilon=4")
+    p.set_defaults(func=_audit)
 
     p = sub.add_parser("ledger", help="hospital: show, set up, or deliberately raise the on-site privacy ledger")
     p.add_argument("action", choices=["show", "init", "raise"])
