@@ -64,8 +64,10 @@ _ERROR_KINDS = {1: "crashed (its app failed to load)", 2: "crashed", 3: "reply l
 
 def failure_reason(error) -> str:
     """One line: what kind of failure (Flower's error code) and its message."""
-    kind = _ERROR_KINDS.get(int(error.code), f"error code {error.code}")
     detail = str(error.reason or "").strip()
+    if detail.startswith("refused by "):   # the site refused the task (e.g. not its pinned app): its own words
+        return detail
+    kind = _ERROR_KINDS.get(int(error.code), f"error code {error.code}")
     return f"{kind}: {detail}" if detail and int(error.code) != 5 else kind
 
 

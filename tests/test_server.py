@@ -337,3 +337,14 @@ def test_a_bad_securely_aggregated_mean_is_refused(tiny_model):
     assert new is None and f"this model has {len(names)}" in reason
     new, reason = apply_mean_update(current, [c.ravel() for c in current], names=names, spec=spec)
     assert new is None and "shape" in reason
+
+
+def test_failure_reasons_say_what_happened():
+    from flwr.app import Error
+
+    from server.strategy import failure_reason
+
+    assert failure_reason(Error(code=5, reason="Error: Node Unavailable - ...")).startswith("node unavailable")
+    assert failure_reason(Error(code=2, reason="RuntimeError: boom")) == "crashed: RuntimeError: boom"
+    refusal = "refused by st-mary: the run's app is not the app this hospital installed"
+    assert failure_reason(Error(code=2, reason=refusal)) == refusal          # the site's words, not "crashed"
