@@ -89,11 +89,9 @@ class Origins:
 
     def __call__(self, msg: Message) -> tuple[str, int]:
         node = self.node(msg)
-        if msg.has_content():
-            try:
-                self.names[node] = str(msg.content.config_records["status"]["hospital"])
-            except (KeyError, TypeError, AttributeError):
-                pass
+        status = msg.content.config_records.get("status") if msg.has_content() else None
+        if status is not None and "hospital" in status:    # a reply without a status keeps the node's id
+            self.names[node] = str(status["hospital"])
         return self.names.get(node, f"node-{node}"), node
 
 

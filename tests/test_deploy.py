@@ -153,6 +153,7 @@ def test_the_launchers_dry_runs_and_the_ledger_command(tmp_path, capsys, caplog)
 
 def _serve(tls_ctx=None):
     """A one-port server on 127.0.0.1 that completes TLS handshakes with ``tls_ctx`` (or speaks plain TCP)."""
+    import contextlib
     import socket
     import ssl
     import threading
@@ -167,11 +168,8 @@ def _serve(tls_ctx=None):
                 return
             with conn:
                 if tls_ctx is not None:
-                    try:
-                        with tls_ctx.wrap_socket(conn, server_side=True):
-                            pass
-                    except (ssl.SSLError, OSError):
-                        pass
+                    with contextlib.suppress(ssl.SSLError, OSError):   # a refused handshake is the point
+                        tls_ctx.wrap_socket(conn, server_side=True).close()
                 else:
                     conn.recv(1024)   # a plain server reads a TLS hello as garbage and hangs up
 
