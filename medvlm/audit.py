@@ -77,8 +77,7 @@ def answer_losses(model: MedVLM, data: VQARows, *, batch_size: int = 256) -> np.
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def gradient_scores(before: MedVLM, update: dict[str, torch.Tensor], data: VQARows, *,
-                    batch_size: int = 64) -> np.ndarray:
+def gradient_scores(before: MedVLM, update: dict[str, torch.Tensor], data: VQARows) -> np.ndarray:
     """A white-box attacker with the hospital's update ``update`` (after - before): each canary's
     loss gradient at ``before``, less the canaries' mean gradient (what they share: the question
     template, the answer words), scored by its alignment with the update. DP-SGD adds each member's

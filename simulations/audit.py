@@ -19,14 +19,16 @@ import json
 import logging
 import shlex
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from medvlm.model.vlm import MedVLM
+
 log = logging.getLogger("medvlm.audit")
 
-# (name, the site's node-config privacy policy): the configured budget, noise far too low, none
-WEAK_EPSILON = 1e5
+WEAK_EPSILON = 1e5   # the budget of the "noise far too low" training
 
 
 def _variants(cfg) -> list[tuple[str, dict, list[str]]]:
@@ -44,14 +46,14 @@ def write_site(folder: Path, cfg, canaries, hospital: str) -> Path:
     the canaries drawn in, all in its training split; every canary's image under ``canaries/``."""
     from PIL import Image
 
-    from medvlm.data.synthetic import generate_hospital, write_manifest
+    from medvlm.data.synthetic import generate_hospital, split_images, write_manifest
 
     manifest = write_manifest(generate_hospital(hospital, cfg.data.images_per_hospital, seed=cfg.data.seed,
                                                 hospital_only=cfg.data.hospital_only), folder)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     images = sorted({r["image"] for r in rows})
-    rng = np.random.default_rng(cfg.data.seed + 17)
-    val = set(rng.choice(images, size=int(round(len(images) * cfg.data.val_fraction)), replace=False).tolist())
+    val = {images[i] for i in split_images(len(images), val_fraction=cfg.data.val_fraction, test_fraction=0.0,
+                                           seed=cfg.data.seed)["val"]}
     rows = [dict(r, split="val" if r["image"] in val else "train") for r in rows]
     (folder / "canaries").mkdir(exist_ok=True)
     for i, (image, row) in enumerate(zip(canaries.images, canaries.rows)):
@@ -64,7 +66,7 @@ def write_site(folder: Path, cfg, canaries, hospital: str) -> Path:
     return folder
 
 
-def _train_site(preset: str, overrides: Sequence[str], cfg, node_config: dict, start_state: dict) -> dict:
+def _train_site(preset: str, overrides: Sequence[str], cfg, node_config: dict, start: "MedVLM") -> dict:
     """One hospital's training as its ClientApp does it (one round of the federation's epochs); the
     update it sends, decoded."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -76,7 +78,7 @@ def _train_site(preset: str, overrides: Sequence[str], cfg, node_config: dict, s
     set_task_identity()
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     lr = cfg.federation.lr or cfg.train.lr
-    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in to_wire(start_state).items()}),
+    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in to_wire(start.trainable_state()).items()}),
                               "config": ConfigRecord({"server-round": 1, "num-rounds": 1, "local-epochs": float(epochs),
                                                       "lr": float(lr)})}), dst_node_id=1, message_type="train")
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
@@ -85,14 +87,8 @@ def _train_site(preset: str, overrides: Sequence[str], cfg, node_config: dict, s
     if reply.has_error() or "arrays" not in reply.content.array_records:
         raise RuntimeError(f"the audited hospital did not train: "
                            f"{reply.error.reason if reply.has_error() else dict(reply.content['status'])}")
-    spec = {k: v for k, v in _spec(cfg).items()}
-    return decode({k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}, spec, "fp32")
-
-
-def _spec(cfg):
-    from medvlm.model.vlm import build_skeleton
-
-    return build_skeleton(cfg.model, seed=cfg.federation.seed).trainable_spec()
+    return decode({k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}, start.trainable_spec(),
+                  "fp32")
 
 
 def _federate(preset: str, overrides: Sequence[str], cfg, node_config: dict, run_dir: Path) -> dict:
@@ -145,7 +141,7 @@ def run_audit(preset: str, overrides: Sequence[str], out: Path, *, canaries: int
         log.info("audit: training %s (%s)", name, "federated" if federated else "the hospital's update")
         state = (_federate(preset, [*overrides, *run_privacy], load_config(preset, [*overrides, *run_privacy]),
                            node_config, audit_dir / f"run-{len(results)}") if federated
-                 else _train_site(preset, overrides, cfg, node_config, before.trainable_state()))
+                 else _train_site(preset, overrides, cfg, node_config, before))
         after = build_medvlm(cfg.model, seed=cfg.federation.seed)
         after.load_trainable_state(state)
         start = before.trainable_state()

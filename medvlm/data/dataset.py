@@ -202,8 +202,8 @@ def published_splits(data: VQARows, *, val_fraction: float, seed: int) -> Option
         groups[n].append(r)
     if not groups["val"] and groups["train"]:
         images = sorted({r["image_index"] for r in groups["train"]})
-        order = np.random.default_rng(seed + 7919).permutation(len(images))
-        val = {images[i] for i in order[:int(round(len(images) * val_fraction))]}
+        val = {images[i] for i in split_images(len(images), val_fraction=val_fraction, test_fraction=0.0,
+                                               seed=seed)["val"]}
         groups["val"] = [r for r in groups["train"] if r["image_index"] in val]
         groups["train"] = [r for r in groups["train"] if r["image_index"] not in val]
     return {name: _subset(data, rows) for name, rows in groups.items()}
