@@ -21,6 +21,7 @@ BENCHMARKS = {
     "cache": ("benchmarks.feature_cache", []),
     "utility": ("benchmarks.utility", []),
     "scale": ("benchmarks.scale", []),
+    "wire": ("benchmarks.wire", []),
 }
 
 

@@ -58,7 +58,7 @@ def main(argv=None) -> None:
               f"{r['up'] / limit:9.3f}x{full_lora / r['up']:13.2f}x{total * 4 / r['up']:9.0f}x")
     worst = max(r["up"] / (r["sent"] * BYTES_PER_ELEMENT[t]) for (t, _), r in rows.items())
     print(f"worst measured/limit: {worst:.3f}x (goal <= 1.05x: {'met' if worst <= 1.05 else 'not met'}); "
-          "the excess is each array's serialised header")
+          "the excess is the packed state's index (names, dtypes, shapes) and its one .npy header")
 
 
 if __name__ == "__main__":

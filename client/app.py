@@ -20,7 +20,7 @@ from client.rounds import request_key
 from client.site import get_site
 from medvlm.metrics import baseline_for, counts_for, load_labeler
 from medvlm.privacy import PrivacyBudgetExceeded
-from medvlm.wire import TRANSPORTS, decode, legacy_order
+from medvlm.wire import TRANSPORTS, decode, legacy_order, unpack
 
 log = logging.getLogger("medvlm.client")
 
@@ -53,6 +53,8 @@ def _load_global(site, msg: Message) -> tuple[dict, dict, str]:
         if len(arrays) != len(order):
             raise ValueError(f"SecAgg+ round sent {len(arrays)} tensors; this model has {len(order)}")
         arrays = {order[i]: a for i, a in arrays.items()}
+    else:
+        arrays = unpack(arrays)
     state = decode(arrays, site.spec, transport)
     site.model.load_trainable_state(state)
     return arrays, state, transport

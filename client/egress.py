@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from medvlm.model.vlm import TensorSpec, validate_state
-from medvlm.wire import EgressError, check_metrics, check_status, encode, legacy_order
+from medvlm.wire import EgressError, check_metrics, check_status, encode, legacy_order, pack, unpack
 
 __all__ = ["EgressError", "reply_content", "as_secure_fit_reply"]
 
@@ -38,25 +39,24 @@ def reply_content(*, kind: str, metrics: Mapping[str, float], status: Mapping[st
         # keep the allow-list's order: Flower's clipping mods expect the order the server sent
         if transport != "fp32" and reference is None:
             raise EgressError(f"{transport} transport sends the change to the received state: pass reference")
-        content["arrays"] = ArrayRecord({name: Array(array) for name, array in encode(
-            {name: state[name] for name in spec}, transport, reference).items()})
+        content["arrays"] = ArrayRecord({name: Array(array) for name, array in pack(encode(
+            {name: state[name] for name in spec}, transport, reference)).items()})
     return content
 
 
-def as_secure_fit_reply(content: RecordDict, *, sent: Mapping[str, "np.ndarray"],
+def as_secure_fit_reply(content: RecordDict, *, sent: Mapping[str, np.ndarray],
                         spec: Mapping[str, TensorSpec]) -> RecordDict:
     """A checked train reply in the legacy form Flower's ``secaggplus_mod`` masks: the *change* to
     the global state (small values: the protocol's fixed-point range keeps precision), in
     ``legacy_order``; metrics and status as the FitRes metrics. Built only from ``reply_content``."""
-    import numpy as np
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
     if "arrays" not in content.array_records:
         raise EgressError("no trainable state to aggregate securely: "
                           f"{dict(content.config_records['status']).get('reason', 'nothing was trained')}")
-    arrays = content.array_records["arrays"]
-    update = [arrays[n].numpy().astype(np.float32) - np.asarray(sent[n], dtype=np.float32)
+    arrays = unpack({name: a.numpy() for name, a in content.array_records["arrays"].items()})
+    update = [arrays[n].astype(np.float32) - np.asarray(sent[n], dtype=np.float32)
               for n in legacy_order(spec)]
     metrics = {**{k: float(v) for k, v in content.metric_records["metrics"].items()},
                **dict(content.config_records["status"])}

@@ -14,6 +14,9 @@ never import each other):
   they keep their precision; ``int8`` is symmetric per tensor, the tensors' scales travel as one
   float32 array ``::scales`` in ``legacy_order``). The coordinator decodes exactly into float32 and adds the change to its own
   float32 master state, so the rounding of the download never accumulates across rounds.
+* packing: whatever the transport, a message carries its tensors as one array (``pack``: an index
+  of names, dtypes and shapes, then the bytes), because Flower moves each array with HTTP requests
+  of its own; ``unpack`` gives the named arrays back for the checks above.
 """
 
 from __future__ import annotations
@@ -173,6 +176,76 @@ def decode(arrays: Mapping[str, np.ndarray], spec: Mapping[str, TensorSpec], tra
         state[name] = x + reference[name].float() if reference is not None else x
     validate_state(state, spec, strict=True)
     return state
+
+
+# ----------------------------------------------------------------------------- one array per message
+# Flower 1.41 pushes and pulls every array of a message as objects of its own, one HTTP request each
+# (about 0.8 KB of headers apiece): the 43 tensors of the default model cost twice their payload on
+# the wire (benchmarks/wire.py). So a message carries its state as one array PACKED: a header
+# (magic, the index's length, the index: [[name, dtype, shape], ...] in order) and then every
+# tensor's bytes, back to back. The names travel, so the receiver's checks stay the same named checks.
+PACKED = "::packed"
+PACK_MAGIC = b"MVW1"
+PACK_DTYPES = frozenset({"float32", "uint16", "int8", "float16", "float64"})   # bf16 travels as uint16
+MAX_INDEX_BYTES = 1 << 20
+
+
+def pack(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Named wire arrays (``encode``'s output) -> ``{PACKED: one uint8 buffer}``, names kept in order."""
+    import json
+
+    index, parts = [], []
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        if str(a.dtype) not in PACK_DTYPES:
+            raise EgressError(f"tensor {name!r}: dtype {a.dtype} cannot be packed (allowed {sorted(PACK_DTYPES)})")
+        index.append([name, str(a.dtype), list(a.shape)])
+        parts.append(a.reshape(-1).view(np.uint8))
+    header = json.dumps(index, separators=(",", ":")).encode()
+    return {PACKED: np.concatenate([np.frombuffer(PACK_MAGIC + len(header).to_bytes(4, "little") + header, np.uint8),
+                                    *parts])}
+
+
+def unpack(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What :func:`pack` made -> named wire arrays (copies), for ``decode``/``from_wire`` to check
+    against the allow-list as before. A message without ``PACKED`` is taken as named arrays (the
+    SecAgg+ legacy form, and earlier versions). Raises TrainableStateError on a malformed buffer."""
+    import json
+
+    if PACKED not in arrays:
+        return dict(arrays)
+    if len(arrays) != 1:
+        raise TrainableStateError(f"a packed state is the one array {PACKED!r}; the message also carries "
+                                  f"{sorted(set(arrays) - {PACKED})[:5]}")
+    buf = arrays[PACKED]
+    if buf.dtype != np.uint8 or buf.ndim != 1:
+        raise TrainableStateError(f"{PACKED}: expected a 1-D uint8 buffer, got {buf.dtype} {tuple(buf.shape)}")
+    raw = buf.tobytes()
+    size = int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else -1
+    if raw[:4] != PACK_MAGIC or not 0 < size <= min(MAX_INDEX_BYTES, len(raw) - 8):
+        raise TrainableStateError(f"{PACKED}: not a packed medvlm state (no {PACK_MAGIC!r} header with an index); "
+                                  "the sender runs another version of medvlm-fl")
+    try:
+        index = json.loads(raw[8:8 + size])
+        entries = [(str(n), str(d), tuple(int(x) for x in shape)) for n, d, shape in index
+                   if isinstance(n, str) and d in PACK_DTYPES and isinstance(shape, list)
+                   and all(isinstance(x, int) and x >= 0 for x in shape)]
+    except (ValueError, TypeError):
+        entries, index = [], None
+    if not isinstance(index, list) or len(entries) != len(index) or len({n for n, _, _ in entries}) != len(entries):
+        raise TrainableStateError(f"{PACKED}: its index is not a list of distinct [name, dtype, shape] entries "
+                                  f"with dtypes from {sorted(PACK_DTYPES)}")
+    out, offset = {}, 8 + size
+    for name, dtype, shape in entries:
+        count = math.prod(shape)
+        end = offset + count * np.dtype(dtype).itemsize
+        if end > len(raw):
+            raise TrainableStateError(f"{PACKED}: the buffer ends inside tensor {name!r} ({len(raw):,} bytes)")
+        out[name] = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
+        offset = end
+    if offset != len(raw):
+        raise TrainableStateError(f"{PACKED}: {len(raw) - offset:,} bytes after the last tensor of its index")
+    return out
 
 
 def state_bytes(arrays: Mapping[str, np.ndarray]) -> int:

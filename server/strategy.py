@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medvlm.model.vlm import TensorSpec
-from medvlm.wire import check_metrics, check_status, decode, encode, from_wire, parse_mechanisms, to_wire
+from medvlm.wire import check_metrics, check_status, decode, encode, pack, parse_mechanisms, to_wire, unpack
 
 log = logging.getLogger("medvlm.server")
 
@@ -160,8 +160,7 @@ class Screened:
     def _wire(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
         """The message form of the float32 global state: encoded per ``transport``, said in the config."""
         self.master = {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}
-        if self.transport != "fp32":
-            arrays = array_record(encode(self.master, self.transport))
+        arrays = array_record(pack(encode(self.master, self.transport)))
         extra = {"transport": self.transport}
         if self.frozen_digest:
             extra["frozen-digest"] = self.frozen_digest
@@ -204,7 +203,7 @@ class Screened:
             if not metrics.get("num-examples", 0) > 0:
                 return "num-examples is missing or not positive", None
             reference = self.master if self.transport != "fp32" else None
-            state = decode({name: a.numpy() for name, a in arrays.items()}, self.spec, self.transport, reference)
+            state = decode(unpack({name: a.numpy() for name, a in arrays.items()}), self.spec, self.transport, reference)
         except (KeyError, ValueError, TypeError) as err:
             return str(err), None
         return None, state
@@ -254,8 +253,8 @@ class Screened:
                 continue
             entry["bytes_up"] = sum(len(a.data) for a in msg.content.array_records["arrays"].values())
             self.report.hospitals[name] = entry
-            if self.transport != "fp32":   # the aggregation rule sees exact float32 weights
-                msg.content["arrays"] = array_record(to_wire({k: state[k] for k in self.spec}))
+            # the aggregation rule sees exact float32 weights, named (the wire form is packed and encoded)
+            msg.content["arrays"] = array_record(to_wire({k: state[k] for k in self.spec}))
             self._screened.add(id(msg))
             accepted.append(msg)
         return accepted

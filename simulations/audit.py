@@ -72,7 +72,7 @@ def _train_site(preset: str, overrides: Sequence[str], cfg, node_config: dict, s
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from client import app as client_app
-    from medvlm.wire import decode, to_wire
+    from medvlm.wire import decode, to_wire, unpack
     from simulations.inprocess import set_task_identity
 
     set_task_identity()
@@ -87,8 +87,8 @@ def _train_site(preset: str, overrides: Sequence[str], cfg, node_config: dict, s
     if reply.has_error() or "arrays" not in reply.content.array_records:
         raise RuntimeError(f"the audited hospital did not train: "
                            f"{reply.error.reason if reply.has_error() else dict(reply.content['status'])}")
-    return decode({k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}, start.trainable_spec(),
-                  "fp32")
+    return decode(unpack({k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}),
+                  start.trainable_spec(), "fp32")
 
 
 def _federate(preset: str, overrides: Sequence[str], cfg, node_config: dict, run_dir: Path) -> dict:

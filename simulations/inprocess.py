@@ -115,17 +115,18 @@ def run_inprocess(preset: str, overrides: list[str], run_dir, *, node_overrides:
 def poisoned(handler: Handler, factor: float) -> Handler:
     """A hospital that attacks the federation: it trains honestly, then sends ``global + factor *
     its change`` (factor -10: sign-flipped and scaled; 20: scaled). fp32 transport only."""
-    import numpy as np
     from flwr.app import Array, ArrayRecord
+
+    from medvlm.wire import pack, unpack
 
     def train(msg: Message, context: Context) -> Message:
         if msg.content["config"].get("transport", "fp32") != "fp32":
             raise ValueError("the poisoning simulation sends fp32 weights: use federation.transport=fp32")
-        sent = {k: a.numpy().copy() for k, a in msg.content["arrays"].items()}
+        sent = unpack({k: a.numpy() for k, a in msg.content["arrays"].items()})
         reply = handler(msg, context)
         if reply.has_content() and "arrays" in reply.content.array_records:
-            reply.content["arrays"] = ArrayRecord({
-                k: Array((sent[k] + factor * (a.numpy() - sent[k])).astype(a.numpy().dtype))
-                for k, a in reply.content["arrays"].items()})
+            honest = unpack({k: a.numpy() for k, a in reply.content["arrays"].items()})
+            reply.content["arrays"] = ArrayRecord({k: Array(a) for k, a in pack({
+                k: (sent[k] + factor * (a - sent[k])).astype(a.dtype) for k, a in honest.items()}).items()})
         return reply
     return train

@@ -26,6 +26,13 @@ TINY_OVERRIDES = ["model.init=random", "model.vision.source=builtin:tiny-random"
                   "data.images_per_hospital=20", "train.batch_size=16", "train.epochs=1"]
 
 
+def wire_arrays(record) -> dict:
+    """The named arrays a message's ``ArrayRecord`` carries (packed on the wire: ``medvlm.wire.pack``)."""
+    from medvlm.wire import unpack
+
+    return unpack({name: a.numpy() for name, a in record.items()})
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from medvlm.config import load_config

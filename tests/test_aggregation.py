@@ -14,7 +14,7 @@ from medvlm.config import load_config
 from medvlm.wire import encode, spec_of, to_wire
 from server.app import run_federation
 from server.strategy import MedFedAvg, make_strategy
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, wire_arrays
 from tests.fakes import InProcessGrid, set_task_identity
 
 GLOBAL = {"fusion.w": torch.zeros(3, 4), "language.lora_B": torch.zeros(5)}
@@ -71,12 +71,12 @@ def test_compact_transport_aggregates_the_changes_onto_the_float32_master(transp
     master = {k: v + 0.37 for k, v in GLOBAL.items()}          # not representable exactly in bf16/int8 steps
     record = ArrayRecord({k: Array(v) for k, v in to_wire(master).items()})
     messages = list(strategy.configure_train(1, record, ConfigRecord({}), _FakeGrid()))
-    sent = messages[0].content["arrays"]
+    sent = wire_arrays(messages[0].content["arrays"])
     assert messages[0].content["config"]["transport"] == transport
-    assert sum(a.numpy().nbytes for a in sent.values()) <= sum(a.numpy().nbytes for a in record.values()) / 2 + 8
+    assert sum(a.nbytes for a in sent.values()) <= sum(a.numpy().nbytes for a in record.values()) / 2 + 8
     received = {k: torch.from_numpy(np.asarray(v)) for k, v in
                 __import__("medvlm.wire", fromlist=["decode"]).decode(
-                    {k: a.numpy() for k, a in sent.items()}, spec_of(GLOBAL), transport).items()}
+                    sent, spec_of(GLOBAL), transport).items()}
     changes = [{k: torch.full_like(v, 1e-3 * (i + 1)) for k, v in GLOBAL.items()} for i in range(2)]
     replies = [_reply({k: received[k] + c[k] for k in c}, hospital=f"h{i}", transport=transport, reference=received,
                       examples=10 * (i + 1)) for i, c in enumerate(changes)]
@@ -176,7 +176,7 @@ def test_ffa_lora_with_bf16_transport_in_the_federation(federation, tiny_cfg):
     assert 3 * 2 * trainable <= record["bytes_down"] <= 3 * (2 * trainable + headers)
     sent = [m for m in grid.sent if m.metadata.message_type == "train"][0].content
     assert sent["config"]["frozen-digest"] == model.frozen_digest()
-    assert not any(".lora_A." in n for n in sent["arrays"].keys())
+    assert not any(".lora_A." in n for n in wire_arrays(sent["arrays"]))
     a_start = {n: p.detach().clone() for n, p in model.language.named_parameters() if ".lora_A." in n}
     load_trainable(model, run_dir / "global")                        # the exported adapter holds A unchanged
     assert all(torch.equal(a_start[n], p) for n, p in model.language.named_parameters() if ".lora_A." in n)

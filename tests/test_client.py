@@ -12,8 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from client import app as client_app
 from client.egress import EgressError, reply_content
 from client.ledger import LEDGER_FILE
-from medvlm.wire import EVAL_METRIC_PATTERN, TRAIN_METRICS, to_wire
-from tests.conftest import TINY_OVERRIDES
+from medvlm.wire import EVAL_METRIC_PATTERN, PACKED, TRAIN_METRICS, to_wire
+from tests.conftest import TINY_OVERRIDES, wire_arrays
 from tests.fakes import set_task_identity
 
 
@@ -38,9 +38,10 @@ def test_train_reply_has_only_allowlisted_tensors_and_aggregate_metrics(run):
     message, context, state, ledger_dir = run
     reply = client_app.train(message("train"), context)
     assert set(reply.content.keys()) == {"arrays", "metrics", "status"}
-    arrays = reply.content.array_records["arrays"]
+    assert list(reply.content.array_records["arrays"].keys()) == [PACKED]   # one array on the wire
+    arrays = wire_arrays(reply.content.array_records["arrays"])
     assert list(arrays.keys()) == list(state)                      # exactly the allow-list, in order
-    changed = [k for k in state if not np.array_equal(arrays[k].numpy(), state[k].numpy())]
+    changed = [k for k in state if not np.array_equal(arrays[k], state[k].numpy())]
     assert changed, "training changed nothing"
     metrics = dict(reply.content.metric_records["metrics"])
     assert set(metrics) <= TRAIN_METRICS and all(isinstance(v, float) for v in metrics.values())
@@ -114,8 +115,8 @@ def test_a_round_asked_again_is_resent_not_trained_and_charged_again(run, monkey
     status = dict(again.content.config_records["status"])
     assert status["status"] == "trained" and "no privacy is spent" in status["resent"]
     for name in state:
-        assert np.array_equal(again.content.array_records["arrays"][name].numpy(),
-                              first.content.array_records["arrays"][name].numpy())
+        assert np.array_equal(wire_arrays(again.content.array_records["arrays"])[name],
+                              wire_arrays(first.content.array_records["arrays"])[name])
     m1, m2 = (dict(r.content.metric_records["metrics"]) for r in (first, again))
     assert m1["epsilon"] == m2["epsilon"] and m1["steps"] == m2["steps"]
     # the reply's ledger recomputes the ledger's epsilon exactly

@@ -12,7 +12,6 @@ each of them). Marked slow + deploy: about 7 minutes on 2 cores; every process i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -21,12 +20,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from simulations.relay import Recorder
 from tests.conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,42 +261,6 @@ def test_two_hospitals_federate_over_tls_and_every_attack_is_refused(tmp_path):
         assert {h: (d.work / "state" / h / "privacy-ledger.json").read_text() for h in ledgers} == ledgers
     finally:
         d.stop()
-
-
-class Recorder:
-    """A TCP relay on 127.0.0.1 that keeps every byte it forwards, per direction: the wire. ``up`` is
-    what leaves the hospital (SuperNode -> SuperLink); ``down`` what reaches it (the global state and
-    the app bundle, whose code mentions the DICOM preamble 'DICM' as any DICOM reader's does)."""
-
-    def __init__(self, target: int):
-        self.target, self.up, self.down = target, bytearray(), bytearray()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b, into in ((conn, upstream, self.up), (upstream, conn, self.down)):
-                threading.Thread(target=self._pipe, args=(a, b, into), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, into: bytearray) -> None:
-        with contextlib.suppress(OSError):    # a closed connection ends the relay of that direction
-            while chunk := src.recv(65536):
-                with self.lock:
-                    into += chunk
-                dst.sendall(chunk)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.server.close()
 
 
 @pytest.mark.slow

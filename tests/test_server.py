@@ -15,7 +15,7 @@ from medvlm.runs import load_trainable
 from medvlm.wire import spec_of, to_wire
 from server.app import run_federation
 from server.strategy import MedFedAvg
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, wire_arrays
 from tests.fakes import InProcessGrid, Killed, set_task_identity
 
 SPEC_STATE = {"fusion.w": torch.zeros(2, 3), "language.x.lora_A.default.weight": torch.zeros(4)}
@@ -99,8 +99,8 @@ def test_federation_runs_checkpoints_and_resumes_with_ledgers_intact(federation,
     summary, grid = start(2)                                          # started again
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert {int(m.content["config"]["server-round"]) for m in train_msgs} == {2}   # resumed at round 2
-    sent = train_msgs[0].content.array_records["arrays"]
-    assert all(np.array_equal(sent[k].numpy(), saved[k]) for k in saved)  # with the checkpointed state
+    sent = wire_arrays(train_msgs[0].content.array_records["arrays"])
+    assert all(np.array_equal(sent[k], saved[k]) for k in saved)  # with the checkpointed state
     for h, before in ledgers.items():
         after = json.loads((run_dir / "hospitals" / h / "privacy-ledger.json").read_text())
         assert after["rounds"] == [1, 2] and after["noise_multiplier"] == before["noise_multiplier"]
@@ -257,10 +257,10 @@ def test_central_dp_takes_effect_in_the_federation(federation, tiny_model):
     clip = 1e-3
     summary, grid = start(1, extra=["federation.central_dp.enabled=true", "federation.central_dp.noise_multiplier=0",
                                     f"federation.central_dp.clipping_norm={clip}"])
-    sent = next(m for m in grid.sent if m.metadata.message_type == "train").content.array_records["arrays"]
+    sent = wire_arrays(next(m for m in grid.sent if m.metadata.message_type == "train").content.array_records["arrays"])
     load_trainable(tiny_model, run_dir / "global")
     after = tiny_model.trainable_state()
-    change = np.sqrt(sum(float(((after[k].numpy() - sent[k].numpy()) ** 2).sum()) for k in after))
+    change = np.sqrt(sum(float(((after[k].numpy() - sent[k]) ** 2).sum()) for k in after))
     assert 0 < change <= clip * (1 + 1e-4)                          # DP-SGD alone moves it far more
     assert summary["central_dp"]["releases"] == 1 and summary["central_dp"]["epsilon"] is None
     assert all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values())   # sample-level DP-SGD stayed on

@@ -1,11 +1,13 @@
 """The wire format and its rules: only allow-listed, finite tensors; only aggregate metrics."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from medvlm.model.vlm import TrainableStateError
-from medvlm.wire import EgressError, check_metrics, check_status, from_wire, spec_of, to_wire
+from medvlm.wire import PACKED, EgressError, check_metrics, check_status, from_wire, pack, spec_of, to_wire, unpack
 
 
 @pytest.fixture
@@ -101,3 +103,61 @@ def test_compact_transport_refuses_a_state_that_is_not_float32(state):
         check_transport(spec_of(state), "int8")
     with pytest.raises(ValueError, match="use one of"):
         check_transport(spec_of(state), "fp8")
+
+
+# ----------------------------------------------------------------------------- one packed array per message
+@pytest.mark.parametrize("transport", ["fp32", "bf16", "int8"])
+def test_a_packed_state_is_one_array_and_unpacks_to_the_same_named_arrays(fp32_state, transport):
+    named = encode(fp32_state, transport)
+    packed = pack(named)
+    assert list(packed) == [PACKED] and packed[PACKED].dtype == np.uint8 and packed[PACKED].ndim == 1
+    back = unpack(packed)
+    assert list(back) == list(named)                                  # names and order kept
+    for name, a in named.items():
+        assert back[name].dtype == a.dtype and back[name].shape == a.shape and np.array_equal(back[name], a)
+        assert back[name].flags.writeable                            # copies, not views of the message
+    payload = sum(a.nbytes for a in named.values())
+    assert payload < packed[PACKED].nbytes < payload + 100 * len(named) + 16   # the index costs little
+    decoded = decode(back, spec_of(fp32_state), transport)
+    assert set(decoded) == set(fp32_state)
+
+
+def test_named_arrays_pass_through_unpack_for_the_same_checks(state):
+    arrays = to_wire(state)
+    assert unpack(arrays) == arrays
+
+
+def _packed(arrays: dict) -> bytes:
+    return pack(arrays)[PACKED].tobytes()
+
+
+def _buf(raw: bytes) -> dict:
+    return {PACKED: np.frombuffer(raw, np.uint8).copy()}
+
+
+def _with_index(index, data: bytes = b"") -> bytes:
+    header = json.dumps(index).encode()
+    return b"MVW1" + len(header).to_bytes(4, "little") + header + data
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda s: {PACKED: np.zeros(3, np.float32)}, "1-D uint8"),
+    (lambda s: {**_buf(_packed(to_wire(s))), "stolen": np.zeros(4, np.uint8)}, r"also carries \['stolen'\]"),
+    (lambda s: _buf(b"PNG0" + _packed(to_wire(s))[4:]), "not a packed medvlm state"),
+    (lambda s: _buf(_packed(to_wire(s))[:-3]), "ends inside tensor"),
+    (lambda s: _buf(_packed(to_wire(s)) + b"\x00\x01"), "2 bytes after the last tensor"),
+    (lambda s: _buf(_with_index({"fusion.w": 1})), "index is not a list"),
+    (lambda s: _buf(_with_index([["fusion.w", "object", [1]]])), "dtypes from"),
+    (lambda s: _buf(_with_index([["a", "int8", [1]], ["a", "int8", [1]]], b"\x01\x02")), "distinct"),
+    (lambda s: _buf(_with_index([["a", "int8", [-1]]])), "index is not a list"),
+    (lambda s: _buf(b"MVW1" + (10 ** 9).to_bytes(4, "little") + b"[]"), "not a packed medvlm state"),
+])
+def test_unpack_refuses_malformed_buffers_saying_what_is_wrong(state, make, match):
+    with pytest.raises(TrainableStateError, match=match):
+        unpack(make(state))
+
+
+def test_a_packed_unknown_tensor_is_still_refused_by_name(state):
+    arrays = {**to_wire(state), "language.base.weight": np.zeros(2, np.float32)}
+    with pytest.raises(TrainableStateError, match=r"unknown tensor name\(s\) \['language.base.weight'\]"):
+        from_wire(unpack(pack(arrays)), spec_of(state))
