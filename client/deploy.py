@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -206,7 +207,11 @@ def run_supernode(cmd: Sequence[str], task_argv: Sequence[str]) -> int:
     from client.pinned import serve
 
     binary = shutil.which(cmd[0]) or str(Path(sys.executable).parent / cmd[0])
-    supernode = subprocess.Popen([binary, *cmd[1:]])
+    supernode = subprocess.Popen([binary, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 errors="replace")
+    seen: list[str] = []
+    echo = threading.Thread(target=_echo, args=(supernode.stdout, seen), daemon=True)
+    echo.start()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
 
     def stop(signum, _frame):
@@ -215,12 +220,42 @@ def run_supernode(cmd: Sequence[str], task_argv: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
     try:
-        return serve(runtime_address=task_argv[task_argv.index("--runtime-api-address") + 1], supernode=supernode,
+        code = serve(runtime_address=task_argv[task_argv.index("--runtime-api-address") + 1], supernode=supernode,
                      task_argv=task_argv, env=env)
     finally:
         if supernode.poll() is None:
             supernode.terminate()
             supernode.wait(timeout=30)
+    echo.join(timeout=5)
+    reason = explain_exit(seen, cmd)
+    if reason and code:
+        log.error("%s", reason)
+        print(f"medvlm-fl supernode: {reason}", file=sys.stderr, flush=True)
+    return code
+
+
+# What Flower's SuperNode prints when the SuperLink refuses it, and what the hospital must do.
+UNREGISTERED_MARKERS = ("Failed to activate SuperNode", "All SuperNodes must be registered via the CLI")
+
+
+def _echo(stream, seen: list[str]) -> None:
+    """Pass the SuperNode's output through unchanged, keeping the lines that explain a refusal."""
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if any(marker in line for marker in UNREGISTERED_MARKERS):
+            seen.append(line.strip())
+
+
+def explain_exit(lines: Sequence[str], cmd: Sequence[str]) -> Optional[str]:
+    """One line saying why the SuperLink refused this node and what to do, from the lines ``_echo`` kept."""
+    if not any(marker in line for line in lines for marker in UNREGISTERED_MARKERS):
+        return None
+    key = cmd[cmd.index("--auth-supernode-private-key") + 1] if "--auth-supernode-private-key" in cmd else None
+    public = f"{key}.pub" if key else "this node's public key"
+    return (f"the SuperLink refused to activate this node: {public} is not registered in this consortium. "
+            f"Send {public} to the coordinator, who registers it with `flwr supernode register {public} "
+            "<federation>`; then start this SuperNode again")
 
 
 def _check_private_key(path: Path) -> None:

@@ -209,3 +209,14 @@ def test_a_supernode_set_up_wrongly_is_refused_at_start_with_what_to_fix(tmp_pat
             probe_superlink(closed, ca=paths.ca_cert, timeout=2)
     with pytest.raises(ValueError, match="HOST:PORT"):
         probe_superlink("coordinator", ca=paths.ca_cert)
+
+
+def test_an_unregistered_node_is_told_what_to_do_in_one_line():
+    from client.deploy import explain_exit
+
+    cmd = ["flower-supernode", "--superlink", "link:9092", "--auth-supernode-private-key", "/srv/keys/hospital-a"]
+    flower = ["INFO :      Starting Flower SuperNode", "ERROR :     Failed to activate SuperNode."]
+    reason = explain_exit(flower, cmd)
+    assert "/srv/keys/hospital-a.pub is not registered" in reason
+    assert "flwr supernode register /srv/keys/hospital-a.pub" in reason and "\n" not in reason
+    assert explain_exit(["INFO :      Starting Flower SuperNode", "Connection attempt failed, retrying"], cmd) is None

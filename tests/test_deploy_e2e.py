@@ -203,6 +203,7 @@ def test_two_hospitals_federate_over_tls_and_every_attack_is_refused(tmp_path):
         intruder, intruder_log = d.start("intruder")
         assert intruder.wait(timeout=120) != 0                       # refused: its key is not registered
         assert "Failed to activate SuperNode" in intruder_log.read_text()
+        assert "intruder.pub is not registered in this consortium" in intruder_log.read_text()   # what to do
 
         started = time.monotonic()
         out = d.run("run", cwd=ROOT, timeout=480)
