@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from medvlm.files import write_text
 from medvlm.privacy import History, PrivacyBudgetExceeded, calibrate_noise, epsilon
 
 LEDGER_FILE = "privacy-ledger.json"
@@ -109,14 +110,9 @@ class Ledger:
 
     def save(self, state_dir: str | Path) -> Path:
         """Atomic write: a crash never leaves a half-written ledger (spending is never lost)."""
-        path = Path(state_dir) / LEDGER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         data = asdict(self)
         data["history"] = [list(h) for h in self.history]
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)
-        return path
+        return write_text(Path(state_dir) / LEDGER_FILE, json.dumps(data, indent=1), durable=True)
 
     # ----------------------------------------------------------------------------- accounting
     @property

@@ -24,6 +24,8 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
+from medvlm.files import atomic_path
+
 log = logging.getLogger("medvlm.client")
 
 ROUNDS_DIR = "rounds"
@@ -55,11 +57,9 @@ def keep(state_dir: str | Path, server_round: int, key: str, state: Mapping[str,
     from safetensors.torch import save_file
 
     path = _path(state_dir, server_round)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     meta = {"key": key, "round": str(server_round), **{k: repr(float(metrics[k])) for k in KEPT_METRICS if k in metrics}}
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     rounds = sorted((int(p.stem.split("-")[1]), p) for p in path.parent.glob("round-*.safetensors")
                     if p.stem.split("-")[1].isdigit())
     for r, old in rounds[:-KEEP_ROUNDS]:

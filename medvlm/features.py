@@ -116,11 +116,10 @@ class FeatureCache:
     def put(self, key: str, features: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"features": features.contiguous()}, str(tmp))
-        os.replace(tmp, path)   # readers see a whole entry or none
+        from medvlm.files import atomic_path
+
+        with atomic_path(self._path(key)) as tmp:   # readers see a whole entry or none
+            save_file({"features": features.contiguous()}, str(tmp))
 
     @torch.no_grad()
     def __call__(self, paths: Sequence[str], load: Callable[[str], torch.Tensor], *,

@@ -84,9 +84,9 @@ def write_predictions(rows: list[dict], out: str | Path) -> Path:
     out = Path(out)
     if out.suffix not in (".jsonl", ".csv"):
         raise ValueError(f"--out {out}: use a .jsonl or .csv file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    from medvlm.files import atomic_path
+
+    with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
         if out.suffix == ".jsonl":
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
@@ -95,5 +95,4 @@ def write_predictions(rows: list[dict], out: str | Path) -> Path:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-    tmp.replace(out)
     return out

@@ -84,11 +84,10 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
 
 def save_accountant_state(state: dict, path: str | Path) -> None:
     """Write atomically: a crash mid-write must never lose recorded spending."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"mechanism": state["mechanism"], "history": [list(h) for h in state["history"]]}))
-    tmp.replace(path)
+    from medvlm.files import write_text
+
+    write_text(path, json.dumps({"mechanism": state["mechanism"], "history": [list(h) for h in state["history"]]}),
+               durable=True)
 
 
 def load_accountant_state(path: str | Path) -> Optional[dict]:

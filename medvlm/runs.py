@@ -110,6 +110,6 @@ def _load_checked(model: MedVLM, directory: Path) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
+    from medvlm.files import write_text
+
+    write_text(path, json.dumps(data, indent=2, default=float))

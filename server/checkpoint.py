@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from medvlm.config import ExperimentConfig, to_dict
+from medvlm.files import atomic_path
 from medvlm.model.vlm import MedVLM
 from medvlm.runs import export_trainable, load_trainable, write_json
 
@@ -51,16 +52,12 @@ class Checkpoints:
     def save(self, server_round: int, state: dict[str, torch.Tensor], server_state: dict) -> Path:
         self.skeleton.load_trainable_state(state)
         final = self.run_dir / "checkpoints" / f"round-{server_round:03d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_trainable(self.skeleton, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
+        with atomic_path(final) as tmp:
+            export_trainable(self.skeleton, tmp)
         write_json(self.run_dir / STATE_FILE, {**server_state, "round": server_round,
                                                "checkpoint": str(final.relative_to(self.run_dir))})
-        latest = self.run_dir / "global"
-        shutil.rmtree(latest, ignore_errors=True)
-        shutil.copytree(final, latest)
+        with atomic_path(self.run_dir / "global") as tmp:   # the exported adapter: always a whole one
+            shutil.copytree(final, tmp)
         return final
 
     def load(self, cfg: ExperimentConfig) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from medvlm.config import ExperimentConfig, stages
+from medvlm.files import write_text
 
 INTENDED_USE = """\
 Research on federated, differentially private adaptation of medical vision-language models:
@@ -123,8 +124,4 @@ def write_model_card(run_dir: Path, cfg: ExperimentConfig, summary: dict, *, tra
     target = Path(run_dir) / "global"
     if not target.is_dir():
         return None
-    path = target / "README.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(model_card(cfg, summary, trainable_parts=trainable_parts))
-    tmp.replace(path)
-    return path
+    return write_text(target / "README.md", model_card(cfg, summary, trainable_parts=trainable_parts))

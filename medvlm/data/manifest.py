@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from medvlm.config import DicomConfig
-from medvlm.data.formats import RawRow, describe_layout, read_rows
+from medvlm.data.formats import describe_layout, read_rows
 from medvlm.data.images import load_image
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from medvlm.data.synthetic import generate_hospital, public_corpus_text, report_text
+from medvlm.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +297,8 @@ def build_public_state(cfg, path: Path, *, progress: bool = True) -> Path:
                         device="cpu")
     log.info("tuning fusion + LoRA on the public corpus (%d questions, once; cached)", len(rows))
     result = train_local(model, data, train=train, privacy=PrivacyConfig(enabled=False), progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in result.state.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in result.state.items()}, str(tmp))
     log.info("public stage-1/2 state in %.1fs (loss %.3f) -> %s", time.perf_counter() - started,
              result.metrics["train_loss"], path)
     return path

@@ -71,12 +71,11 @@ def save_fusion(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     """Write the ``fusion.*`` tensors of a trainable state as safetensors (prefix dropped), atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k[len("fusion."):]: v.contiguous() for k, v in state.items() if k.startswith("fusion.")}, str(tmp))
-    tmp.replace(path)
-    return path
+    from medvlm.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k[len("fusion."):]: v.contiguous() for k, v in state.items() if k.startswith("fusion.")}, str(tmp))
+    return Path(path)
 
 
 def read_fusion(path: str | Path) -> dict[str, torch.Tensor]:
