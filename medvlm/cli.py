@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from medvlm.metrics import pct
+
 log = logging.getLogger("medvlm")
 
 
@@ -116,10 +118,6 @@ def accuracy_table(title: str, s: dict, *, model_label: str = "model"):
         for label, f1 in (s.get("per_finding") or {}).items():
             table.add_row(f"  {label}", pct(f1), pct(base.get(label)))
     return table
-
-
-def pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _print_summary(run_dir: Path, s: dict) -> None:

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 _PUNCT = re.compile(r"[^\w\s\-]")
 _NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten".split())}
+
+
+def pct(value: Optional[float]) -> str:
+    """A fraction as a percentage with one decimal; "-" when there is none."""
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def normalize(text: str) -> str:

@@ -28,6 +28,7 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
+from medvlm.config import TRANSPORTS
 from medvlm.model.vlm import TensorSpec, TrainableStateError, validate_state
 
 # Aggregate numbers a hospital may report after training (everything else is refused).
@@ -94,7 +95,6 @@ def from_wire(arrays: Mapping[str, np.ndarray], spec: Mapping[str, TensorSpec]) 
     return state
 
 
-TRANSPORTS = ("fp32", "bf16", "int8")
 SCALES = "::scales"   # int8: one float32 scale per tensor, in legacy_order
 
 

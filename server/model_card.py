@@ -13,6 +13,7 @@ from typing import Optional
 
 from medvlm.config import ExperimentConfig, stages
 from medvlm.files import write_text
+from medvlm.metrics import pct
 
 INTENDED_USE = """\
 Research on federated, differentially private adaptation of medical vision-language models:
@@ -33,20 +34,16 @@ LIMITATIONS = """\
 - The adapter only works on the exact base models named above (checked when loaded)."""
 
 
-def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def _score_rows(summary: dict) -> list[str]:
     rows = []
     for key, label in (("final_accuracy", "accuracy"), ("closed_accuracy", "closed accuracy"),
                        ("open_accuracy", "open accuracy (exact)")):
         if summary.get(key) is not None:
             base = summary.get("baseline_" + key.removeprefix("final_"))
-            rows.append(f"| {label} | {_pct(summary[key])} | {_pct(base)} (per-question majority) |")
+            rows.append(f"| {label} | {pct(summary[key])} | {pct(base)} (per-question majority) |")
     for key, label in (("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("finding_f1", "finding-F1")):
         if summary.get(key) is not None:
-            rows.append(f"| {label} | {_pct(summary[key])} | {_pct(summary.get('baseline_' + key))} "
+            rows.append(f"| {label} | {pct(summary[key])} | {pct(summary.get('baseline_' + key))} "
                         "(most common training report) |")
     return rows
 
@@ -111,7 +108,7 @@ def model_card(cfg: ExperimentConfig, summary: dict, *, trainable_parts: dict) -
     if len(plan) > 1:
         lines += ["", "Per stage (last evaluated round of each):", ""]
         for s in summary.get("stages") or []:
-            figures = ", ".join(f"{label} {_pct(s[k])} (baseline {_pct(s.get('baseline_' + k))})" for k, label in (
+            figures = ", ".join(f"{label} {pct(s[k])} (baseline {pct(s.get('baseline_' + k))})" for k, label in (
                 ("accuracy", "accuracy"), ("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("finding_f1", "finding-F1"))
                 if s.get(k) is not None)
             lines.append(f"- {s['stage']} ({s['task']}, rounds {s['rounds'][0]}-{s['rounds'][-1]}): {figures or '-'}")

@@ -9,14 +9,10 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from medvlm.metrics import REPORT_KEYS, scores
+from medvlm.metrics import REPORT_KEYS, pct, scores
 from medvlm.runs import write_json
 
 log = logging.getLogger("medvlm.server")
-
-
-def pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:5.1f}%"
 
 
 def eval_block(counts: dict) -> dict:

@@ -26,9 +26,8 @@ from medvlm.config import TASKS, DataConfig
 from medvlm.data.images import load_image
 from medvlm.data.manifest import read_manifest
 from medvlm.data.synthetic import SyntheticSet, generate_hospital, split_images
-from medvlm.model.vlm import IGNORE_INDEX
 
-
+IGNORE_INDEX = -100   # label of a prompt token: the loss covers the answer only (PyTorch's cross-entropy default)
 REPORT_PROMPT = "findings:"
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlm.config import ModelConfig
+from medvlm.data.dataset import IGNORE_INDEX
 from medvlm.model.fusion import build_fusion
 from medvlm.model.language import build_language_model
 from medvlm.model.vision import build_vision_encoder
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
