@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,29 +32,11 @@ OVERRIDES = ["model.init=random", "model.vision.source=builtin:tiny-random",
 ROUND_PATHS = ("push-object", "pull-object", "push-messages", "pull-messages", "confirm-message-received")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{shlex.join(proc.args)} exited ({proc.returncode}) before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
-
-
 def measure(rounds: int, images: int, overrides: list[str], work: Path) -> dict:
     """Run the deployment once; returns the recorded exchanges and the run's reported payload."""
-    from simulations.relay import Recorder, by_path
+    from simulations.relay import Recorder, by_path, free_port, wait_for_port
 
-    port, control, node_port = _free_port(), _free_port(), _free_port()
+    port, control, node_port = free_port(), free_port(), free_port()
     home = work / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
@@ -77,8 +58,8 @@ def measure(rounds: int, images: int, overrides: list[str], work: Path) -> dict:
                        cwd=work, env=env, check=True, capture_output=True)
         link = start(f"medvlm-fl superlink --insecure --host 127.0.0.1 --port {port} --control-port {control} "
                      f"--database {work / 'link.db'}")
-        _wait_for_port(port, link)
-        _wait_for_port(control, link)
+        wait_for_port(port, link, timeout=120)
+        wait_for_port(control, link, timeout=120)
         recorder = Recorder(port)
         start(f"medvlm-fl supernode --insecure --superlink 127.0.0.1:{recorder.port} --hospital hospital-a "
               f"--data-path data/manifest.jsonl --state-dir state --epsilon 8 --port {node_port}")

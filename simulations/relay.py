@@ -4,16 +4,44 @@ connection and direction, and a reader of the HTTP/1.1 exchanges in what it kept
 Put between an ``--insecure`` SuperNode and its SuperLink, it shows what a deployment really sends:
 the payload and Flower's protocol around it (one HTTP request per object pushed or pulled, each
 with its headers). ``tests/test_deploy_e2e.py`` searches it for patient data;
-``benchmarks/wire.py`` counts it.
+``benchmarks/wire.py`` counts it. Both start their processes with the two helpers here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, *, log: Optional[Path] = None, timeout: float = 90) -> None:
+    """Wait until ``proc`` listens on ``127.0.0.1:port``; raise, with the end of its ``log``, when it
+    exits first or does not listen within ``timeout`` seconds."""
+    def tail() -> str:
+        return f":\n{log.read_text()[-3000:]}" if log else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited ({proc.returncode}) before listening on {port}{tail()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s{tail()}")
 
 
 class Recorder:

@@ -17,7 +17,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.relay import Recorder
+from simulations.relay import Recorder, free_port, wait_for_port
 from tests.conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,24 +76,6 @@ def test_deploy_doc_shows_every_command_the_e2e_test_runs():
         assert block.format(**DOC_VALUES, ca="/srv/medvlm/consortium/certs/ca.crt") in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"nothing listens on {port} after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 class Deployment:
     """Processes of one deployment on 127.0.0.1 under ``tmp_path``; ``stop()`` ends every one."""
 
@@ -104,8 +85,8 @@ class Deployment:
         ensure_foundation("tiny-random")   # built once here, not by every process at once
         self.tmp, self.work = tmp_path, tmp_path / "consortium"
         self.work.mkdir()
-        self.values = {"port": _free_port(), "control": _free_port(), "port_a": _free_port(), "port_b": _free_port(),
-                       "port_x": _free_port(), "run_dir": str(tmp_path / "runs" / "consortium"), "extra": "",
+        self.values = {"port": free_port(), "control": free_port(), "port_a": free_port(), "port_b": free_port(),
+                       "port_x": free_port(), "run_dir": str(tmp_path / "runs" / "consortium"), "extra": "",
                        **values}
         self.env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), OMP_NUM_THREADS="1",
                         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
@@ -194,8 +175,8 @@ def test_two_hospitals_federate_over_tls_and_every_attack_is_refused(tmp_path):
         for step in ("certs", "key_a", "key_b", "key_x", "data_a", "data_b"):
             d.run(step)
         link, link_log = d.start("superlink")
-        _wait_for_port(d.values["port"], link, link_log)
-        _wait_for_port(d.values["control"], link, link_log)
+        wait_for_port(d.values["port"], link, log=link_log)
+        wait_for_port(d.values["control"], link, log=link_log)
         d.run("register_a")
         d.run("register_b")
         _, log_a = d.start("supernode_a")
@@ -301,8 +282,8 @@ def _plain_link(d: Deployment, db: Path) -> subprocess.Popen:
     """A plaintext SuperLink (its state in ``db``), and the coordinator's ``flwr`` set to reach it so."""
     link, link_log = d.start(f"medvlm-fl superlink --insecure --host 127.0.0.1 --port {d.values['port']} "
                              f"--control-port {d.values['control']} --database {db}")
-    _wait_for_port(d.values["port"], link, link_log)
-    _wait_for_port(d.values["control"], link, link_log)
+    wait_for_port(d.values["port"], link, log=link_log)
+    wait_for_port(d.values["control"], link, log=link_log)
     config = Path(d.env["FLWR_HOME"]) / "config.toml"
     if "insecure = true" not in config.read_text():
         config.write_text(config.read_text().replace('root-certificates = ', 'insecure = true\n# '))
