@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import replace
 
+from types import MappingProxyType
 from typing import Mapping
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -23,6 +24,7 @@ from medvlm.privacy import PrivacyBudgetExceeded
 from medvlm.wire import TRANSPORTS, decode, legacy_order, unpack
 
 log = logging.getLogger("medvlm.client")
+NO_DEFAULTS: Mapping = MappingProxyType({})   # read-only: no run-config fallbacks
 
 SECURE_ARRAYS, SECURE_CONFIG = "fitins.parameters", "fitins.config"   # SecAgg+ rounds (legacy form)
 
@@ -75,7 +77,7 @@ def _site(msg: Message, context: Context, defaults: Mapping):
     return site
 
 
-def train(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006 (read-only)
+def train(msg: Message, context: Context, defaults: Mapping = NO_DEFAULTS) -> Message:
     """Load the global state, check the ledger, run DP-SGD for the round, charge the ledger, reply."""
     site = _site(msg, context, defaults)
     cfg, (_, round_cfg) = site.cfg, _received(msg)
@@ -165,7 +167,7 @@ def _status(site, status: str, ledger: Ledger | None = None, **extra: str) -> di
     return out
 
 
-def evaluate(msg: Message, context: Context, defaults: Mapping = {}) -> Message:  # noqa: B006
+def evaluate(msg: Message, context: Context, defaults: Mapping = NO_DEFAULTS) -> Message:
     """Score the global state on the local validation split (the round's stage's task); reply with
     counts only (VQA correct/total, or report BLEU / ROUGE-L / finding statistics)."""
     from medvlm.evaluate import predict
@@ -194,7 +196,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
     return secaggplus_mod(msg, context, call_next)
 
 
-def make_app(defaults: Mapping[str, object] = {}) -> ClientApp:  # noqa: B006 (read-only)
+def make_app(defaults: Mapping[str, object] = NO_DEFAULTS) -> ClientApp:
     """A ClientApp whose run config falls back to ``defaults`` (``medvlm-fl simulate`` passes the
     preset, overrides and run folder this way; ``flwr run`` passes them as the run config)."""
     defaults = dict(defaults)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Mapping, Optional
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -22,6 +23,7 @@ from server.secagg import check_secure_aggregation, secure_train_round
 from server.strategy import CentralDP, RoundReport, make_strategy
 
 log = logging.getLogger("medvlm.server")
+NO_DEFAULTS: Mapping = MappingProxyType({})   # read-only: no run-config fallbacks
 
 
 def _arrays(state) -> ArrayRecord:
@@ -256,7 +258,7 @@ def resolve_run_dir(cfg: ExperimentConfig, run_config: Mapping) -> Path:
     return Path(given).resolve() if given else new_run_dir(cfg.output_dir, "federation").resolve()
 
 
-def make_app(defaults: Mapping[str, object] = {}) -> ServerApp:  # noqa: B006 (read-only)
+def make_app(defaults: Mapping[str, object] = NO_DEFAULTS) -> ServerApp:
     """A ServerApp whose run config falls back to ``defaults`` (see client.app.make_app)."""
     defaults = dict(defaults)
     server_app = ServerApp()
