@@ -4,6 +4,7 @@ secure-by-default SuperLink/SuperNode command lines (the real processes run in t
 import json
 import logging
 import stat
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -17,6 +18,8 @@ from client.keys import create_node_key
 from medvlm.data.synthetic import generate_hospital, write_manifest
 from server.certs import create_certificates
 from server.deploy import superlink_command
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_certificates_chain_to_the_ca_and_name_the_superlink(tmp_path):
@@ -220,3 +223,30 @@ def test_an_unregistered_node_is_told_what_to_do_in_one_line():
     assert "/srv/keys/hospital-a.pub is not registered" in reason
     assert "flwr supernode register /srv/keys/hospital-a.pub" in reason and "\n" not in reason
     assert explain_exit(["INFO :      Starting Flower SuperNode", "Connection attempt failed, retrying"], cmd) is None
+
+
+def test_the_supernode_command_exits_at_once_on_a_tls_mismatch_or_a_wrong_ca(tmp_path):
+    """The real command, as a process (the fault of issue 18: it retried for ever, saying nothing)."""
+    import ssl
+    import subprocess
+    import sys
+
+    from simulations.relay import free_port
+
+    manifest = write_manifest(generate_hospital("general", 6, seed=0), tmp_path / "data")
+    paths = create_certificates(tmp_path / "good", ["127.0.0.1"])
+    other = create_certificates(tmp_path / "other", ["127.0.0.1"])
+    key, _ = create_node_key(tmp_path / "keys", "hospital-a")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(paths.server_cert, paths.server_key)
+    tls, tls_addr = _serve(ctx)
+    common = ["--hospital", "hospital-a", "--data-path", str(manifest), "--state-dir", str(tmp_path / "state"),
+              "--epsilon", "8", "--port", str(free_port())]
+    try:
+        for flags, says in ((["--insecure"], "speaks TLS, but this SuperNode was started with --insecure"),
+                            (["--ca", str(other.ca_cert), "--key", str(key)], "does not accept")):
+            out = subprocess.run([sys.executable, "-m", "simulations.cli", "supernode", "--superlink", tls_addr,
+                                  *flags, *common], capture_output=True, text=True, timeout=120, cwd=ROOT)
+            assert out.returncode != 0 and says in out.stderr, out.stderr[-2000:]
+    finally:
+        tls.close()
