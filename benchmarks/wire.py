@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ ROUND_PATHS = ("push-object", "pull-object", "push-messages", "pull-messages", "
 
 def measure(rounds: int, images: int, overrides: list[str], work: Path) -> dict:
     """Run the deployment once; returns the recorded exchanges and the run's reported payload."""
-    from simulations.relay import Recorder, by_path, free_port, wait_for_port
+    from simulations.relay import Recorder, by_path, free_port, stop_processes, wait_for_port
 
     port, control, node_port = free_port(), free_port(), free_port()
     home = work / "flwr-home"
@@ -46,9 +45,9 @@ def measure(rounds: int, images: int, overrides: list[str], work: Path) -> dict:
     procs: list[subprocess.Popen] = []
 
     def start(command: str) -> subprocess.Popen:
-        log = (work / f"{command.split()[1]}.log").open("w")
-        proc = subprocess.Popen(shlex.split(command), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with (work / f"{command.split()[1]}.log").open("w") as log:   # the child keeps its own handle
+            proc = subprocess.Popen(shlex.split(command), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         procs.append(proc)
         return proc
 
@@ -79,14 +78,7 @@ def measure(rounds: int, images: int, overrides: list[str], work: Path) -> dict:
     finally:
         if recorder:
             recorder.close()
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_processes(procs)
 
 
 def main(argv=None) -> None:

@@ -10,6 +10,8 @@ with its headers). ``tests/test_deploy_e2e.py`` searches it for patient data;
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -42,6 +44,21 @@ def wait_for_port(port: int, proc: subprocess.Popen, *, log: Optional[Path] = No
                 return
         time.sleep(0.5)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s{tail()}")
+
+
+def stop_processes(procs: list[subprocess.Popen], *, grace: float = 15) -> None:
+    """End every process group started with ``start_new_session=True``: SIGTERM, then SIGKILL for
+    whatever is still running after ``grace`` seconds in all."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 class Recorder:

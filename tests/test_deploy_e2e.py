@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.relay import Recorder, free_port, wait_for_port
+from simulations.relay import Recorder, free_port, stop_processes, wait_for_port
 from tests.conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,16 +117,7 @@ class Deployment:
         return proc, log
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_processes(self.procs)
 
 
 def _records(run_dir: Path) -> list[dict]:
