@@ -139,7 +139,7 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
 
     result = train_local(site.model, site.train, train=train_cfg, privacy=privacy,
                          accountant_state=({"mechanism": ledger.accountant, "history": ledger.history}
-                                           if ledger else None), progress=False)
+                                           if ledger else None), progress=False, canaries=site.canaries)
     metrics.update({"train-loss": result.metrics["train_loss"], "steps": result.metrics["steps"],
                     "seconds": result.metrics["seconds"]})
     if ledger is not None:

@@ -16,6 +16,10 @@ Node config keys (``flower-supernode --node-config '...'``; strings quoted):
                                       the hospital's privacy policy (client/policy.py): in a
                                       deployment the run config's privacy.* is never applied
     labeler    = "synthetic"          the report finding labeler (deployment: never data.labeler)
+    audit-canaries = "/audit/canaries.json"
+                                      optional: gradient canaries (``medvlm-fl audit``) that join this
+                                      site's DP-SGD steps, to check its privacy from outside; the site's
+                                      choice only (a run config cannot add them)
 
 In a simulation Flower injects ``partition-id``; hospital ``i`` is then profile ``data.hospitals[i]``
 and its state lives in ``<run-dir>/hospitals/<name>``.
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from client.policy import SitePolicy
+from medvlm.audit import GradientCanaries
 from medvlm.config import ExperimentConfig, Stage, for_stage, from_run_config, stage_at
 from medvlm.data.dataset import VQARows, load_splits
 from medvlm.features import cached_encoder, with_frozen_features
@@ -53,6 +58,7 @@ class Site:
     policy: SitePolicy        # the site's own privacy settings (cfg.privacy follows them)
     policy_notes: tuple[str, ...] = ()   # proposed privacy settings the site did not apply
     deployed: bool = False    # a real hospital (node config names it), not a simulated profile
+    canaries: Optional[GradientCanaries] = None   # an audit's gradient canaries (node config only)
 
 
 def _hospital_identity(cfg: ExperimentConfig, node_config: Mapping, run_config: Mapping) -> tuple[str, Path]:
@@ -152,7 +158,22 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
     log.info("hospital %s, stage %s (%s): %d train / %d val rows, ledger in %s", name, stage.name, stage.task,
              len(train), len(val), state_dir)
     return Site(name, cfg, state_dir, policy.epsilon or 0.0, policy.delta, model, model.trainable_spec(), train, val,
-                stage, policy, tuple(notes), deployed="hospital" in node_config)
+                stage, policy, tuple(notes), deployed="hospital" in node_config, canaries=_canaries(name, node_config))
+
+
+def _canaries(name: str, node_config: Mapping) -> Optional[GradientCanaries]:
+    if "audit-canaries" not in node_config:
+        return None
+    path = Path(str(node_config["audit-canaries"]))
+    try:
+        canaries = GradientCanaries.from_json(json.loads(path.read_text()), source=str(path))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"hospital {name}: node config audit-canaries={str(path)!r} cannot be read ({err}); "
+                         "write it with medvlm-fl audit or remove the key") from err
+    log.warning("hospital %s trains with %d audit canaries (%d included) from %s: its updates carry them; "
+                "audit runs only, never a federation whose model is used", name, len(canaries),
+                int(canaries.included.sum()), path)
+    return canaries
 
 
 _SITES: dict[str, Site] = {}

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,6 +24,9 @@ from medvlm.data.dataset import VQADataset, VQARows
 from medvlm.features import with_frozen_features
 from medvlm.model.vlm import MedVLM, sequence_loss
 from medvlm.privacy import PrivacySpent, calibrate_noise, epsilon
+
+if TYPE_CHECKING:
+    from medvlm.audit import GradientCanaries
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,9 @@ def _noise_only_grads(params: list[torch.nn.Parameter]) -> None:
 
 def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: PrivacyConfig,
                 accountant_state: Optional[dict] = None, max_steps: Optional[int] = None,
-                progress: bool = True) -> LocalResult:
-    """Train ``model``'s trainable state on ``data``; returns the new state, metrics and privacy spent."""
+                progress: bool = True, canaries: Optional["GradientCanaries"] = None) -> LocalResult:
+    """Train ``model``'s trainable state on ``data``; returns the new state, metrics and privacy spent.
+    ``canaries`` (an audit's gradient canaries) join each logical step as extra examples would."""
     if len(data) == 0:
         raise ValueError("no training examples: the data set is empty")
     device = resolve_device(train.device)
@@ -80,7 +84,13 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     dataset = VQADataset(with_frozen_features(model, data), model.tokenizer, model.cfg.max_text_len)
     sample_rate, steps = planned_steps(len(dataset), train)
     steps = min(steps, max_steps) if max_steps else steps
-    params = [p for p in model.trainable_parameters().values() if p.requires_grad]
+    named = {n: p for n, p in model.trainable_parameters().items() if p.requires_grad}
+    params = list(named.values())
+    if canaries is not None and privacy.enabled and privacy.grad_sample_mode == "ghost":
+        raise ValueError("gradient canaries need per-example gradients: use privacy.grad_sample_mode=hooks, "
+                         "functorch or ew for an audit (ghost clipping never forms them)")
+    inject = canaries.injector(named, sample_rate=sample_rate, batch_size=train.batch_size,
+                               dp=privacy.enabled) if canaries is not None else None
     if train.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     else:
@@ -143,11 +153,15 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
                         loss.backward()
                         loss_sum += per_example.sum().item()
                         seen += len(pixels)
+                    if inject is not None:
+                        inject.add()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if getattr(optimizer, "_is_last_step_skipped", False):
                         continue  # a physical batch inside a larger logical batch
                     scheduler.step()
+                    if inject is not None:
+                        inject.stepped()
                     done += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}")
@@ -165,6 +179,8 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     seconds = time.perf_counter() - started
     metrics = {"train_loss": loss_sum / max(seen, 1), "steps": done, "examples": len(dataset),
                "samples_seen": seen, "seconds": seconds}
+    if inject is not None:
+        metrics["canary_draws"] = inject.drawn
     spent, state = None, None
     if engine is not None:
         state = engine.accountant.state_dict()

@@ -8,6 +8,7 @@ privacy guarantee, what it scored next to the trivial baseline, and what it must
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -116,9 +117,54 @@ def model_card(cfg: ExperimentConfig, summary: dict, *, trainable_parts: dict) -
     return "\n".join(lines)
 
 
+AUDIT_HEADING = "## Privacy audit"
+
+
+def audit_section(report: dict) -> list[str]:
+    """The card's lines for an empirical audit (``medvlm-fl audit``'s report.json)."""
+    lines = [AUDIT_HEADING, "",
+             f"`medvlm-fl audit` ({report['canaries']} {report.get('kind', 'input')} canaries at {report['hospital']}, "
+             f"the attacker seeing {'the global model' if report.get('federated') else 'the hospital update'}; "
+             f"95% lower bounds at delta {report['delta']:g}, at most {report.get('ceiling', float('nan')):.2f} "
+             "with these canaries): " + "; ".join(
+                 f"{r['variant']}: accountant epsilon "
+                 f"{'inf' if r['accountant_epsilon'] is None else format(r['accountant_epsilon'], '.4g')}, "
+                 f"empirical lower bound {r['lower_bound']['epsilon']:.2f}" for r in report["results"]) + ". "
+             "A bound above the accountant's epsilon would refute it; a bound below it finds no leak and proves "
+             "nothing. See `audit/README.md`.", ""]
+    return lines
+
+
+def _with_audit(card: str, report: Optional[dict]) -> str:
+    """``card`` with its audit section replaced (or put before the intended use), or removed."""
+    head, sep, tail = card.partition(AUDIT_HEADING)
+    if sep:
+        rest = tail.split("\n## ", 1)
+        card = head + ("## " + rest[1] if len(rest) > 1 else "")
+    if report is None:
+        return card
+    head, sep, tail = card.partition("## Intended use")
+    return head + "\n".join(audit_section(report)) + "\n" + sep + tail
+
+
+def _audit_report(run_dir: Path) -> Optional[dict]:
+    path = Path(run_dir) / "audit" / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_model_card(run_dir: Path, cfg: ExperimentConfig, summary: dict, *, trainable_parts: dict) -> Optional[Path]:
-    """``<run>/global/README.md`` (atomically); None when the run has no exported adapter yet."""
+    """``<run>/global/README.md`` (atomically); None when the run has no exported adapter yet. An audit
+    of the run's configuration in ``<run>/audit/`` gets its line."""
     target = Path(run_dir) / "global"
     if not target.is_dir():
         return None
-    return write_text(target / "README.md", model_card(cfg, summary, trainable_parts=trainable_parts))
+    card = model_card(cfg, summary, trainable_parts=trainable_parts)
+    return write_text(target / "README.md", _with_audit(card, _audit_report(run_dir)))
+
+
+def add_audit(run_dir: Path, report: dict) -> Optional[Path]:
+    """Put an audit's line into the card of ``run_dir`` (if it has one): the audit writes after the run."""
+    path = Path(run_dir) / "global" / "README.md"
+    if not path.is_file():
+        return None
+    return write_text(path, _with_audit(path.read_text(), report))

@@ -181,7 +181,7 @@ def _audit(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else new_run_dir(load_config(args.config, list(args.overrides)).output_dir,
                                                       "audit")
     report = run_audit(args.config, list(args.overrides), out, canaries=args.canaries, federated=args.federated,
-                       seed=args.seed)
+                       seed=args.seed, kind=args.kind)
     print(card(report))
     print(f"report, plot and card in {out / 'audit'}")
     return 0
@@ -261,7 +261,11 @@ def _add_federation_commands(sub) -> None:
     p = sub.add_parser("audit", help="empirical privacy audit: canaries, an epsilon lower bound next to the "
                                      "accountant's (DP on, noise far too low, DP off)")
     p.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path (default: tiny)")
-    p.add_argument("--canaries", type=int, default=1000, help="canaries, each in the hospital's data with p = 1/2")
+    p.add_argument("--canaries", type=int, default=2000,
+                   help="canaries, each in the hospital's training with p = 1/2 (default 2000; more: a higher reach)")
+    p.add_argument("--kind", default="gradient", choices=["gradient", "input"],
+                   help="gradient: Dirac gradient canaries in the hospital's DP-SGD steps (default; measures the "
+                        "mechanism); input: image-question canaries in its data (little power on tiny models)")
     p.add_argument("--federated", action="store_true", help="audit the federation's global model (canaries at the "
                                                              "first hospital), not that hospital's update")
     p.add_argument("--seed", type=int, default=0, help="which canaries are drawn in")
