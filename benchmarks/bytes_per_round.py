@@ -37,8 +37,8 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
+    from medvlm.build import build_medvlm
     from medvlm.config import load_config
-    from medvlm.model.vlm import build_medvlm
 
     overrides = ["model.init=random", "model.vision.source=builtin:tiny-random",
                  "model.language.source=builtin:tiny-random", "data.hospitals=[general,oncology]",

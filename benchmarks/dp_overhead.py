@@ -35,8 +35,8 @@ def write_llama(directory: Path, *, hidden: int, layers: int, heads: int, interm
     """A random Llama-shaped causal LM directory (config + weights + the built-in tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from medvlm.model.foundation import ensure_foundation
     from medvlm.model.language import load_tokenizer
+    from medvlm.recipes.foundation import ensure_foundation
 
     tokenizer = load_tokenizer(str(ensure_foundation("tiny") / "lm"))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
@@ -63,10 +63,10 @@ def one_variant(mode: str, steps: int, overrides: list[str]) -> dict:
     """Runs in the subprocess: build, train ``steps`` logical steps, report time/step and peak memory."""
     from dataclasses import replace
 
+    from medvlm.build import build_medvlm
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
     from medvlm.features import with_frozen_features
-    from medvlm.model.vlm import build_medvlm
     from medvlm.train import resolve_device, train_local
 
     cfg = load_config("tiny", overrides)

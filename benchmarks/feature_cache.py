@@ -67,9 +67,9 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
+    from medvlm.build import build_medvlm
     from medvlm.config import load_config
     from medvlm.data.synthetic import generate_hospital, write_manifest
-    from medvlm.model.vlm import build_medvlm
     from medvlm.train import resolve_device
 
     with tempfile.TemporaryDirectory() as tmp:

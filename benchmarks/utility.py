@@ -55,7 +55,7 @@ def score(model, val, train_rows, cfg) -> dict:
 
 def trained(cfg, train, *, dp: bool):
     """A fresh model (the configured start) trained on ``train`` for the federation's epochs and lr."""
-    from medvlm.model.vlm import build_medvlm
+    from medvlm.build import build_medvlm
     from medvlm.train import train_local
 
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
@@ -67,9 +67,9 @@ def trained(cfg, train, *, dp: bool):
 
 
 def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path) -> dict[str, dict]:
+    from medvlm.build import build_medvlm
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
-    from medvlm.model.vlm import build_medvlm
     from medvlm.runs import load_trainable
     from simulations.inprocess import run_inprocess
 

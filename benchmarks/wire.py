@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    from medvlm.model.foundation import ensure_foundation
+    from medvlm.recipes.foundation import ensure_foundation
 
     ensure_foundation("tiny-random")
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,10 +35,11 @@ from typing import Mapping, Optional
 
 from client.policy import SitePolicy
 from medvlm.audit import GradientCanaries
+from medvlm.build import build_medvlm
 from medvlm.config import ExperimentConfig, Stage, for_stage, from_run_config, stage_at
 from medvlm.data.dataset import VQARows, load_splits
 from medvlm.features import cached_encoder, with_frozen_features
-from medvlm.model.vlm import MedVLM, TensorSpec, build_medvlm
+from medvlm.model.vlm import MedVLM, TensorSpec
 
 log = logging.getLogger("medvlm.client")
 

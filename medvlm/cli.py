@@ -24,7 +24,7 @@ log = logging.getLogger("medvlm")
 
 
 def _build_foundation(args: argparse.Namespace) -> int:
-    from medvlm.model.foundation import VARIANTS, build_foundation, foundation_dir
+    from medvlm.recipes.foundation import VARIANTS, build_foundation, foundation_dir
 
     variants = VARIANTS if args.variant == "all" else (args.variant,)
     for variant in variants:
@@ -42,12 +42,12 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
     """The train-local recipe, top to bottom: config -> model -> data -> train -> evaluate -> write."""
     import torch
 
+    from medvlm.build import build_medvlm
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
     from medvlm.evaluate import evaluate_with_baseline
     from medvlm.features import cached_encoder
     from medvlm.metrics import REPORT_KEYS, load_labeler
-    from medvlm.model.vlm import build_medvlm
     from medvlm.privacy import save_accountant_state
     from medvlm.runs import export_trainable, new_run_dir, save_config, write_json
     from medvlm.train import resolve_device, train_local
@@ -143,12 +143,12 @@ def _train_local(args: argparse.Namespace) -> int:
 def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = True) -> dict:
     """Score a run's exported ``global/`` adapter + fusion on each hospital's own split, as the
     federation does: counts summed over hospitals, baseline = each hospital's per-question majority."""
+    from medvlm.build import build_medvlm
     from medvlm.config import for_stage, stages
     from medvlm.data.dataset import load_splits
     from medvlm.evaluate import baseline_counts, evaluate_counts
     from medvlm.features import cached_encoder
     from medvlm.metrics import load_labeler, merge_counts, scores
-    from medvlm.model.vlm import build_medvlm
     from medvlm.runs import load_trainable, run_config
 
     run_dir = Path(run_dir)

@@ -17,11 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from medvlm.build import build_medvlm
 from medvlm.config import ExperimentConfig
 from medvlm.data.dataset import VQARows, preprocess_images, report_row
 from medvlm.data.images import load_image
 from medvlm.evaluate import predict
-from medvlm.model.vlm import MedVLM, build_medvlm
+from medvlm.model.vlm import MedVLM
 from medvlm.runs import load_trainable, run_config
 from medvlm.train import resolve_device
 

@@ -12,8 +12,8 @@ from typing import Mapping, Optional
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from medvlm.build import build_skeleton
 from medvlm.config import ExperimentConfig, Stage, from_run_config, stage_at, stages, to_dict
-from medvlm.model.vlm import build_skeleton
 from medvlm.runs import new_run_dir, save_config
 from medvlm.wire import check_transport, from_wire, to_wire
 from server.checkpoint import Checkpoints

@@ -108,7 +108,7 @@ def _train_site(preset: str, overrides: Sequence[str], cfg, node_config: dict, s
 def _federate(preset: str, overrides: Sequence[str], cfg, node_config: dict, run_dir: Path) -> dict:
     """The configured federation with the audited hospital in place of the first profile; the global state."""
     from client import app as client_app
-    from medvlm.model.vlm import build_medvlm
+    from medvlm.build import build_medvlm
     from medvlm.runs import load_trainable
     from server.app import run_federation
     from simulations.inprocess import InProcessGrid
@@ -129,7 +129,7 @@ def _attacks_input(cfg, marks, probe, loss_before, before, start, state) -> dict
     """Input canaries: how much more likely each canary's answer became, and how well the update
     aligns with each canary's own gradient (white-box: the update is what a hospital sends)."""
     from medvlm.audit import answer_losses, gradient_scores
-    from medvlm.model.vlm import build_medvlm
+    from medvlm.build import build_medvlm
 
     after = build_medvlm(cfg.model, seed=cfg.federation.seed)
     after.load_trainable_state(state)
@@ -145,12 +145,12 @@ def run_audit(preset: str, overrides: Sequence[str], out: Path, *, canaries: int
     from client.ledger import Ledger
     from medvlm.audit import (answer_losses, bound_ceiling, canary_words, epsilon_lower_bound, make_canaries,
                               make_gradient_canaries)
+    from medvlm.build import build_medvlm
     from medvlm.config import load_config, stage_at
     from medvlm.data.dataset import VQARows, preprocess_images
     from medvlm.data.images import load_image
     from medvlm.data.synthetic import IMAGE_SIZE
     from medvlm.files import write_text
-    from medvlm.model.vlm import build_medvlm
 
     if kind not in CANARY_KINDS:
         raise ValueError(f"canary kind {kind!r}: use one of {', '.join(CANARY_KINDS)}")

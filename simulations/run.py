@@ -30,7 +30,7 @@ def simulate(preset: str = "tiny", overrides: Sequence[str] = (), *, run_dir: Op
                          "hospital: deploy it with a SuperNode and node config data-path")
     # build the built-in models (and the public stage-1/2 state) once, here, before the hospitals
     # start: otherwise every simulated hospital would build them at the same time
-    from medvlm.model.vlm import build_skeleton
+    from medvlm.build import build_skeleton
 
     build_skeleton(cfg.model, seed=cfg.federation.seed)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, "federation")

@@ -42,14 +42,14 @@ def tiny_cfg():
 
 @pytest.fixture
 def tiny_model(tiny_cfg):
-    from medvlm.model.vlm import build_medvlm
+    from medvlm.build import build_medvlm
 
     return build_medvlm(tiny_cfg.model, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_splits(tiny_cfg):
+    from medvlm.build import vision_encoder
     from medvlm.data.dataset import load_splits
-    from medvlm.model.vision import build_vision_encoder
 
-    return load_splits(tiny_cfg.data, build_vision_encoder(tiny_cfg.model.vision).preprocess)
+    return load_splits(tiny_cfg.data, vision_encoder(tiny_cfg.model.vision).preprocess)

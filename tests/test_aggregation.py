@@ -96,10 +96,10 @@ def test_ffa_lora_freezes_a_sends_only_b_and_averages_exactly(tiny_cfg, tiny_spl
     of their BA, so FedAvg over the sent tensors averages the adapters exactly. Without FFA it does not."""
     from dataclasses import replace
 
+    from medvlm.build import build_medvlm
     from medvlm.config import PrivacyConfig
     from medvlm.data.dataset import VQARows
     from medvlm.features import with_frozen_features
-    from medvlm.model.vlm import build_medvlm
     from medvlm.train import train_local
 
     gaps = {}
@@ -160,7 +160,7 @@ def federation(tmp_path):
 def test_ffa_lora_with_bf16_transport_in_the_federation(federation, tiny_cfg):
     from dataclasses import replace
 
-    from medvlm.model.vlm import build_medvlm
+    from medvlm.build import build_medvlm
     from medvlm.runs import load_trainable
 
     start, run_dir = federation

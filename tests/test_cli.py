@@ -31,9 +31,8 @@ def test_exported_adapter_loads_with_peft_and_back(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from medvlm.build import build_medvlm, language_source
     from medvlm.config import load_config
-    from medvlm.model.language import language_model_dir
-    from medvlm.model.vlm import build_medvlm
     from medvlm.runs import load_trainable
 
     run_dir, _ = train_local_run("tiny", TINY + [f"output_dir={tmp_path}", "train.lr=0.05"], run_name="r",
@@ -41,7 +40,7 @@ def test_exported_adapter_loads_with_peft_and_back(tmp_path):
     cfg = load_config("tiny", TINY)
     fresh = build_medvlm(cfg.model, seed=5)
     load_trainable(fresh, run_dir / "global")
-    base = AutoModelForCausalLM.from_pretrained(language_model_dir(cfg.model.language))
+    base = AutoModelForCausalLM.from_pretrained(language_source(cfg.model.language))
     peft_model = PeftModel.from_pretrained(base, run_dir / "global")
     ids = torch.tensor([[1, 7, 9, 3]])
     with torch.no_grad():

@@ -152,7 +152,7 @@ def test_an_adapter_for_another_base_model_is_refused_by_name(curriculum_run, tm
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from medvlm.model.foundation import ensure_foundation
+    from medvlm.recipes.foundation import ensure_foundation
 
     run_dir = curriculum_run[0]
     write_manifest(generate_hospital("general", 1), tmp_path, image_format="png")

@@ -80,7 +80,7 @@ class Deployment:
     """Processes of one deployment on 127.0.0.1 under ``tmp_path``; ``stop()`` ends every one."""
 
     def __init__(self, tmp_path: Path, **values: object):
-        from medvlm.model.foundation import ensure_foundation
+        from medvlm.recipes.foundation import ensure_foundation
 
         ensure_foundation("tiny-random")   # built once here, not by every process at once
         self.tmp, self.work = tmp_path, tmp_path / "consortium"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from medvlm.config import LanguageConfig, LoraSettings, VisionConfig
-from medvlm.model.foundation import BUILTIN_DIR, train_tokenizer
 from medvlm.model.language import build_language_model
 from medvlm.model.vision import build_vision_encoder
+from medvlm.recipes.foundation import BUILTIN_DIR, train_tokenizer
 
 TINY_VIT = json.loads((BUILTIN_DIR / "tiny_vit.json").read_text())
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from medvlm.model.vlm import TrainableStateError, build_medvlm
+from medvlm.build import build_medvlm
+from medvlm.model.vlm import TrainableStateError
 
 
 def test_trainable_is_exactly_lora_and_fusion(tiny_model):
@@ -128,8 +129,7 @@ def test_coordinator_skeleton_never_loads_the_llm_and_exports_a_peft_adapter(tin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medvlm.model.language import language_model_dir
-    from medvlm.model.vlm import build_skeleton
+    from medvlm.build import build_skeleton, language_source
     from medvlm.runs import export_trainable
 
     skeleton = build_skeleton(tiny_cfg.model, seed=3)
@@ -142,7 +142,7 @@ def test_coordinator_skeleton_never_loads_the_llm_and_exports_a_peft_adapter(tin
     skeleton.load_trainable_state(trained)
     export_trainable(skeleton, tmp_path / "global")
     tiny_model.load_trainable_state(trained)
-    base = AutoModelForCausalLM.from_pretrained(language_model_dir(tiny_cfg.model.language))
+    base = AutoModelForCausalLM.from_pretrained(language_source(tiny_cfg.model.language))
     peft = PeftModel.from_pretrained(base, str(tmp_path / "global")).eval()
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_stage1_alignment_trains_only_the_fusion_towards_report_findings(tiny_mo
     """Public stage 1: the fusion learns the finding labels of each image's report through a
     throw-away head; LoRA is untouched and the caller's trainable flags are restored."""
     from medvlm.metrics import synthetic_labeler
-    from medvlm.model.foundation import align_fusion
+    from medvlm.recipes.foundation import align_fusion
 
     data = tiny_splits["train"]
     report = {r["image_index"]: r["report"] for r in data.rows}
@@ -183,3 +183,19 @@ def test_stage1_alignment_trains_only_the_fusion_towards_report_findings(tiny_mo
         changed = not torch.equal(before[name], after[name])
         assert changed == name.startswith("fusion."), name
     assert {n: p.requires_grad for n, p in tiny_model.trainable_parameters().items()} == flags
+
+
+def test_the_model_package_never_builds_what_a_config_names():
+    """``builtin:`` sources are resolved above the model (``medvlm.build``); the model code refuses
+    them instead of quietly pretraining a foundation."""
+    from medvlm.build import resolve_sources
+    from medvlm.config import LanguageConfig, ModelConfig, VisionConfig
+    from medvlm.model.language import language_model_dir
+    from medvlm.model.vision import build_vision_encoder
+
+    with pytest.raises(ValueError, match="not resolved.*medvlm.build"):
+        build_vision_encoder(VisionConfig(source="builtin:tiny"))
+    with pytest.raises(ValueError, match="not resolved.*medvlm.build"):
+        language_model_dir(LanguageConfig(source="builtin:tiny"))
+    local = ModelConfig(vision=VisionConfig(source="local-dir:/models/clip"), language=LanguageConfig(source="/models/lm"))
+    assert resolve_sources(local) is local                     # nothing to resolve, nothing built

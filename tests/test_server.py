@@ -279,7 +279,7 @@ def test_secure_aggregation_reveals_only_the_mean_update(tmp_path):
     from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 
     from client.app import secure_aggregation_mod
-    from medvlm.model.vlm import build_medvlm
+    from medvlm.build import build_medvlm
     from medvlm.wire import legacy_order
 
     overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]", "federation.local_epochs=1",

@@ -3,9 +3,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from medvlm.build import build_medvlm
 from medvlm.config import PrivacyConfig, TrainConfig
 from medvlm.data.dataset import VQARows
-from medvlm.model.vlm import build_medvlm
 from medvlm.privacy import (PrivacyBudgetExceeded, calibrate_noise, epsilon, load_accountant_state,
                             save_accountant_state)
 from medvlm.train import train_local

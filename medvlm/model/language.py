@@ -1,7 +1,7 @@
 """Frozen Hugging Face causal LM with PEFT LoRA adapters, and its tokenizer.
 
 One path for every source: ``AutoModelForCausalLM.from_pretrained(directory)``. The built-in
-tiny LM is a directory the project writes itself (see ``medvlm.model.foundation``), exactly
+tiny LM is a directory the project writes itself (see ``medvlm.recipes.foundation``), exactly
 like a hospital's local copy of a 7B model.
 """
 
@@ -21,9 +21,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def language_model_dir(cfg: LanguageConfig) -> str:
     """Resolve the configured source to a local directory (or a hub id, when one was given)."""
     if cfg.source.startswith("builtin:"):
-        from medvlm.model.foundation import ensure_foundation
-
-        return str(ensure_foundation(cfg.source.split(":", 1)[1]) / "lm")
+        raise ValueError(f"model.language.source={cfg.source!r} is not resolved: build models with "
+                         "medvlm.build.build_medvlm (it turns builtin: sources into local directories)")
     path = Path(cfg.source)
     if path.exists():
         if not (path / "config.json").is_file():

@@ -73,12 +73,11 @@ def _hf_text_override(directory: Path, hf_text_dir: Optional[str]) -> dict:
 
 
 def open_clip_name(cfg: VisionConfig) -> str:
-    """Resolve the configured source to an open_clip model name (local-dir:/hf-hub:)."""
+    """The configured source as an open_clip model name (local-dir:/hf-hub:). A ``builtin:`` source
+    is resolved above the model (``medvlm.build``), which builds it on first use."""
     if cfg.source.startswith("builtin:"):
-        from medvlm.model.foundation import ensure_foundation
-
-        variant = cfg.source.split(":", 1)[1]
-        return "local-dir:" + str(ensure_foundation(variant) / "vision")
+        raise ValueError(f"model.vision.source={cfg.source!r} is not resolved: build models with "
+                         "medvlm.build.build_medvlm (it turns builtin: sources into local directories)")
     return cfg.source
 
 

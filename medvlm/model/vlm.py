@@ -228,34 +228,6 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (tok * valid).sum(1) / valid.sum(1).clamp_min(1.0)
 
 
-def _apply_init(model: "MedVLM", cfg: ModelConfig) -> None:
-    """``model.init`` (whole trainable state) or ``model.fusion.init`` (fusion only)."""
-    if cfg.init == "public":
-        from safetensors.torch import load_file
-
-        from medvlm.model.foundation import public_state_path
-
-        model.load_adapter_state(load_file(str(public_state_path(cfg))))
-    elif cfg.init != "random":
-        from medvlm.runs import load_trainable
-
-        load_trainable(model, cfg.init)
-    _apply_fusion_init(model, cfg)
-
-
-def _apply_fusion_init(model: "MedVLM", cfg: ModelConfig) -> None:
-    """``model.fusion.init``: random (as built) or a fusion.safetensors path."""
-    if cfg.fusion.init == "random":
-        return
-    path = cfg.fusion.init
-    state = read_fusion(path)
-    missing = sorted(k for k in model.trainable_spec() if k.startswith("fusion.") and k not in state)
-    if missing:  # a partial file would silently leave the rest at random init
-        raise TrainableStateError(f"model.fusion.init={path}: missing tensor(s) {missing[:5]}; it was saved "
-                                  "for another fusion architecture (model.fusion.*)")
-    model.load_trainable_state(state, strict=False)  # LoRA tensors are not in a fusion file
-
-
 @torch.no_grad()
 def seed_lora_a(language: nn.Module, seed: int) -> None:
     """Initialise every LoRA A matrix from (seed, its name) alone, as PEFT does (Kaiming-uniform,
@@ -275,43 +247,38 @@ def seed_lora_a(language: nn.Module, seed: int) -> None:
             p.copy_(value.to(p.dtype))
 
 
-def build_medvlm(cfg: ModelConfig, *, seed: int = 0, device: Optional[str] = None) -> MedVLM:
-    """Build vision (frozen), language (frozen + LoRA) and fusion (fresh, seeded)."""
-    vision = build_vision_encoder(cfg.vision)
+def assemble_medvlm(cfg: ModelConfig, *, resolved: Optional[ModelConfig] = None, seed: int = 0) -> MedVLM:
+    """Vision (frozen), language (frozen + LoRA) and fusion (fresh, seeded), loaded from the local
+    sources of ``resolved`` (default: ``cfg``'s own) and recorded as ``cfg``. Nothing is built,
+    trained or fetched here, and no start state is applied: ``medvlm.build`` does both."""
+    src = resolved or cfg
+    vision = build_vision_encoder(src.vision)
+    vision.source = cfg.vision.source   # what the config named (builtin:tiny), not where it was found
     torch.manual_seed(seed)  # LoRA A and fusion initialisation are seeded
-    language, tokenizer = build_language_model(cfg.language, cfg.lora)
+    language, tokenizer = build_language_model(src.language, src.lora)
     if cfg.lora.ffa:   # A is never sent: every site must draw the same one
         seed_lora_a(language, seed)
     embeddings = language.get_input_embeddings().weight
     fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=embeddings.shape[1],
                           embed_rms=float(embeddings.detach().float().pow(2).mean().sqrt()))
     model = MedVLM(vision, fusion, language, tokenizer, cfg)
-    _apply_init(model, cfg)
     model.freeze_base()
-    if device is not None:
-        model.to(device)
     return model
 
 
-def build_skeleton(cfg: ModelConfig, *, seed: int = 0) -> MedVLM:
+def assemble_skeleton(cfg: ModelConfig, *, resolved: Optional[ModelConfig] = None, seed: int = 0) -> MedVLM:
     """The model as a coordinator holds it: the LLM's base weights are never loaded (they stay on the
-    meta device); the LoRA tensors and the fusion module are real and freshly initialised (seeded,
-    then ``model.init`` / ``model.fusion.init`` applied). Its allow-list equals ``build_medvlm(cfg).trainable_spec()``,
-    it loads and exports trainable states, and it cannot run forward."""
+    meta device); the LoRA tensors and the fusion module are real and freshly initialised (seeded).
+    Its allow-list equals ``assemble_medvlm(cfg).trainable_spec()``, it loads and exports trainable
+    states, and it cannot run forward."""
     from medvlm.model.language import build_language_skeleton
 
-    vision = build_vision_encoder(cfg.vision)
+    src = resolved or cfg
+    vision = build_vision_encoder(src.vision)
     torch.manual_seed(seed)
-    language = build_language_skeleton(cfg.language, cfg.lora)
+    language = build_language_skeleton(src.language, src.lora)
     if cfg.lora.ffa:
         seed_lora_a(language, seed)
     lm_width = language.get_input_embeddings().weight.shape[1]
     fusion = build_fusion(cfg.fusion, vision_width=vision.width, lm_width=lm_width, embed_rms=1.0)
-    model = MedVLM(vision, fusion, language, None, cfg)
-    _apply_init(model, cfg)
-    return model
-
-
-def initial_trainable_state(cfg: ModelConfig, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The initial global LoRA + fusion tensors, derived without loading the LLM's weights."""
-    return build_skeleton(cfg, seed=seed).trainable_state()
+    return MedVLM(vision, fusion, language, None, cfg)

@@ -31,7 +31,7 @@ from medvlm.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "model" / "builtin"   # the tiny architectures
 FOUNDATION_VERSION = 2          # bump when the recipe below changes: it invalidates caches
 VARIANTS = ("tiny", "tiny-random")
 PUBLIC_SEED = 20240416          # the public corpus' seed; hospitals use other seed streams
@@ -63,6 +63,25 @@ def ensure_foundation(variant: str) -> Path:
     if not (path / "build.json").is_file():
         build_foundation(variant)
     return path
+
+
+def builtin_source(source: str, part: str) -> str:
+    """A ``builtin:<variant>`` source as what the model loads: the foundation's ``vision`` directory
+    as an open_clip ``local-dir:`` name, or its ``lm`` directory (built on first use)."""
+    directory = ensure_foundation(source.split(":", 1)[1]) / part
+    return f"local-dir:{directory}" if part == "vision" else str(directory)
+
+
+def builtin_sources(cfg):
+    """``cfg`` (a ModelConfig) with each ``builtin:`` source replaced by its local directory."""
+    from dataclasses import replace
+
+    vision, language = cfg.vision, cfg.language
+    if vision.source.startswith("builtin:"):
+        vision = replace(vision, source=builtin_source(vision.source, "vision"))
+    if language.source.startswith("builtin:"):
+        language = replace(language, source=builtin_source(language.source, "lm"))
+    return replace(cfg, vision=vision, language=language)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -273,12 +292,13 @@ def build_public_state(cfg, path: Path, *, progress: bool = True) -> Path:
     from medvlm.data.synthetic import PROFILES, questions
     from medvlm.features import with_frozen_features
     from medvlm.metrics import synthetic_labeler
-    from medvlm.model.vlm import build_medvlm
+    from medvlm.model.vlm import assemble_medvlm
     from medvlm.train import train_local
 
     started = time.perf_counter()
     # public data, no privacy: A and B both train (FFA-LoRA then freezes A at this shared start)
-    model = build_medvlm(replace(cfg, init="random", lora=replace(cfg.lora, ffa=False)), seed=PUBLIC_TUNE_SEED)
+    start = replace(cfg, init="random", lora=replace(cfg.lora, ffa=False))
+    model = assemble_medvlm(start, resolved=builtin_sources(start), seed=PUBLIC_TUNE_SEED)
     public = PROFILES["public"]
     images, rows, labels = [], [], []
     for k, (contrast, noise, p_invert) in enumerate(PUBLIC_TUNE_SCANNERS):
