@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 from opacus.accountants import create_accountant
 
+from medvlm.quiet import ACCOUNTING, quiet
+
 History = list[tuple[float, float, int]]
 
 
@@ -45,6 +47,7 @@ def epsilon(history: Sequence[Sequence[float]], *, delta: float, accountant: str
 
 
 @functools.lru_cache(maxsize=4096)
+@quiet(ACCOUNTING)
 def _epsilon(history: tuple, delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)

@@ -24,6 +24,7 @@ from medvlm.data.dataset import VQADataset, VQARows
 from medvlm.features import with_frozen_features
 from medvlm.model.vlm import MedVLM, sequence_loss
 from medvlm.privacy import PrivacySpent, calibrate_noise, epsilon
+from medvlm.quiet import ACCOUNTING, DP_TRAINING, quiet
 
 if TYPE_CHECKING:
     from medvlm.audit import GradientCanaries
@@ -70,6 +71,7 @@ def _noise_only_grads(params: list[torch.nn.Parameter]) -> None:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
+@quiet(DP_TRAINING, ACCOUNTING)   # Opacus' and torch's notes on what we do on purpose (medvlm/quiet.py)
 def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: PrivacyConfig,
                 accountant_state: Optional[dict] = None, max_steps: Optional[int] = None,
                 progress: bool = True, canaries: Optional["GradientCanaries"] = None) -> LocalResult:

@@ -21,6 +21,7 @@ def simulate(preset: str = "tiny", overrides: Sequence[str] = (), *, run_dir: Op
     from flwr.simulation import run_simulation
 
     from client.app import make_app as make_client_app
+    from medvlm.quiet import SIMULATION, quiet, without_log
     from medvlm.runs import new_run_dir
     from server.app import make_app as make_server_app
 
@@ -37,13 +38,17 @@ def simulate(preset: str = "tiny", overrides: Sequence[str] = (), *, run_dir: Op
     run_dir = run_dir.resolve()
     defaults = {"preset": preset, "overrides": shlex.join(overrides), "run-dir": str(run_dir)}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    logging.getLogger("flwr").propagate = False   # Flower has its own console handler
-    run_simulation(server_app=make_server_app(defaults), client_app=make_client_app(defaults),
-                   num_supernodes=len(cfg.data.hospitals),
-                   backend_config={"client_resources": {"num_cpus": cpus_per_hospital,
-                                                        "num_gpus": gpus_per_hospital}})
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False   # Flower has its own console handler
+    # we run the apps in-process on purpose; `flwr run` is what deployments use
+    with without_log("flwr", "DEPRECATED FEATURE: The `run_simulation` function"), quiet(SIMULATION):
+        run_simulation(server_app=make_server_app(defaults), client_app=make_client_app(defaults),
+                       num_supernodes=len(cfg.data.hospitals),
+                       backend_config={"client_resources": {"num_cpus": cpus_per_hospital,
+                                                            "num_gpus": gpus_per_hospital}})
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the federation in {run_dir} ended without a summary.json; see the log above "
                            "(checkpoints up to the last completed round are kept: run again to resume)")
     return json.loads(summary_path.read_text())
+

@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from medvlm.config import LanguageConfig, LoraSettings
+from medvlm.quiet import MODEL_LOADING, no_progress_bars, quiet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,10 +61,12 @@ def _check_targets(base, lora: LoraSettings, directory: str) -> None:
 
 def build_language_model(cfg: LanguageConfig, lora: LoraSettings) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     directory = language_model_dir(cfg)
-    base = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[cfg.dtype])
+    with no_progress_bars():
+        base = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[cfg.dtype])
     base.requires_grad_(False)
     _check_targets(base, lora, directory)
-    model = get_peft_model(base, lora_config(lora))   # LoRA tensors are the only trainable LM weights
+    with quiet(MODEL_LOADING):
+        model = get_peft_model(base, lora_config(lora))   # LoRA tensors are the only trainable LM weights
     model.eval()
     return model, load_tokenizer(directory)
 
@@ -81,7 +84,8 @@ def build_language_skeleton(cfg: LanguageConfig, lora: LoraSettings) -> PeftMode
         base = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
     base.requires_grad_(False)
     _check_targets(base, lora, directory)
-    model = get_peft_model(base, lora_config(lora))
+    with quiet(MODEL_LOADING):
+        model = get_peft_model(base, lora_config(lora))
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for adapter in module.lora_A:

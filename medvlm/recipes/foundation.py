@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from medvlm.data.synthetic import generate_hospital, public_corpus_text, report_text
 from medvlm.files import atomic_path
+from medvlm.quiet import without_log
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,9 @@ def build_foundation(variant: str = "tiny", *, progress: bool = True) -> Path:
         (work / "vision").mkdir()
         shutil.copy(BUILTIN_DIR / "tiny_vit.json", work / "vision" / "open_clip_config.json")
         torch.manual_seed(PUBLIC_SEED)
-        clip, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(work / "vision"))
+        with without_log("", "Local config loaded, but no CLIP weights", "No pretrained weights loaded"):
+            # open_clip notes that it starts from random weights: here that is the point
+            clip, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(work / "vision"))
         clip_loss = None
         if pretrain:
             captions = [report_text(f) for f in corpus.findings]
