@@ -18,7 +18,12 @@ def test_train_local_writes_a_run_folder(tmp_path):
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk)
     assert 0 < on_disk["epsilon"] <= 8.0 and on_disk["delta"] == 1e-5
-    assert 0 <= on_disk["final_accuracy"] <= 1 and 0 < on_disk["baseline_accuracy"] < 1
+    from medvlm.cli import evaluate_run
+
+    again = evaluate_run(run_dir, split="test", progress=False)      # the exported adapter, scored again
+    assert again["accuracy"] == pytest.approx(on_disk["final_accuracy"])
+    n = on_disk["test_questions"]["closed"] + on_disk["test_questions"]["open"]
+    assert n > 0 and on_disk["baseline_accuracy"] * n == pytest.approx(round(on_disk["baseline_accuracy"] * n))
     assert on_disk["trainable_parameters"] < on_disk["total_parameters"]
     assert (run_dir / "global" / "adapter_config.json").is_file()
     assert (run_dir / "global" / "adapter_model.safetensors").is_file()
@@ -66,7 +71,9 @@ def test_train_local_on_a_dicom_folder_end_to_end(tmp_path):
     overrides = TINY + [f"output_dir={tmp_path}", f"data.source={tmp_path / 'pacs'}",
                         f"data.feature_cache={tmp_path / 'features'}"]
     run_dir, summary = train_local_run("tiny", overrides, run_name="dicom", progress=False)
-    assert summary["train_examples"] > 0 and 0 <= summary["final_accuracy"] <= 1
+    n = summary["test_questions"]["closed"] + summary["test_questions"]["open"]
+    assert summary["train_examples"] > 0 and n > 0
+    assert summary["final_accuracy"] * n == pytest.approx(round(summary["final_accuracy"] * n))   # right / asked
     assert 0 < summary["epsilon"] <= 8.0
     assert len(list((tmp_path / "features").glob("*/*/*.safetensors"))) == 20   # every image encoded once
 

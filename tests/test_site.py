@@ -1,0 +1,37 @@
+"""client/site.py on its own: who a node is, from its node config alone, and one site per process
+per (run config, node config, stage)."""
+
+import shlex
+
+import pytest
+
+from client.site import _hospital_identity, get_site
+from medvlm.config import load_config
+from tests.conftest import TINY_OVERRIDES
+
+RUN = {"preset": "tiny", "overrides": shlex.join(TINY_OVERRIDES)}
+
+
+def test_a_node_is_named_by_its_node_config_and_a_missing_piece_is_named():
+    cfg = load_config("tiny", TINY_OVERRIDES)
+    name, state = _hospital_identity(cfg, {"hospital": "st-mary", "state-dir": "/var/lib/m"}, {})
+    assert (name, str(state)) == ("st-mary", "/var/lib/m")
+    name, state = _hospital_identity(cfg, {"partition-id": 1}, {"run-dir": "/runs/r"})
+    assert name == cfg.data.hospitals[1] and str(state) == f"/runs/r/hospitals/{name}"    # a simulation
+    with pytest.raises(ValueError, match="names no hospital"):
+        _hospital_identity(cfg, {}, {})
+    with pytest.raises(ValueError, match=r"partition-id 7 but data.hospitals has 3 profiles"):
+        _hospital_identity(cfg, {"partition-id": 7}, {"run-dir": "/runs/r"})
+    with pytest.raises(ValueError, match="st-mary: node config has no state-dir"):
+        _hospital_identity(cfg, {"hospital": "st-mary"}, {})
+
+
+def test_one_site_per_run_node_and_stage_in_a_process(tmp_path):
+    node = {"partition-id": 0}
+    run = {**RUN, "run-dir": str(tmp_path)}
+    site = get_site(run, node, server_round=1)
+    assert get_site(run, node, server_round=2) is site                  # the same stage: built once
+    assert site.name == "general" and site.state_dir == tmp_path / "hospitals" / "general"
+    assert len(site.train) > 0 and site.train.pixels.dim() == 3        # frozen patch tokens, encoded once
+    other = get_site(run, {"partition-id": 1}, server_round=1)
+    assert other is not site and other.name == "oncology"
