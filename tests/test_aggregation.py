@@ -15,7 +15,7 @@ from medvlm.wire import encode, spec_of, to_wire
 from server.app import run_federation
 from server.strategy import MedFedAvg, make_strategy
 from tests.conftest import TINY_OVERRIDES, wire_arrays
-from tests.fakes import InProcessGrid, set_task_identity
+from simulations.inprocess import InProcessGrid, set_task_identity
 
 GLOBAL = {"fusion.w": torch.zeros(3, 4), "language.lora_B": torch.zeros(5)}
 

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from medvlm.cli import main, train_local_run
+from cli.main import main
+from medvlm.recipes.local import train_local_run
 
 TINY = ["model.init=random", "model.vision.source=builtin:tiny-random", "model.language.source=builtin:tiny-random",
         "model.fusion.dim=32", "model.fusion.layers=1", "data.images_per_hospital=12",
@@ -18,7 +19,7 @@ def test_train_local_writes_a_run_folder(tmp_path):
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk)
     assert 0 < on_disk["epsilon"] <= 8.0 and on_disk["delta"] == 1e-5
-    from medvlm.cli import evaluate_run
+    from medvlm.recipes.local import evaluate_run
 
     again = evaluate_run(run_dir, split="test", progress=False)      # the exported adapter, scored again
     assert again["accuracy"] == pytest.approx(on_disk["final_accuracy"])
@@ -79,7 +80,7 @@ def test_train_local_on_a_dicom_folder_end_to_end(tmp_path):
 
 
 def test_train_local_and_evaluate_score_the_report_task(tmp_path, capsys):
-    from medvlm.cli import evaluate_run
+    from medvlm.recipes.local import evaluate_run
 
     run_dir, s = train_local_run("tiny", TINY + [f"output_dir={tmp_path}", "data.task=report"], run_name="rep",
                                  progress=False)

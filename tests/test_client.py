@@ -14,7 +14,7 @@ from client.egress import EgressError, reply_content
 from client.ledger import LEDGER_FILE
 from medvlm.wire import EVAL_METRIC_PATTERN, PACKED, TRAIN_METRICS, to_wire
 from tests.conftest import TINY_OVERRIDES, wire_arrays
-from tests.fakes import set_task_identity
+from simulations.inprocess import set_task_identity
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from medvlm.config import load_config, stage_at, stages
 from medvlm.privacy import epsilon
 from server.app import run_federation
 from tests.conftest import TINY_OVERRIDES
-from tests.fakes import InProcessGrid, Killed
+from simulations.inprocess import InProcessGrid, Killed
 
 STAGES = "federation.stages=[{name: align, rounds: 1, task: report, trainable: [fusion], lr: 0.003}, " \
          "{name: vqa, rounds: 1, local_epochs: 2}]"
@@ -123,7 +123,7 @@ def test_the_exported_adapter_carries_a_model_card(curriculum_run):
 
 
 def test_answer_and_report_on_a_dicom_file_from_the_run_folder(curriculum_run, tmp_path, capsys):
-    from medvlm.cli import main
+    from cli.main import main
     from medvlm.data.synthetic import generate_hospital, write_manifest
 
     run_dir = curriculum_run[0]
@@ -147,7 +147,7 @@ def test_answer_and_report_on_a_dicom_file_from_the_run_folder(curriculum_run, t
 
 
 def test_an_adapter_for_another_base_model_is_refused_by_name(curriculum_run, tmp_path, caplog):
-    from medvlm.cli import main
+    from cli.main import main
     from medvlm.data.synthetic import generate_hospital, write_manifest
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

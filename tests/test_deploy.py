@@ -122,7 +122,7 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
 
 
 def test_the_launchers_dry_runs_and_the_ledger_command(tmp_path, capsys, caplog):
-    from simulations.cli import main
+    from cli.main import main
 
     create_certificates(tmp_path / "certs", ["127.0.0.1"])
     private, _ = create_node_key(tmp_path / "keys", "st-mary")
@@ -245,7 +245,7 @@ def test_the_supernode_command_exits_at_once_on_a_tls_mismatch_or_a_wrong_ca(tmp
     try:
         for flags, says in ((["--insecure"], "speaks TLS, but this SuperNode was started with --insecure"),
                             (["--ca", str(other.ca_cert), "--key", str(key)], "does not accept")):
-            out = subprocess.run([sys.executable, "-m", "simulations.cli", "supernode", "--superlink", tls_addr,
+            out = subprocess.run([sys.executable, "-m", "cli.main", "supernode", "--superlink", tls_addr,
                                   *flags, *common], capture_output=True, text=True, timeout=120, cwd=ROOT)
             assert out.returncode != 0 and says in out.stderr, out.stderr[-2000:]
     finally:

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from medvlm.cli import train_local_run
+from medvlm.recipes.local import train_local_run
 
 
 @pytest.mark.slow
@@ -41,7 +41,7 @@ def test_default_dp_train_local_keeps_its_privacy_contract(tmp_path):
 @pytest.mark.slow
 def test_default_federation_keeps_every_budget_and_beats_the_baseline(tmp_path):
     """The README's main command (`medvlm-fl simulate`) on the built-in default."""
-    from medvlm.cli import evaluate_run
+    from medvlm.recipes.local import evaluate_run
     from simulations.run import simulate
 
     s = simulate("tiny", [f"output_dir={tmp_path}"], run_dir=tmp_path / "default")

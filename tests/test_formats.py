@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from medvlm.cli import check_data
+from cli.library import check_data
 from medvlm.data.formats import FormatError, detect_format, read_rows, report_text
 from medvlm.data.manifest import ManifestError, read_manifest, summarize
 from medvlm.data.synthetic import generate_hospital, write_manifest
@@ -253,7 +253,7 @@ def test_detection_and_unknown_folders(tmp_path, vqa_rad, slake, pmc_vqa, mimic)
 
 
 def test_check_data_cli_exit_codes(tmp_path, vqa_rad):
-    from medvlm.cli import main
+    from cli.main import main
 
     assert main(["check-data", str(vqa_rad[0])]) == 0
     assert main(["check-data", str(tmp_path / "nowhere")]) == 2

@@ -33,7 +33,7 @@ def test_the_baseline_answers_each_question_with_its_training_majority():
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    from medvlm.cli import train_local_run
+    from medvlm.recipes.local import train_local_run
     from tests.test_cli import TINY
 
     out = tmp_path_factory.mktemp("run")

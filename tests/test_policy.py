@@ -15,7 +15,7 @@ from medvlm.config import PrivacyConfig
 from medvlm.data.synthetic import generate_hospital, write_manifest
 from medvlm.wire import to_wire
 from tests.conftest import TINY_OVERRIDES
-from tests.fakes import set_task_identity
+from simulations.inprocess import set_task_identity
 
 
 def test_a_deployed_site_takes_nothing_about_privacy_from_the_run():

@@ -16,7 +16,7 @@ from medvlm.wire import spec_of, to_wire
 from server.app import run_federation
 from server.strategy import MedFedAvg
 from tests.conftest import TINY_OVERRIDES, wire_arrays
-from tests.fakes import InProcessGrid, Killed, set_task_identity
+from simulations.inprocess import InProcessGrid, Killed, set_task_identity
 
 SPEC_STATE = {"fusion.w": torch.zeros(2, 3), "language.x.lora_A.default.weight": torch.zeros(4)}
 

@@ -3,8 +3,8 @@
 
 import json
 
-from medvlm.cli import evaluate_run
-from simulations.cli import main
+from cli.main import main
+from medvlm.recipes.local import evaluate_run
 from tests.conftest import TINY_OVERRIDES
 
 

@@ -1,4 +1,4 @@
-"""``medvlm-fl`` command line (library commands; ``simulations.cli`` adds the federation ones).
+"""The library's commands of ``medvlm-fl`` (cli/main.py puts them together with the federation's).
 
     medvlm-fl build-foundation [--variant tiny|tiny-random] [--force]
     medvlm-fl train-local [--config PRESET] [--hospital NAME ...] [--no-dp] [key=value ...]
@@ -16,7 +16,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from medvlm.metrics import pct
 
@@ -35,65 +34,6 @@ def _build_foundation(args: argparse.Namespace) -> int:
         path = build_foundation(variant)
         print(f"{variant}: built in {time.perf_counter() - started:.1f}s -> {path}")
     return 0
-
-
-def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optional[Sequence[str]] = None,
-                    run_name: Optional[str] = None, progress: bool = True) -> tuple[Path, dict]:
-    """The train-local recipe, top to bottom: config -> model -> data -> train -> evaluate -> write."""
-    import torch
-
-    from medvlm.build import build_medvlm
-    from medvlm.config import load_config
-    from medvlm.data.dataset import load_splits
-    from medvlm.evaluate import evaluate_with_baseline
-    from medvlm.features import cached_encoder
-    from medvlm.metrics import REPORT_KEYS, load_labeler
-    from medvlm.privacy import save_accountant_state
-    from medvlm.runs import export_trainable, new_run_dir, save_config, write_json
-    from medvlm.train import resolve_device, train_local
-
-    started = time.perf_counter()
-    cfg = load_config(preset, list(overrides))
-    torch.manual_seed(cfg.train.seed)
-    model = build_medvlm(cfg.model, seed=cfg.train.seed).to(resolve_device(cfg.train.device))  # encode there
-    splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals,
-                         encode_files=cached_encoder(model, cfg.data.feature_cache, cfg.data, progress=progress))
-    run_dir = new_run_dir(cfg.output_dir, "train-local", run_name)
-    save_config(cfg, run_dir)
-    log.info("run folder %s: %d train / %d val / %d test questions", run_dir,
-             len(splits["train"]), len(splits["val"]), len(splits["test"]))
-
-    result = train_local(model, splits["train"], train=cfg.train, privacy=cfg.privacy, progress=progress)
-    test = evaluate_with_baseline(model, splits["test"], splits["train"].rows, labeler=load_labeler(cfg.data.labeler),
-                                  max_new_tokens=cfg.train.eval_max_new_tokens, progress=progress)
-    export_trainable(model, run_dir / "global")
-    if result.accountant_state is not None:
-        save_accountant_state(result.accountant_state, run_dir / "accountant.json")
-
-    trainable, total = model.count_parameters()
-    spent = result.privacy
-    summary = {
-        "final_accuracy": test.get("accuracy"), "closed_accuracy": test.get("closed_accuracy"),
-        "open_accuracy": test.get("open_accuracy"), "open_recall": test.get("open_recall"),
-        "baseline_accuracy": test["baseline"].get("accuracy"),
-        "baseline_closed_accuracy": test["baseline"].get("closed_accuracy"),
-        "baseline_open_accuracy": test["baseline"].get("open_accuracy"),
-        "per_qtype": test.get("per_qtype"), "baseline_per_qtype": test["baseline"].get("per_qtype"),
-        "test_questions": {"closed": test.get("closed_total", 0), "open": test.get("open_total", 0)},
-        "task": cfg.data.task, **{k: test.get(k) for k in REPORT_KEYS},
-        **{f"baseline_{k}": test["baseline"].get(k) for k in REPORT_KEYS},
-        "per_finding": test.get("per_finding"), "baseline_per_finding": test["baseline"].get("per_finding"),
-        "dp": cfg.privacy.enabled,
-        "epsilon": spent.epsilon if spent else None, "delta": cfg.privacy.delta if spent else None,
-        "privacy": spent.as_dict() if spent else None,
-        "train_loss": result.metrics["train_loss"], "steps": result.metrics["steps"],
-        "train_examples": result.metrics["examples"], "train_seconds": result.metrics["seconds"],
-        "trainable_parameters": trainable, "total_parameters": total,
-        "hospitals": list(hospitals or cfg.data.hospitals) if cfg.data.source == "synthetic" else None,
-        "wall_seconds": time.perf_counter() - started,
-    }
-    write_json(run_dir / "summary.json", summary)
-    return run_dir, summary
 
 
 def accuracy_table(title: str, s: dict, *, model_label: str = "model"):
@@ -131,6 +71,8 @@ def _print_summary(run_dir: Path, s: dict) -> None:
 
 
 def _train_local(args: argparse.Namespace) -> int:
+    from medvlm.recipes.local import train_local_run
+
     overrides = list(args.overrides)
     if args.no_dp:
         overrides.append("privacy.enabled=false")
@@ -140,38 +82,10 @@ def _train_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = True) -> dict:
-    """Score a run's exported ``global/`` adapter + fusion on each hospital's own split, as the
-    federation does: counts summed over hospitals, baseline = each hospital's per-question majority."""
-    from medvlm.build import build_medvlm
-    from medvlm.config import for_stage, stages
-    from medvlm.data.dataset import load_splits
-    from medvlm.evaluate import baseline_counts, evaluate_counts
-    from medvlm.features import cached_encoder
-    from medvlm.metrics import load_labeler, merge_counts, scores
-    from medvlm.runs import load_trainable, run_config
-
-    run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    cfg = for_stage(cfg, stages(cfg)[-1])     # a curriculum is scored on its last stage's task
-    labeler = load_labeler(cfg.data.labeler)
-    model = build_medvlm(cfg.model, seed=cfg.federation.seed)
-    load_trainable(model, run_dir / "global")
-    counts, base = [], []
-    groups = [[h] for h in cfg.data.hospitals] if cfg.data.source == "synthetic" else [None]
-    for hospitals in groups:
-        splits = load_splits(cfg.data, model.vision.preprocess, hospitals=hospitals,
-                             encode_files=cached_encoder(model, cfg.data.feature_cache, cfg.data, progress=progress))
-        counts.append(evaluate_counts(model, splits[split], max_new_tokens=cfg.train.eval_max_new_tokens,
-                                      progress=progress, labeler=labeler))
-        base.append(baseline_counts(splits[split], splits["train"].rows, labeler=labeler))
-    result = scores(merge_counts(counts))
-    result["baseline"] = scores(merge_counts(base))
-    return result
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     import json
+
+    from medvlm.recipes.local import evaluate_run
 
     result = evaluate_run(args.run_dir, split=args.split)
     summary = Path(args.run_dir) / "summary.json"
@@ -294,14 +208,8 @@ def _check_data(args: argparse.Namespace) -> int:
     return check_data(args.path, fmt=args.format, language=args.language, on_bad_row=args.on_bad_row)
 
 
-def build_parser(extend: Optional[Callable] = None, description: str = __doc__) -> argparse.ArgumentParser:
-    """The library's subcommands; ``extend(subparsers)`` adds more (the federation's, in simulations.cli)."""
-    parser = argparse.ArgumentParser(prog="medvlm-fl", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    if extend is not None:
-        extend(sub)
-
+def add_library_commands(sub) -> None:
+    """build-foundation, train-local, evaluate, answer, report, write-synthetic, check-data."""
     p = sub.add_parser("build-foundation", help="(re)build the built-in tiny pretrained ViT + LM (cached)")
     p.add_argument("--variant", default="tiny", choices=["tiny", "tiny-random", "all"])
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -356,19 +264,3 @@ def build_parser(extend: Optional[Callable] = None, description: str = __doc__) 
     p.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
                    help="error: exit 1 listing bad rows (default); skip: list them as skipped, exit 0")
     p.set_defaults(func=_check_data)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)  # our own progress; libraries (open_clip logs on root) stay at WARNING
-    args = (parser or build_parser()).parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as err:
-        log.error("%s", err)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""The ``medvlm-fl`` console script: the library's commands plus the federation's.
+"""The federation's and the deployment's commands of ``medvlm-fl`` (cli/main.py puts them together
+with the library's).
 
     medvlm-fl simulate [--config PRESET] [--run-dir DIR | --name NAME] [key=value ...]
     medvlm-fl certs --host NAME_OR_IP [--host ...] --out DIR [--force]   (coordinator: CA + SuperLink TLS)
@@ -7,7 +8,7 @@
                                                                          Control API on 127.0.0.1:C only)
     medvlm-fl supernode --superlink H:P --ca ca.crt --key KEY --hospital NAME --data-path M --state-dir D --epsilon E
     medvlm-fl ledger show|init|raise STATE_DIR                          (hospital: its privacy ledger)
-    medvlm-fl build-foundation | train-local | evaluate   (see medvlm.cli)
+    medvlm-fl audit [--config PRESET] [--canaries N] [--kind gradient|input] [--federated]
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
-from medvlm import cli as library_cli
+from cli.library import accuracy_table
 from medvlm.config import DATA_FORMATS
 
 
@@ -38,7 +38,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def print_summary(s: dict) -> None:
     from rich.console import Console
 
-    table = library_cli.accuracy_table(f"federation -> {s['run_dir']} ({s['rounds']} rounds, {s['stopped']})", s,
+    table = accuracy_table(f"federation -> {s['run_dir']} ({s['rounds']} rounds, {s['stopped']})", s,
                                        model_label="global model")
     console = Console()
     console.print(table)
@@ -187,7 +187,8 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_federation_commands(sub) -> None:
+def add_federation_commands(sub) -> None:
+    """simulate, certs, node-key, superlink, supernode, audit, ledger."""
     p = sub.add_parser("simulate", help="run (or resume) a local federation of synthetic hospitals (Flower simulation)")
     p.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path (default: tiny)")
     where = p.add_mutually_exclusive_group()
@@ -283,12 +284,3 @@ def _add_federation_commands(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--reason", help="raise: why (kept in the ledger)")
     p.set_defaults(func=_ledger)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = library_cli.build_parser(_add_federation_commands, description=__doc__ + (library_cli.__doc__ or ""))
-    return library_cli.main(argv, parser)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,3 @@
+"""The one ``medvlm-fl`` command line, on top of everything: the library's recipes
+(``cli/library.py``), the federation and deployment (``cli/federation.py``), put together in
+``cli/main.py``. Nothing imports this package but the console script and the tests."""
