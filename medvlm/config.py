@@ -351,6 +351,9 @@ class FederationConfig:
                self.aggregation, "SecAgg+ reveals only the sum of updates, so only fedavg can follow it")
         _check(self.secure_aggregation in SECURE_AGGREGATION, "federation.secure_aggregation",
                self.secure_aggregation, f"must be one of {SECURE_AGGREGATION}")
+        _check(self.secure_aggregation == "none" or not self.central_dp.enabled, "federation.secure_aggregation",
+               self.secure_aggregation, "cannot be combined with federation.central_dp: the coordinator cannot clip "
+               "updates it never sees")
         _check(self.secagg_clipping_range > 0, "federation.secagg_clipping_range", self.secagg_clipping_range,
                "must be > 0")
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")

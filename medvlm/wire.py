@@ -98,16 +98,22 @@ def from_wire(arrays: Mapping[str, np.ndarray], spec: Mapping[str, TensorSpec]) 
 SCALES = "::scales"   # int8: one float32 scale per tensor, in legacy_order
 
 
+def require_float32(spec: Mapping[str, TensorSpec], feature: str, remedy: str) -> None:
+    """``feature`` (a transport, SecAgg+'s masking, central DP's clipping) works on float32 tensors:
+    refuse a model whose trainable state is not, naming a tensor and what to do."""
+    bad = {n: s.dtype for n, s in spec.items() if s.dtype != "float32"}
+    if bad:
+        name = next(iter(bad))
+        raise ValueError(f"{feature} works on float32 tensors, but {len(bad)} trainable tensor(s) are not (e.g. "
+                         f"{name!r}: {bad[name]}); {remedy}")
+
+
 def check_transport(spec: Mapping[str, TensorSpec], transport: str) -> None:
     """Compact transports encode float32 tensors; refuse a state they cannot carry, naming a tensor."""
     if transport not in TRANSPORTS:
         raise ValueError(f"federation.transport={transport!r}: use one of {list(TRANSPORTS)}")
     if transport != "fp32":
-        bad = {n: s.dtype for n, s in spec.items() if s.dtype != "float32"}
-        if bad:
-            name = next(iter(bad))
-            raise ValueError(f"federation.transport={transport} encodes float32 tensors, but {len(bad)} trainable "
-                             f"tensor(s) are not (e.g. {name!r}: {bad[name]}); use federation.transport=fp32")
+        require_float32(spec, f"federation.transport={transport}", "use federation.transport=fp32")
 
 
 def transport_spec(spec: Mapping[str, TensorSpec], transport: str) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -104,9 +104,6 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     """Set up (or resume) -> rounds -> summary. Returns the summary."""
     started = time.perf_counter()
     fed = cfg.federation
-    if fed.secure_aggregation != "none" and fed.central_dp.enabled:
-        raise ValueError("federation.secure_aggregation=secagg+ and federation.central_dp cannot be combined: "
-                         "the coordinator cannot clip updates it never sees")
     run_dir.mkdir(parents=True, exist_ok=True)
     skeleton = build_skeleton(cfg.model, seed=fed.seed)    # the LLM's weights are never loaded here
     spec, trainable = skeleton.trainable_spec(), sum(p.numel() for p in skeleton.trainable_parameters().values())

@@ -31,7 +31,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from medvlm.model.vlm import TensorSpec
-from medvlm.wire import STATUS_KEYS, check_metrics, from_wire, legacy_order
+from medvlm.wire import STATUS_KEYS, check_metrics, from_wire, legacy_order, require_float32
 from server.strategy import RoundReport, Screened
 
 log = logging.getLogger("medvlm.server")
@@ -97,9 +97,8 @@ class _SecureRound(Strategy):
 
 
 def check_secure_aggregation(spec: Mapping[str, TensorSpec]) -> None:
-    bad = {n: s.dtype for n, s in spec.items() if s.dtype != "float32"}
-    if bad:
-        raise ValueError(f"federation.secure_aggregation=secagg+ masks float32 updates; these tensors are not: {bad}")
+    require_float32(spec, "federation.secure_aggregation=secagg+ (its masks)",
+                    "train a float32 adapter (model.language.dtype=float32) or use secure_aggregation=none")
 
 
 def secure_train_round(grid: Grid, strategy: Screened, arrays: ArrayRecord, *, server_round: int,

@@ -38,7 +38,8 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medvlm.model.vlm import TensorSpec
-from medvlm.wire import check_metrics, check_status, decode, encode, pack, parse_mechanisms, to_wire, unpack
+from medvlm.wire import (check_metrics, check_status, decode, encode, pack, parse_mechanisms, require_float32, to_wire,
+                         unpack)
 
 log = logging.getLogger("medvlm.server")
 
@@ -315,11 +316,8 @@ AGGREGATIONS = {"fedavg": MedFedAvg, "median": MedFedMedian, "trimmed-mean": Med
 
 def make_strategy(aggregation: str, *, trim_fraction: float = 0.2, **kwargs) -> Screened:
     """The strategy ``federation.aggregation`` names, with the screening every one of them gets."""
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"federation.aggregation={aggregation!r}: use one of {sorted(AGGREGATIONS)}")
-    if aggregation != "fedavg" and kwargs.get("uniform_weights"):
-        raise ValueError(f"federation.aggregation={aggregation} cannot be combined with federation.central_dp "
-                         "(its noise is calibrated to a clipped mean)")
+    # which names exist and which combine with central DP or SecAgg+ is the config's to check
+    # (FederationConfig.__post_init__); tests/test_server.py keeps the two lists of names the same
     if aggregation == "trimmed-mean":
         kwargs["beta"] = trim_fraction
     return AGGREGATIONS[aggregation](**kwargs)
@@ -333,9 +331,8 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     def __init__(self, strategy: Screened, *, noise_multiplier: float, clipping_norm: float):
         if not strategy.uniform_weights:
             raise ValueError("central DP needs an equal-weight mean (MedFedAvg(uniform_weights=True))")
-        bad = {n: s.dtype for n, s in strategy.spec.items() if s.dtype != "float32"}
-        if bad:
-            raise ValueError(f"federation.central_dp clips float32 updates; these tensors are not: {bad}")
+        require_float32(strategy.spec, "federation.central_dp (its clipping)",
+                        "train a float32 adapter (model.language.dtype=float32) or turn central DP off")
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients=1)
         self.releases = 0
 

@@ -39,6 +39,17 @@ def test_bad_values_name_the_key(override, key):
         load_config("tiny", [override])
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["federation.secure_aggregation=secagg+", "federation.central_dp.enabled=true"], "federation.secure_aggregation"),
+    (["federation.aggregation=median", "federation.central_dp.enabled=true"], "federation.aggregation"),
+    (["federation.aggregation=median", "federation.secure_aggregation=secagg+"], "federation.aggregation"),
+    (["federation.transport=int8", "federation.secure_aggregation=secagg+"], "federation.transport"),
+])
+def test_rules_across_fields_are_the_config_s_and_name_a_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config("tiny", overrides)
+
+
 def test_unknown_key_and_malformed_override():
     with pytest.raises(ValueError, match="nonexistent"):
         load_config("tiny", ["train.nonexistent=1"])

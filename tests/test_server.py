@@ -351,3 +351,23 @@ def test_failure_reasons_say_what_happened():
     assert failure_reason(Error(code=2, reason="RuntimeError: boom")) == "crashed: RuntimeError: boom"
     refusal = "refused by st-mary: the run's app is not the app this hospital installed"
     assert failure_reason(Error(code=2, reason=refusal)) == refusal          # the site's words, not "crashed"
+
+
+def test_the_config_and_the_strategy_know_the_same_aggregations():
+    from medvlm.config import AGGREGATIONS as NAMED
+    from server.strategy import AGGREGATIONS as BUILT
+
+    assert set(NAMED) == set(BUILT)
+
+
+def test_every_float32_feature_names_a_tensor_and_what_to_do():
+    from medvlm.model.vlm import TensorSpec
+    from medvlm.wire import check_transport
+    from server.secagg import check_secure_aggregation
+
+    spec = {"fusion.w": TensorSpec((2, 2), "float32"), "language.lora_B": TensorSpec((2, 2), "bfloat16")}
+    with pytest.raises(ValueError, match=r"transport=int8 works on float32.*'language.lora_B': bfloat16.*fp32"):
+        check_transport(spec, "int8")
+    with pytest.raises(ValueError, match=r"secagg\+ \(its masks\) works on float32.*lora_B"):
+        check_secure_aggregation(spec)
+    check_transport(spec, "fp32")                                    # fp32 carries any dtype as it is
