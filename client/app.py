@@ -122,13 +122,9 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
                 reference=received)
         sample_rate, steps = planned_steps(len(site.train), train_cfg)
         try:
-            stage = site.stage      # each stage ends at its share of the budget (the last at all of it),
-            # the last stage at the coordinator's round count (a resumed run may have extended it)
-            last = num_rounds if stage.last_round >= cfg.federation.rounds else stage.last_round
-            sigma = ledger.plan(sample_rate=sample_rate, steps_per_round=steps,
-                                rounds_left=max(1, last - server_round + 1), stage=stage.name,
-                                target=site.budget * stage.budget_end, min_noise=site.policy.min_noise)
-            ledger.check(steps)
+            sigma = ledger.plan_for(site.stage, server_round=server_round, num_rounds=num_rounds,
+                                    planned_rounds=cfg.federation.rounds, sample_rate=sample_rate,
+                                    steps_per_round=steps, min_noise=site.policy.min_noise)
         except PrivacyBudgetExceeded as err:
             log.warning("%s", err)
             ledger.save(site.state_dir)

@@ -19,10 +19,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from medvlm.files import write_text
 from medvlm.privacy import History, PrivacyBudgetExceeded, calibrate_noise, epsilon
+
+if TYPE_CHECKING:
+    from medvlm.config import Stage
 
 LEDGER_FILE = "privacy-ledger.json"
 
@@ -147,6 +150,20 @@ class Ledger:
         self.sample_rate, self.stage = sample_rate, stage
         self.stage_mechanisms[stage] = [self.noise_multiplier, sample_rate]
         return self.noise_multiplier
+
+    def plan_for(self, stage: Stage, *, server_round: int, num_rounds: int, planned_rounds: int,
+                 sample_rate: float, steps_per_round: int, min_noise: float = 0.0) -> float:
+        """This hospital's noise multiplier for ``server_round`` of ``stage``, then the check that the
+        round's steps fit its budget (PrivacyBudgetExceeded if not). Each stage ends at its share of
+        the budget (``stage.budget_end``; the last stage at all of it); the last stage runs to the
+        coordinator's round count ``num_rounds`` (a resumed run may have extended the
+        ``planned_rounds`` of the run config)."""
+        last = num_rounds if stage.last_round >= planned_rounds else stage.last_round
+        sigma = self.plan(sample_rate=sample_rate, steps_per_round=steps_per_round,
+                          rounds_left=max(1, last - server_round + 1), stage=stage.name,
+                          target=self.budget * stage.budget_end, min_noise=min_noise)
+        self.check(steps_per_round)
+        return sigma
 
     def epsilon_after(self, steps: int) -> float:
         assert self.noise_multiplier is not None and self.sample_rate is not None, "plan() first"

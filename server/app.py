@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Optional
@@ -18,7 +19,8 @@ from medvlm.runs import new_run_dir, save_config
 from medvlm.wire import check_transport, from_wire, to_wire
 from server.checkpoint import Checkpoints
 from server.model_card import write_model_card
-from server.report import REPORT_KEYS, RoundLog, build_summary, eval_block, write_summary
+from server.report import (RoundLog, build_summary, central_dp_block, central_releases, round_record, update_privacy,
+                           write_summary)
 from server.secagg import check_secure_aggregation, secure_train_round
 from server.strategy import CentralDP, RoundReport, make_strategy
 
@@ -30,83 +32,28 @@ def _arrays(state) -> ArrayRecord:
     return ArrayRecord({name: Array(a) for name, a in to_wire(state).items()})
 
 
-def round_record(server_round: int, report: RoundReport, train: Optional[MetricRecord],
-                 evaluation: Optional[MetricRecord], privacy: dict, seconds: float) -> dict:
-    """One line of metrics.jsonl: aggregate figures only."""
-    record: dict = {"round": server_round, "train_loss": float(train["train-loss"]) if train and "train-loss" in train
-                    else None}
-    record.update(accuracy=None, baseline_accuracy=None)
-    if evaluation is not None:
-        ev = eval_block(dict(evaluation))
-        model, base = ev["model"], ev["baseline"]
-        if "accuracy" in model:
-            record.update({k: model[k] for k in ("accuracy", "closed_accuracy", "open_accuracy", "open_recall")})
-            record.update({f"baseline_{k}": base.get(k) for k in ("accuracy", "closed_accuracy", "open_accuracy")})
-            record.update(per_qtype=model["per_qtype"], baseline_per_qtype=base.get("per_qtype"),
-                          eval_questions={"closed": model["closed_total"], "open": model["open_total"]})
-        if "bleu4" in model:
-            record.update({k: model[k] for k in REPORT_KEYS})
-            record.update({f"baseline_{k}": base.get(k) for k in REPORT_KEYS})
-            record.update(per_finding=model["per_finding"], baseline_per_finding=base.get("per_finding"),
-                          eval_reports=model["report_total"])
-    record.update({
-        "epsilon": {name: p["epsilon"] for name, p in privacy.items()},
-        "budget": {name: p.get("budget") for name, p in privacy.items()},
-        "examples": {name: h.get("num-examples") for name, h in report.hospitals.items()},
-        "hospitals": report.hospitals, "rejected": report.rejected, "failed": report.failed,
-        "evaluated_hospitals": sorted(report.evaluation), "evaluation_asked": report.evaluation_asked,
-        "bytes_up": sum(h.get("bytes_up", 0) for h in report.hospitals.values()),
-        "bytes_down": report.bytes_down, "bytes_down_evaluate": report.bytes_down_evaluate, "seconds": seconds,
-    })
-    return record
+@dataclass
+class Rounds:
+    """What every step of a round works with, set up once (fresh, or resumed from the run folder)."""
+
+    grid: Grid
+    cfg: ExperimentConfig
+    run_dir: Path
+    skeleton: object                  # the coordinator's model: the LLM's weights never loaded
+    spec: dict
+    checkpoints: Checkpoints
+    log: RoundLog
+    strategy: object                  # Screened: what is aggregated, and how
+    aggregator: object                # the strategy, or CentralDP around it
+    started: float
 
 
-def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
-    """Keep each hospital's latest privacy report with its mechanisms as its ledger states them
-    (noise multiplier, sample rate, steps per stage): exactly what recomputes its epsilon, whatever
-    rounds were resent, lost or resumed."""
-    for name, h in report.hospitals.items():
-        if "epsilon" not in h:
-            continue
-        previous = privacy.get(name, {})
-        privacy[name] = {
-            "epsilon": h["epsilon"], "delta": h.get("delta", delta), "budget": h.get("budget"),
-            "noise_multiplier": h.get("noise-multiplier", previous.get("noise_multiplier")),
-            "sample_rate": h.get("sample-rate", previous.get("sample_rate")),
-            "steps": int(h.get("total-steps", previous.get("steps", 0))),
-            "max_grad_norm": h.get("max-grad-norm", previous.get("max_grad_norm")),
-            "accountant": h.get("accountant", previous.get("accountant")),
-            "mechanisms": h.get("mechanisms", previous.get("mechanisms", [])),
-        }
-    return privacy
-
-
-def central_releases(records: list[dict]) -> int:
-    """Noisy aggregates released so far (a resumed run keeps counting)."""
-    return max([r["central_dp"]["releases"] for r in records if r.get("central_dp")] or [0])
-
-
-def central_dp_block(cfg, releases: int) -> dict:
-    """Client-level (hospital-level) privacy of the released global states: the Gaussian mechanism
-    on a clipped equal-weight mean, once per round, every hospital in every round (no sampling
-    amplification), composed with the RDP accountant."""
-    from medvlm.privacy import epsilon
-
-    if cfg.noise_multiplier == 0:
-        eps = None if releases else 0.0    # clipping without noise bounds influence but gives no epsilon
-    else:
-        eps = epsilon([(cfg.noise_multiplier, 1.0, releases)], delta=cfg.delta)
-    return {"level": "hospital", "noise_multiplier": cfg.noise_multiplier, "clipping_norm": cfg.clipping_norm,
-            "releases": releases, "sample_rate": 1.0, "delta": cfg.delta, "epsilon": eps, "accountant": "rdp"}
-
-
-def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
-    """Set up (or resume) -> rounds -> summary. Returns the summary."""
-    started = time.perf_counter()
+def set_up(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> tuple[Rounds, dict, int, dict]:
+    """The run's (rounds, global state, first round, privacy block so far), from its checkpoint if any."""
     fed = cfg.federation
     run_dir.mkdir(parents=True, exist_ok=True)
-    skeleton = build_skeleton(cfg.model, seed=fed.seed)    # the LLM's weights are never loaded here
-    spec, trainable = skeleton.trainable_spec(), sum(p.numel() for p in skeleton.trainable_parameters().values())
+    skeleton = build_skeleton(cfg.model, seed=fed.seed)
+    spec = skeleton.trainable_spec()
     checkpoints = Checkpoints(run_dir, skeleton)
     resumed = checkpoints.load(cfg)
     if resumed:
@@ -116,8 +63,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     else:
         state, first, records, privacy = skeleton.trainable_state(), 1, [], {}
         save_config(cfg, run_dir)
-    rounds = RoundLog(run_dir, records)
-    rounds.rewrite()
+    round_log = RoundLog(run_dir, records)
+    round_log.rewrite()
     check_transport(spec, fed.transport)
     strategy = make_strategy(fed.aggregation, trim_fraction=fed.trim_fraction, spec=spec, num_rounds=fed.rounds,
                              local_epochs=fed.local_epochs, lr=fed.lr if fed.lr is not None else cfg.train.lr,
@@ -133,93 +80,121 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         aggregator = CentralDP(strategy, noise_multiplier=fed.central_dp.noise_multiplier,
                                clipping_norm=fed.central_dp.clipping_norm)
         aggregator.releases = central_releases(records)
+    rounds = Rounds(grid, cfg, run_dir, skeleton, spec, checkpoints, round_log, strategy, aggregator,
+                    time.perf_counter())
+    return rounds, state, first, privacy
+
+
+def plan(r: Rounds, stage: Stage) -> ConfigRecord:
+    """The round's plan, sent to every hospital: the stage (which each checks against its own run
+    config), its learning rate and local epochs, the round count, where a simulation keeps ledgers."""
+    return ConfigRecord({"run-dir": str(r.run_dir.resolve()), "stage": stage.name, "lr": float(stage.lr),
+                         "local-epochs": float(stage.local_epochs), "num-rounds": r.cfg.federation.rounds})
+
+
+def train(r: Rounds, server_round: int, arrays: ArrayRecord,
+          config: ConfigRecord) -> tuple[Optional[ArrayRecord], Optional[MetricRecord], RoundReport]:
+    """Sample -> train (DP, on site) -> screen -> aggregate: the new global arrays (None: none
+    accepted), the aggregated training metrics, and the round's report."""
+    fed = r.cfg.federation
+    if fed.secure_aggregation == "secagg+":   # the coordinator sees only the mean update
+        new_arrays, metrics = secure_train_round(
+            r.grid, r.strategy, arrays, server_round=server_round, config=config, spec=r.spec,
+            clipping_range=fed.secagg_clipping_range, timeout=fed.timeout_s)
+    else:
+        messages = r.aggregator.configure_train(server_round, arrays, ConfigRecord(dict(config)), r.grid)
+        replies = r.strategy.exchange(r.grid, messages, timeout=fed.timeout_s, server_round=server_round,
+                                      phase="train")   # the round goes on without those that did not reply
+        accepted = r.strategy.screen(server_round, replies)   # before anything (clipping) touches an update
+        new_arrays, metrics = r.aggregator.aggregate_train(server_round, accepted)
+    return new_arrays, metrics, r.strategy.report
+
+
+def evaluate(r: Rounds, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> Optional[MetricRecord]:
+    """Federated evaluation of ``arrays`` on the hospitals' validation splits (summed counts); None
+    when the run does not evaluate or every hospital is gone."""
+    fed = r.cfg.federation
+    if fed.fraction_evaluate <= 0:
+        return None
+    gone = wait_for_hospitals(r.grid, r.strategy.origins.names, min_nodes=1, wait_s=fed.node_wait_s)
+    if gone:
+        log.warning("round %d: not evaluated: %s", server_round, gone)
+        return None
+    return r.strategy.aggregate_evaluate(server_round, r.strategy.exchange(
+        r.grid, r.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), r.grid),
+        timeout=fed.timeout_s, server_round=server_round, phase="evaluate"))
+
+
+def checkpoint(r: Rounds, server_round: int, state: dict, record: dict, privacy: dict) -> None:
+    """The round's global state, records and privacy block, atomically, before it is logged."""
+    r.checkpoints.save(server_round, state, {"config": to_dict(r.cfg), "records": r.log.records + [record],
+                                             "privacy": privacy})
+
+
+def describe(r: Rounds, privacy: dict, stopped: str) -> dict:
+    """The summary so far; the exported adapter's model card is rewritten from it."""
+    fed = r.cfg.federation
+    trainable = sum(p.numel() for p in r.skeleton.trainable_parameters().values())
+    summary = build_summary(r.log.records, privacy, trainable=trainable, dp=r.cfg.privacy.enabled,
+                            wall_seconds=time.perf_counter() - r.started, stopped=stopped)
+    if fed.central_dp.enabled:
+        summary["central_dp"] = central_dp_block(fed.central_dp, r.aggregator.releases)
+    summary["run_dir"] = str(r.run_dir)
+    write_model_card(r.run_dir, r.cfg, summary, trainable_parts=trainable_parts(r.skeleton))
+    return summary
+
+
+def _tag(record: dict, stage: Stage) -> dict:
+    return {"round": record["round"], "stage": stage.name, "task": stage.task, **record}
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """Set up (or resume) -> rounds of sample, train, screen, aggregate, evaluate, checkpoint, log ->
+    summary. Returns the summary."""
+    fed = cfg.federation
+    r, state, first, privacy = set_up(grid, cfg, run_dir)
     arrays = _arrays(state)
-    base_config = ConfigRecord({"run-dir": str(run_dir.resolve())})
-    parts = trainable_parts(skeleton)
-
-    def describe(stopped: str) -> dict:
-        """The summary so far; the exported adapter's model card is rewritten from it."""
-        summary = build_summary(rounds.records, privacy, trainable=trainable, dp=cfg.privacy.enabled,
-                                wall_seconds=time.perf_counter() - started, stopped=stopped)
-        if fed.central_dp.enabled:
-            summary["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
-        summary["run_dir"] = str(run_dir)
-        write_model_card(run_dir, cfg, summary, trainable_parts=parts)
-        return summary
-
     stopped = "completed" if first <= fed.rounds else "already complete"
-    def stage_config(stage: Stage) -> ConfigRecord:
-        """The round's stage: its plan goes to the strategy, its name to every hospital (which checks it)."""
-        strategy.lr, strategy.local_epochs = stage.lr, stage.local_epochs
-        return ConfigRecord({**dict(base_config), "stage": stage.name})
-
-    def tag(record: dict, stage: Stage) -> dict:
-        return {"round": record["round"], "stage": stage.name, "task": stage.task, **record}
-
-    def evaluate_start() -> None:   # round 0: where the federation starts from
-        t0 = time.perf_counter()
-        strategy.report = RoundReport()
-        evaluation = strategy.aggregate_evaluate(0, strategy.exchange(
-            grid, strategy.configure_evaluate(0, arrays, stage_config(stage_at(cfg, 0)), grid), timeout=fed.timeout_s,
-            server_round=0, phase="evaluate"))
-        record = tag(round_record(0, strategy.report, None, evaluation, privacy, time.perf_counter() - t0),
-                     stage_at(cfg, 0))
-        checkpoints.save(0, state, {"config": to_dict(cfg), "records": rounds.records + [record], "privacy": privacy})
-        rounds.add(record)
-
     for server_round in range(first, fed.rounds + 1):
-        short = wait_for_hospitals(grid, strategy.origins.names, min_nodes=fed.min_nodes, wait_s=fed.node_wait_s)
+        short = wait_for_hospitals(grid, r.strategy.origins.names, min_nodes=fed.min_nodes, wait_s=fed.node_wait_s)
         if short:
             stopped = f"stopped before round {server_round}: {short}"
             log.error("%s", stopped)
             break
-        if not rounds.records and fed.fraction_evaluate > 0:
-            evaluate_start()
+        if not r.log.records and fed.fraction_evaluate > 0:   # round 0: where the federation starts from
+            t0, start = time.perf_counter(), stage_at(cfg, 0)
+            r.strategy.report = RoundReport()
+            evaluation = evaluate(r, 0, arrays, plan(r, start))
+            record = _tag(round_record(0, r.strategy.report, None, evaluation, privacy, time.perf_counter() - t0),
+                          start)
+            checkpoint(r, 0, state, record, privacy)
+            r.log.add(record)
         t0 = time.perf_counter()
         stage = stage_at(cfg, server_round)
         if server_round == stage.first_round and len(stages(cfg)) > 1:
             log.info("stage %s (%s, trains %s): rounds %d-%d", stage.name, stage.task, "+".join(stage.trainable),
                      stage.first_round, stage.last_round)
-        round_config = stage_config(stage)
-        if fed.secure_aggregation == "secagg+":   # the coordinator sees only the mean update
-            new_arrays, train_metrics = secure_train_round(
-                grid, strategy, arrays, server_round=server_round, config=round_config, spec=spec,
-                clipping_range=fed.secagg_clipping_range, timeout=fed.timeout_s)
-        else:
-            messages = aggregator.configure_train(server_round, arrays, ConfigRecord(dict(round_config)), grid)
-            replies = strategy.exchange(grid, messages, timeout=fed.timeout_s, server_round=server_round,
-                                        phase="train")   # the round goes on without those that did not reply
-            accepted = strategy.screen(server_round, replies)   # before anything (clipping) touches an update
-            new_arrays, train_metrics = aggregator.aggregate_train(server_round, accepted)
-        report = strategy.report
-        if new_arrays is not None:
-            arrays = new_arrays
-        evaluation, t_train = None, time.perf_counter() - t0
-        gone = wait_for_hospitals(grid, strategy.origins.names, min_nodes=1, wait_s=fed.node_wait_s) \
-            if fed.fraction_evaluate > 0 else None
-        if gone:
-            log.warning("round %d: not evaluated: %s", server_round, gone)
-        elif fed.fraction_evaluate > 0:
-            evaluation = strategy.aggregate_evaluate(server_round, strategy.exchange(
-                grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
-                timeout=fed.timeout_s, server_round=server_round, phase="evaluate"))
+        config = plan(r, stage)
+        new_arrays, train_metrics, report = train(r, server_round, arrays, config)
+        arrays = new_arrays if new_arrays is not None else arrays
+        t_train = time.perf_counter() - t0
+        evaluation = evaluate(r, server_round, arrays, config)
         privacy = update_privacy(privacy, report, cfg.privacy.delta)
-        record = tag(round_record(server_round, report, train_metrics, evaluation, privacy,
-                                  time.perf_counter() - t0), stage)
+        record = _tag(round_record(server_round, report, train_metrics, evaluation, privacy,
+                                   time.perf_counter() - t0), stage)
         record["train_seconds"] = t_train    # sample -> train -> validate -> aggregate (evaluation excluded)
         if fed.central_dp.enabled:
-            record["central_dp"] = central_dp_block(fed.central_dp, aggregator.releases)
-        state = from_wire({k: a.numpy() for k, a in arrays.items()}, spec)
-        checkpoints.save(server_round, state, {"config": to_dict(cfg), "records": rounds.records + [record],
-                                               "privacy": privacy})
-        rounds.add(record)
-        describe(f"in progress (round {server_round} of {fed.rounds})")   # a killed run's global/ has a card too
+            record["central_dp"] = central_dp_block(fed.central_dp, r.aggregator.releases)
+        state = from_wire({k: a.numpy() for k, a in arrays.items()}, r.spec)
+        checkpoint(r, server_round, state, record, privacy)
+        r.log.add(record)
+        describe(r, privacy, f"in progress (round {server_round} of {fed.rounds})")   # a killed run's card too
         statuses = [h["status"] for h in report.hospitals.values()]
         if statuses and all(s == "budget-exhausted" for s in statuses) and not report.failed:
             stopped = f"every hospital's privacy budget is spent (after round {server_round})"
             log.warning("no hospital can train any more: %s", stopped)
             break
-    summary = describe(stopped)
+    summary = describe(r, privacy, stopped)
     write_summary(run_dir, summary)
     return summary
 

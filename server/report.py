@@ -1,16 +1,22 @@
-"""Round records: ``metrics.jsonl`` (one object per round), a live console table, PNG plots and
-the final ``summary.json``, all in the run folder and all rewritten after every round (a killed
-run still has its figures up to the last completed round)."""
+"""Round records: each round's record and the privacy block (built here from what the round
+returned), ``metrics.jsonl`` (one object per round), a live console table, PNG plots and the final
+``summary.json``, all in the run folder and all rewritten after every round (a killed run still has
+its figures up to the last completed round)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from medvlm.metrics import REPORT_KEYS, pct, scores
 from medvlm.runs import write_json
+
+if TYPE_CHECKING:
+    from flwr.app import MetricRecord
+
+    from server.strategy import RoundReport
 
 log = logging.getLogger("medvlm.server")
 
@@ -183,3 +189,74 @@ def write_summary(run_dir: Path, summary: dict) -> Path:
     path = run_dir / "summary.json"
     write_json(path, summary)
     return path
+
+
+# ----------------------------------------------------------------------------- one round's record
+def round_record(server_round: int, report: RoundReport, train: Optional[MetricRecord],
+                 evaluation: Optional[MetricRecord], privacy: dict, seconds: float) -> dict:
+    """One line of metrics.jsonl: aggregate figures only."""
+    record: dict = {"round": server_round, "train_loss": float(train["train-loss"]) if train and "train-loss" in train
+                    else None}
+    record.update(accuracy=None, baseline_accuracy=None)
+    if evaluation is not None:
+        ev = eval_block(dict(evaluation))
+        model, base = ev["model"], ev["baseline"]
+        if "accuracy" in model:
+            record.update({k: model[k] for k in ("accuracy", "closed_accuracy", "open_accuracy", "open_recall")})
+            record.update({f"baseline_{k}": base.get(k) for k in ("accuracy", "closed_accuracy", "open_accuracy")})
+            record.update(per_qtype=model["per_qtype"], baseline_per_qtype=base.get("per_qtype"),
+                          eval_questions={"closed": model["closed_total"], "open": model["open_total"]})
+        if "bleu4" in model:
+            record.update({k: model[k] for k in REPORT_KEYS})
+            record.update({f"baseline_{k}": base.get(k) for k in REPORT_KEYS})
+            record.update(per_finding=model["per_finding"], baseline_per_finding=base.get("per_finding"),
+                          eval_reports=model["report_total"])
+    record.update({
+        "epsilon": {name: p["epsilon"] for name, p in privacy.items()},
+        "budget": {name: p.get("budget") for name, p in privacy.items()},
+        "examples": {name: h.get("num-examples") for name, h in report.hospitals.items()},
+        "hospitals": report.hospitals, "rejected": report.rejected, "failed": report.failed,
+        "evaluated_hospitals": sorted(report.evaluation), "evaluation_asked": report.evaluation_asked,
+        "bytes_up": sum(h.get("bytes_up", 0) for h in report.hospitals.values()),
+        "bytes_down": report.bytes_down, "bytes_down_evaluate": report.bytes_down_evaluate, "seconds": seconds,
+    })
+    return record
+
+
+def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
+    """Keep each hospital's latest privacy report with its mechanisms as its ledger states them
+    (noise multiplier, sample rate, steps per stage): exactly what recomputes its epsilon, whatever
+    rounds were resent, lost or resumed."""
+    for name, h in report.hospitals.items():
+        if "epsilon" not in h:
+            continue
+        previous = privacy.get(name, {})
+        privacy[name] = {
+            "epsilon": h["epsilon"], "delta": h.get("delta", delta), "budget": h.get("budget"),
+            "noise_multiplier": h.get("noise-multiplier", previous.get("noise_multiplier")),
+            "sample_rate": h.get("sample-rate", previous.get("sample_rate")),
+            "steps": int(h.get("total-steps", previous.get("steps", 0))),
+            "max_grad_norm": h.get("max-grad-norm", previous.get("max_grad_norm")),
+            "accountant": h.get("accountant", previous.get("accountant")),
+            "mechanisms": h.get("mechanisms", previous.get("mechanisms", [])),
+        }
+    return privacy
+
+
+def central_releases(records: list[dict]) -> int:
+    """Noisy aggregates released so far (a resumed run keeps counting)."""
+    return max([r["central_dp"]["releases"] for r in records if r.get("central_dp")] or [0])
+
+
+def central_dp_block(cfg, releases: int) -> dict:
+    """Client-level (hospital-level) privacy of the released global states: the Gaussian mechanism
+    on a clipped equal-weight mean, once per round, every hospital in every round (no sampling
+    amplification), composed with the RDP accountant."""
+    from medvlm.privacy import epsilon
+
+    if cfg.noise_multiplier == 0:
+        eps = None if releases else 0.0    # clipping without noise bounds influence but gives no epsilon
+    else:
+        eps = epsilon([(cfg.noise_multiplier, 1.0, releases)], delta=cfg.delta)
+    return {"level": "hospital", "noise_multiplier": cfg.noise_multiplier, "clipping_norm": cfg.clipping_norm,
+            "releases": releases, "sample_rate": 1.0, "delta": cfg.delta, "epsilon": eps, "accountant": "rdp"}

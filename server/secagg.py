@@ -52,8 +52,7 @@ class _SecureRound(Strategy):
         available = client_manager.num_available()
         size = max(int(available * self.outer.fraction_train), self.outer.min_train_nodes, 2)
         clients = client_manager.sample(num_clients=min(size, available), min_num_clients=2)
-        plan = {**self.config, "server-round": server_round, "num-rounds": self.outer.num_rounds,
-                "local-epochs": float(self.outer.local_epochs), "lr": float(self.outer.lr)}
+        plan = {**self.outer.default_plan(), **self.config, "server-round": server_round}
         if self.outer.frozen_digest:   # FFA-LoRA: hospitals check they share the frozen A matrices
             plan["frozen-digest"] = self.outer.frozen_digest
         self.outer.report.bytes_down += len(clients) * sum(len(t) for t in parameters.tensors)

@@ -130,6 +130,11 @@ class Screened:
         self._screened: set[int] = set()
         self.origins = Origins()
 
+    def default_plan(self) -> dict:
+        """What a train message carries when the round's config does not say (the federation's
+        defaults; the round loop sends each stage's own plan in the round's ConfigRecord)."""
+        return {"num-rounds": self.num_rounds, "local-epochs": float(self.local_epochs), "lr": float(self.lr)}
+
     def exchange(self, grid: Grid, messages: Iterable[Message], *, timeout: float, server_round: int,
                  phase: str) -> list[Message]:
         """Send, wait for the replies (at most ``timeout`` s), and record once, with the true reason,
@@ -173,8 +178,7 @@ class Screened:
         self.report = RoundReport()
         self._screened = set()
         wire, config = self._wire(arrays, config)
-        plan = ConfigRecord({**dict(config), "num-rounds": self.num_rounds, "local-epochs": float(self.local_epochs),
-                             "lr": float(self.lr)})
+        plan = ConfigRecord({**self.default_plan(), **dict(config)})   # the round's stage plan wins
         messages = list(super().configure_train(server_round, wire, plan, grid))
         self.report.bytes_down += len(messages) * sum(len(a.data) for a in wire.values())
         return messages
