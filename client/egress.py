@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from medvlm.model.vlm import TensorSpec, validate_state
+from medvlm.tensors import TensorSpec, validate_state
 from medvlm.wire import EgressError, check_metrics, check_status, encode, legacy_order, pack, unpack
 
 __all__ = ["EgressError", "reply_content", "as_secure_fit_reply"]

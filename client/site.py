@@ -39,7 +39,8 @@ from medvlm.build import build_medvlm
 from medvlm.config import ExperimentConfig, Stage, for_stage, from_run_config, stage_at
 from medvlm.data.dataset import VQARows, load_splits
 from medvlm.features import cached_encoder, with_frozen_features
-from medvlm.model.vlm import MedVLM, TensorSpec
+from medvlm.model.vlm import MedVLM
+from medvlm.tensors import TensorSpec
 
 log = logging.getLogger("medvlm.client")
 

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 from medvlm.config import LanguageConfig, ModelConfig, VisionConfig
-from medvlm.model.vlm import MedVLM, TrainableStateError, assemble_medvlm, assemble_skeleton, read_fusion
+from medvlm.model.vlm import MedVLM, assemble_medvlm, assemble_skeleton, read_fusion
+from medvlm.tensors import TrainableStateError
 
 
 def resolve_sources(cfg: ModelConfig) -> ModelConfig:

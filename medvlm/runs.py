@@ -82,7 +82,7 @@ def export_trainable(model: MedVLM, directory: str | Path) -> Path:
 
 def load_trainable(model: MedVLM, directory: str | Path) -> None:
     """Load an exported adapter + fusion into ``model`` (validated against its allow-list)."""
-    from medvlm.model.vlm import TrainableStateError
+    from medvlm.tensors import TrainableStateError
 
     directory = Path(directory)
     for name in ("adapter_model.safetensors", "fusion.safetensors"):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from medvlm.config import TRANSPORTS
-from medvlm.model.vlm import TensorSpec, TrainableStateError, validate_state
+from medvlm.tensors import TensorSpec, TrainableStateError, validate_state
 
 # Aggregate numbers a hospital may report after training (everything else is refused).
 TRAIN_METRICS = frozenset({
@@ -58,10 +58,6 @@ def legacy_order(spec: Mapping[str, TensorSpec]) -> list[str]:
 
 class EgressError(ValueError):
     """A reply would carry something other than allow-listed tensors and aggregate metrics."""
-
-
-def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    return {k: TensorSpec(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
 
 
 def to_wire(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from medvlm.model.vlm import TensorSpec
+from medvlm.tensors import TensorSpec
 from medvlm.wire import STATUS_KEYS, check_metrics, from_wire, legacy_order, require_float32
 from server.strategy import RoundReport, Screened
 

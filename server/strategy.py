@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian, FedTrimmedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from medvlm.model.vlm import TensorSpec
+from medvlm.tensors import TensorSpec
 from medvlm.wire import (check_metrics, check_status, decode, encode, pack, parse_mechanisms, require_float32, to_wire,
                          unpack)
 

@@ -11,7 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from client import app as client_app
 from medvlm.config import load_config
-from medvlm.wire import encode, spec_of, to_wire
+from medvlm.tensors import spec_of
+from medvlm.wire import encode, to_wire
 from server.app import run_federation
 from server.strategy import MedFedAvg, make_strategy
 from tests.conftest import TINY_OVERRIDES, wire_arrays

@@ -153,7 +153,6 @@ def test_the_audit_sees_a_leak_without_dp_and_none_beyond_the_accountant_with_it
     import json
 
     from simulations.audit import run_audit
-    from tests.conftest import TINY_OVERRIDES
 
     # the built-in model (a random one's unclipped gradients drown a canary without DP), a small site
     report = run_audit("tiny", ["data.images_per_hospital=100", "federation.rounds=1", "federation.local_epochs=4"],

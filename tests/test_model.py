@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from medvlm.build import build_medvlm
-from medvlm.model.vlm import TrainableStateError
+from medvlm.tensors import TrainableStateError
 
 
 def test_trainable_is_exactly_lora_and_fusion(tiny_model):

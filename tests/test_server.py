@@ -12,7 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from client import app as client_app
 from medvlm.config import load_config
 from medvlm.runs import load_trainable
-from medvlm.wire import spec_of, to_wire
+from medvlm.tensors import spec_of
+from medvlm.wire import to_wire
 from server.app import run_federation
 from server.strategy import MedFedAvg
 from tests.conftest import TINY_OVERRIDES, wire_arrays
@@ -361,7 +362,7 @@ def test_the_config_and_the_strategy_know_the_same_aggregations():
 
 
 def test_every_float32_feature_names_a_tensor_and_what_to_do():
-    from medvlm.model.vlm import TensorSpec
+    from medvlm.tensors import TensorSpec
     from medvlm.wire import check_transport
     from server.secagg import check_secure_aggregation
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medvlm.model.vlm import TrainableStateError
-from medvlm.wire import PACKED, EgressError, check_metrics, check_status, from_wire, pack, spec_of, to_wire, unpack
+from medvlm.tensors import TrainableStateError, spec_of
+from medvlm.wire import PACKED, EgressError, check_metrics, check_status, from_wire, pack, to_wire, unpack
 
 
 @pytest.fixture

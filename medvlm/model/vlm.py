@@ -7,7 +7,6 @@ model: names are ``fusion.<param>`` and ``language.<...lora_...>``, and the allo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -21,49 +20,7 @@ from medvlm.data.dataset import IGNORE_INDEX
 from medvlm.model.fusion import build_fusion
 from medvlm.model.language import build_language_model
 from medvlm.model.vision import build_vision_encoder
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
-
-
-class TrainableStateError(ValueError):
-    """A tensor offered to load_trainable_state does not match the model's allow-list."""
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def validate_state(state: Mapping[str, object], spec: Mapping[str, TensorSpec], *, strict: bool = True) -> None:
-    """Raise TrainableStateError naming the first tensor that is unknown, missing, mis-shaped,
-    of the wrong dtype or non-finite. Accepts torch tensors and numpy arrays."""
-    unknown = sorted(set(state) - set(spec))
-    if unknown:
-        raise TrainableStateError(f"unknown tensor name(s) {unknown[:5]}{'...' if len(unknown) > 5 else ''}: "
-                                  "only LoRA and fusion tensors of this model may be loaded")
-    if strict:
-        missing = sorted(set(spec) - set(state))
-        if missing:
-            raise TrainableStateError(f"missing tensor(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    for name, value in state.items():
-        want = spec[name]
-        if isinstance(value, np.ndarray):
-            shape, dtype = tuple(value.shape), str(value.dtype)
-            finite = bool(np.isfinite(value).all())
-        elif isinstance(value, torch.Tensor):
-            shape, dtype = tuple(value.shape), _dtype_name(value.dtype)
-            finite = bool(torch.isfinite(value).all())
-        else:
-            raise TrainableStateError(f"tensor {name!r}: expected a tensor or array, got {type(value).__name__}")
-        if shape != want.shape:
-            raise TrainableStateError(f"tensor {name!r}: shape {shape} does not match the model's {want.shape}")
-        if dtype != want.dtype:
-            raise TrainableStateError(f"tensor {name!r}: dtype {dtype} does not match the model's {want.dtype}")
-        if not finite:
-            raise TrainableStateError(f"tensor {name!r}: contains NaN or infinite values")
+from medvlm.tensors import TensorSpec, spec_of, validate_state
 
 
 def save_fusion(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
@@ -86,14 +43,10 @@ def read_fusion(path: str | Path) -> dict[str, torch.Tensor]:
     return {f"fusion.{k}": v for k, v in load_file(str(path)).items()}
 
 
-def _spec(params: Mapping[str, nn.Parameter]) -> dict[str, TensorSpec]:
-    return {n: TensorSpec(tuple(p.shape), _dtype_name(p.dtype)) for n, p in params.items()}
-
-
 @torch.no_grad()
 def _load(params: Mapping[str, nn.Parameter], state: Mapping[str, object], *, strict: bool) -> None:
     """Validate ``state`` against ``params`` (nothing is loaded if one tensor is wrong), then copy it in."""
-    validate_state(state, _spec(params), strict=strict)
+    validate_state(state, spec_of(params), strict=strict)
     for name, value in state.items():
         params[name].copy_(torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
 
@@ -122,7 +75,7 @@ class MedVLM(nn.Module):
         return params
 
     def adapter_spec(self) -> dict[str, TensorSpec]:
-        return _spec(self._adapter)
+        return spec_of(self._adapter)
 
     def load_adapter_state(self, state: Mapping[str, object], *, strict: bool = True) -> None:
         """Load fusion + LoRA tensors including the ones FFA-LoRA keeps frozen (initialisation, exports)."""
@@ -152,7 +105,7 @@ class MedVLM(nn.Module):
         return dict(self._trainable)
 
     def trainable_spec(self) -> dict[str, TensorSpec]:
-        return _spec(self._trainable)
+        return spec_of(self._trainable)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Exactly the LoRA + fusion tensors, by name, detached copies on the CPU."""
