@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medvlm.build import build_skeleton
 from medvlm.config import ExperimentConfig, Stage, from_run_config, stage_at, stages, to_dict
+from medvlm.model.vlm import MedVLM
 from medvlm.runs import new_run_dir, save_config
 from medvlm.wire import check_transport, from_wire, to_wire
 from server.checkpoint import Checkpoints
@@ -22,7 +23,7 @@ from server.model_card import write_model_card
 from server.report import (RoundLog, build_summary, central_dp_block, central_releases, round_record, update_privacy,
                            write_summary)
 from server.secagg import check_secure_aggregation, secure_train_round
-from server.strategy import CentralDP, RoundReport, make_strategy
+from server.strategy import CentralDP, RoundReport, Screened, make_strategy
 
 log = logging.getLogger("medvlm.server")
 NO_DEFAULTS: Mapping = MappingProxyType({})   # read-only: no run-config fallbacks
@@ -39,12 +40,12 @@ class Rounds:
     grid: Grid
     cfg: ExperimentConfig
     run_dir: Path
-    skeleton: object                  # the coordinator's model: the LLM's weights never loaded
+    skeleton: MedVLM                  # the coordinator's model: the LLM's weights never loaded
     spec: dict
     checkpoints: Checkpoints
     log: RoundLog
-    strategy: object                  # Screened: what is aggregated, and how
-    aggregator: object                # the strategy, or CentralDP around it
+    strategy: Screened                # what is aggregated, and how
+    aggregator: Screened | CentralDP  # the strategy, or CentralDP around it
     started: float
 
 
