@@ -34,13 +34,13 @@ CACHE_VERSION = 1
 @torch.no_grad()
 def with_frozen_features(model: MedVLM, data: VQARows, *, batch_size: int = 256) -> VQARows:
     """Replace pixels (N, 3, H, W) by patch tokens (N, P, D), kept on the CPU."""
-    if data.pixels.dim() == 3:  # already encoded
+    if data.tokens:  # already encoded
         return data
     device = model.device
     chunks = [model.encode_images(data.pixels[i:i + batch_size].to(device)).cpu()
               for i in range(0, len(data.pixels), batch_size)]
     feats = torch.cat(chunks) if chunks else data.pixels.new_zeros((0, model.vision.num_patches, model.vision.width))
-    return data.with_pixels(feats)
+    return data.as_tokens(feats)
 
 
 def file_digest(path: str | Path) -> str:

@@ -99,7 +99,6 @@ def test_ffa_lora_freezes_a_sends_only_b_and_averages_exactly(tiny_cfg, tiny_spl
 
     from medvlm.build import build_medvlm
     from medvlm.config import PrivacyConfig
-    from medvlm.data.dataset import VQARows
     from medvlm.features import with_frozen_features
     from medvlm.train import train_local
 
@@ -110,7 +109,7 @@ def test_ffa_lora_freezes_a_sends_only_b_and_averages_exactly(tiny_cfg, tiny_spl
         spec = start.trainable_spec()
         assert all(".lora_A." not in n for n in spec) == ffa          # A is neither trained nor sent
         data = with_frozen_features(start, tiny_splits["train"])
-        halves = [VQARows(data.pixels, data.rows[i::2]) for i in range(2)]
+        halves = [data.select(data.rows[i::2]) for i in range(2)]
         a_before = {n: p.detach().clone() for n, p in start.language.named_parameters() if ".lora_A." in n}
         states, deltas = [], []
         for i, half in enumerate(halves):

@@ -64,13 +64,27 @@ def encode_pair(tokenizer, prompt: str, answer: str | None, max_len: int) -> tup
 
 @dataclass
 class VQARows:
-    """Questions about a shared pool of preprocessed images."""
+    """Questions about a shared pool of images: preprocessed pixels, or (``tokens``) the frozen
+    vision tower's patch tokens of them, encoded once (``medvlm.features.with_frozen_features``)."""
 
-    pixels: torch.Tensor       # (N_images, 3, H, W), or frozen patch tokens (N_images, P, D)
-    rows: list[dict]           # each with image_index, question, answer, answer_type, qtype
+    pixels: Optional[torch.Tensor]   # (N_images, 3, H, W); tokens: (N_images, P, D); None: rows only
+    rows: list[dict]                 # each with image_index, question, answer, answer_type, qtype
+    tokens: bool = False             # pixels holds patch tokens, not pixels
 
-    def with_pixels(self, pixels: torch.Tensor) -> "VQARows":
-        return VQARows(pixels, self.rows)
+    def __post_init__(self) -> None:
+        want = 3 if self.tokens else 4
+        if self.pixels is not None and self.pixels.numel() and self.pixels.dim() != want:
+            raise ValueError(f"VQARows: {'patch tokens' if self.tokens else 'pixels'} must be a {want}-D tensor "
+                             f"({'images, patches, width' if self.tokens else 'images, channels, height, width'}), "
+                             f"got shape {tuple(self.pixels.shape)}")
+
+    def as_tokens(self, tokens: torch.Tensor) -> "VQARows":
+        """The same rows over the images' patch tokens."""
+        return VQARows(tokens, self.rows, tokens=True)
+
+    def select(self, rows: list[dict]) -> "VQARows":
+        """Other rows over the same images."""
+        return VQARows(self.pixels, rows, self.tokens)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -168,7 +182,7 @@ def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] 
     pixels = encode_files(paths, load) if encode_files else (torch.stack([load(p) for p in paths]) if paths
                                                               else torch.empty(0))
     rows = [dict(r, image_index=index[r["image"]], qtype=r.get("qtype") or "all") for r in vqa]
-    return VQARows(pixels, rows)
+    return VQARows(pixels, rows, tokens=encode_files is not None)   # a feature cache hands back patch tokens
 
 
 def split_rows(data: VQARows, *, val_fraction: float, test_fraction: float, seed: int) -> dict[str, VQARows]:
@@ -183,7 +197,7 @@ def _subset(data: VQARows, rows: Sequence[dict]) -> VQARows:
     keep = sorted({r["image_index"] for r in rows})
     remap = {old: new for new, old in enumerate(keep)}
     return VQARows(data.pixels[keep] if keep else data.pixels[:0],
-                   [dict(r, image_index=remap[r["image_index"]]) for r in rows])
+                   [dict(r, image_index=remap[r["image_index"]]) for r in rows], data.tokens)
 
 
 PUBLISHED_SPLITS = {"train": "train", "val": "val", "validate": "val", "valid": "val", "test": "test"}
@@ -236,4 +250,6 @@ def concat(parts: Sequence[VQARows]) -> VQARows:
     for p in parts:
         rows += [dict(r, image_index=r["image_index"] + offset) for r in p.rows]
         offset += len(p.pixels)
-    return VQARows(torch.cat([p.pixels for p in parts]), rows)
+    if len({p.tokens for p in parts}) > 1:
+        raise ValueError("cannot join rows over pixels with rows over patch tokens: encode them all first")
+    return VQARows(torch.cat([p.pixels for p in parts]), rows, parts[0].tokens if parts else False)
