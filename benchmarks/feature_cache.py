@@ -30,7 +30,7 @@ import torch
 def _round(cfg, model, *, cache_dir):
     from medvlm.data.dataset import load_splits
     from medvlm.features import cached_encoder, with_frozen_features
-    from medvlm.train import train_local
+    from medvlm.train import calibrated, train_local
 
     t0 = time.perf_counter()
     splits = load_splits(cfg.data, model.vision.preprocess,
@@ -39,7 +39,7 @@ def _round(cfg, model, *, cache_dir):
     with_frozen_features(model, splits["val"])
     prepared = time.perf_counter() - t0
     t1 = time.perf_counter()
-    train_local(model, train, train=cfg.train, privacy=cfg.privacy, progress=False)
+    train_local(model, train, train=cfg.train, privacy=calibrated(cfg.privacy, len(train), cfg.train), progress=False)
     return prepared, time.perf_counter() - t1
 
 

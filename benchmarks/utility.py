@@ -56,13 +56,14 @@ def score(model, val, train_rows, cfg) -> dict:
 def trained(cfg, train, *, dp: bool):
     """A fresh model (the configured start) trained on ``train`` for the federation's epochs and lr."""
     from medvlm.build import build_medvlm
-    from medvlm.train import train_local
+    from medvlm.train import calibrated, train_local
 
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     lr = cfg.federation.lr or cfg.train.lr
-    result = train_local(model, train, train=replace(cfg.train, epochs=epochs, lr=lr),
-                         privacy=replace(cfg.privacy, enabled=dp), progress=False)
+    schedule = replace(cfg.train, epochs=epochs, lr=lr)
+    privacy = calibrated(replace(cfg.privacy, enabled=dp), len(train), schedule)
+    result = train_local(model, train, train=schedule, privacy=privacy, progress=False)
     return model, (result.privacy.epsilon if result.privacy else None)
 
 

@@ -23,7 +23,7 @@ from medvlm.data.dataset import VQARows, preprocess_images, report_row
 from medvlm.data.images import load_image
 from medvlm.evaluate import predict
 from medvlm.model.vlm import MedVLM
-from medvlm.runs import load_trainable, run_config
+from medvlm.runs import load_trainable, saved_config
 from medvlm.train import resolve_device
 
 
@@ -39,7 +39,7 @@ class Predictor:
         """The run's base models (its ``config.yaml``, plus ``overrides``) with its exported adapter
         (``<run>/global``, or ``adapter``) loaded; an adapter for other base models is refused."""
         run_dir = Path(run_dir)
-        cfg = run_config(run_dir, overrides)
+        cfg = saved_config(run_dir, overrides)
         # the adapter replaces the run's starting point: do not build (or require) model.init
         cfg = replace(cfg, model=replace(cfg.model, init="random", fusion=replace(cfg.model.fusion, init="random")))
         path = Path(adapter) if adapter else run_dir / "global"

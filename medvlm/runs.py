@@ -29,8 +29,9 @@ def save_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
 
 
-def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """The config a run folder was made with (``config.yaml``), plus ``overrides``."""
+def saved_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The config a run folder was saved with (``config.yaml``, :func:`save_config`), plus ``overrides``.
+    (Not Flower's run config: that is the federation's, ``medvlm.config.from_run_config``.)"""
     from medvlm.config import load_config
 
     path = Path(run_dir) / "config.yaml"

@@ -1,9 +1,9 @@
 """Local training of the trainable state (LoRA + fusion), with DP-SGD through Opacus.
 
-One visible loop: Poisson-sampled logical batches, split into physical batches by Opacus'
-``BatchMemoryManager``, per-example clipping + Gaussian noise in the ``DPOptimizer``. The
-accountant's history is passed in and handed back, so a caller (a hospital, once per
-federation round) keeps spending accumulating across calls and restarts.
+Through the one training loop (:func:`medvlm.loop.fit`): Poisson-sampled logical batches, split
+into physical batches by Opacus' ``BatchMemoryManager``, per-example clipping + Gaussian noise in
+the ``DPOptimizer``. The accountant's history is passed in and handed back, so a caller (a
+hospital, once per federation round) keeps spending accumulating across calls and restarts.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from medvlm.config import PrivacyConfig, TrainConfig
 from medvlm.data.dataset import VQADataset, VQARows
 from medvlm.features import with_frozen_features
+from medvlm.loop import fit
 from medvlm.model.vlm import MedVLM, sequence_loss
 from medvlm.privacy import PrivacySpent, calibrate_noise, epsilon
 from medvlm.quiet import ACCOUNTING, DP_TRAINING, quiet
@@ -65,6 +65,31 @@ def _cosine(total: int, warmup: int):
     return factor
 
 
+def _history(privacy: PrivacyConfig, accountant_state: Optional[dict]) -> list:
+    """The accountant history a hospital has spent so far, refused if kept by another accountant."""
+    if privacy.enabled and accountant_state and accountant_state.get("mechanism") != privacy.accountant:
+        raise ValueError(f"accountant state is {accountant_state.get('mechanism')!r} but privacy.accountant="
+                         f"{privacy.accountant!r}: keep one accountant for a hospital's whole history")
+    return list((accountant_state or {}).get("history", []))
+
+
+def calibrated(privacy: PrivacyConfig, num_examples: int, train: TrainConfig, *,
+               accountant_state: Optional[dict] = None, max_steps: Optional[int] = None) -> PrivacyConfig:
+    """``privacy`` with the noise multiplier that brings the spending in ``accountant_state`` plus this
+    training (``num_examples`` at ``train``'s batch size and epochs, at most ``max_steps`` steps) to
+    ``privacy.target_epsilon``; unchanged when DP is off or no target is set. Raises
+    ``PrivacyBudgetExceeded`` when the target is already spent. (A federation's hospital plans its
+    noise with its ledger instead: ``Ledger.plan_for``.)"""
+    if not privacy.enabled or privacy.target_epsilon is None:
+        return privacy
+    sample_rate, steps = planned_steps(num_examples, train)
+    steps = min(steps, max_steps) if max_steps else steps
+    sigma = calibrate_noise(target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=sample_rate,
+                            steps=steps, accountant=privacy.accountant,
+                            history=_history(privacy, accountant_state))
+    return replace(privacy, target_epsilon=None, noise_multiplier=sigma)
+
+
 def _noise_only_grads(params: list[torch.nn.Parameter]) -> None:
     """An empty Poisson batch still is a DP-SGD step (noise only, counted by the accountant)."""
     for p in params:
@@ -79,6 +104,11 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     ``canaries`` (an audit's gradient canaries) join each logical step as extra examples would."""
     if len(data) == 0:
         raise ValueError("no training examples: the data set is empty")
+    prior = _history(privacy, accountant_state)
+    if privacy.enabled and (privacy.target_epsilon is not None or privacy.noise_multiplier is None):
+        raise ValueError(f"train_local adds the noise multiplier it is given (privacy.noise_multiplier="
+                         f"{privacy.noise_multiplier}); a target epsilon ({privacy.target_epsilon}) is turned into one "
+                         "first: privacy = medvlm.train.calibrated(privacy, len(data), train, ...)")
     device = resolve_device(train.device)
     model.to(device)
     model.freeze_base(train.trainable)
@@ -102,21 +132,12 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     torch.manual_seed(train.seed)
 
     engine = criterion = None
-    prior = (accountant_state or {}).get("history", [])
     net: torch.nn.Module = model
     noise = 0.0
     if privacy.enabled:
         from opacus import PrivacyEngine
 
-        if accountant_state and accountant_state.get("mechanism") != privacy.accountant:
-            raise ValueError(f"accountant state is {accountant_state.get('mechanism')!r} but privacy.accountant="
-                             f"{privacy.accountant!r}: keep one accountant for a hospital's whole history")
-        if privacy.target_epsilon is not None:
-            noise = calibrate_noise(target_epsilon=privacy.target_epsilon, delta=privacy.delta,
-                                    sample_rate=sample_rate, steps=steps, accountant=privacy.accountant,
-                                    history=prior)
-        else:
-            noise = float(privacy.noise_multiplier)
+        noise = float(privacy.noise_multiplier)
         engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=False)
         if prior:
             engine.accountant.load_state_dict({"mechanism": privacy.accountant, "history": list(prior)})
@@ -132,45 +153,39 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps, max(1, steps // 20)))
 
     net.train()
-    done, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()
-    bar = tqdm(total=steps, desc="local training" + (" (DP)" if privacy.enabled else ""), disable=not progress)
+    totals = {"loss": 0.0, "seen": 0}
+
+    def step_loss(batch) -> Optional[float]:
+        pixels, input_ids, attention_mask, labels = batch
+        loss = None
+        if len(pixels) == 0:
+            _noise_only_grads(params)
+        else:
+            pixels, input_ids = pixels.to(device), input_ids.to(device)
+            attention_mask, labels = attention_mask.to(device), labels.to(device)
+            logits, targets = net(pixels, input_ids, attention_mask, labels)
+            per_example = sequence_loss(logits.detach(), targets)
+            if criterion is not None:   # ghost clipping: Opacus' criterion runs the backward
+                objective = criterion(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), shape=logits.shape)
+            else:
+                objective = sequence_loss(logits, targets).mean()
+            objective.backward()
+            loss = per_example.mean().item()
+            totals["loss"] += per_example.sum().item()
+            totals["seen"] += len(pixels)
+        if inject is not None:
+            inject.add()
+        return loss
+
+    started = time.perf_counter()
     memory = (_batch_memory(loader, train.physical_batch_size, optimizer) if privacy.enabled
               else contextlib.nullcontext(loader))
     try:
         with memory as batches:
-            while done < steps:
-                for pixels, input_ids, attention_mask, labels in batches:
-                    if len(pixels) == 0:
-                        _noise_only_grads(params)
-                    else:
-                        pixels, input_ids = pixels.to(device), input_ids.to(device)
-                        attention_mask, labels = attention_mask.to(device), labels.to(device)
-                        logits, targets = net(pixels, input_ids, attention_mask, labels)
-                        per_example = sequence_loss(logits.detach(), targets)
-                        if criterion is not None:   # ghost clipping: Opacus' criterion runs the backward
-                            loss = criterion(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             shape=logits.shape)
-                        else:
-                            loss = sequence_loss(logits, targets).mean()
-                        loss.backward()
-                        loss_sum += per_example.sum().item()
-                        seen += len(pixels)
-                    if inject is not None:
-                        inject.add()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if getattr(optimizer, "_is_last_step_skipped", False):
-                        continue  # a physical batch inside a larger logical batch
-                    scheduler.step()
-                    if inject is not None:
-                        inject.stepped()
-                    done += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}")
-                    if done >= steps:
-                        break
+            done = fit(batches, step_loss, optimizer, scheduler, steps, progress=progress,
+                       after_step=inject.stepped if inject is not None else None,
+                       desc="local training" + (" (DP)" if privacy.enabled else "")).steps
     finally:
-        bar.close()
         if engine is not None and hasattr(net, "_close"):
             net._close()  # remove Opacus hooks so the model can be wrapped again next round
         for p in params:
@@ -178,8 +193,9 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
                 if hasattr(p, attr):
                     delattr(p, attr)
             p.grad = None
+    seen = totals["seen"]
     seconds = time.perf_counter() - started
-    metrics = {"train_loss": loss_sum / max(seen, 1), "steps": done, "examples": len(dataset),
+    metrics = {"train_loss": totals["loss"] / max(seen, 1), "steps": done, "examples": len(dataset),
                "samples_seen": seen, "seconds": seconds}
     if inject is not None:
         metrics["canary_draws"] = inject.drawn

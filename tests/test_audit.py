@@ -124,7 +124,8 @@ def test_gradient_canaries_on_a_tensor_that_does_not_train_are_refused(tiny_mode
                     max_steps=1, progress=False, canaries=c)
     with pytest.raises(ValueError, match="ghost clipping"):
         train_local(tiny_model, VQARows(tiny_splits["train"].pixels, tiny_splits["train"].rows[:16]),
-                    train=TrainConfig(epochs=1, batch_size=16), privacy=PrivacyConfig(grad_sample_mode="ghost"),
+                    train=TrainConfig(epochs=1, batch_size=16),
+                    privacy=PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, grad_sample_mode="ghost"),
                     max_steps=1, progress=False, canaries=c)
 
 

@@ -110,3 +110,16 @@ def test_no_import_cycle_inside_medvlm():
 def test_the_cycle_finder_finds_one():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_one_training_loop_steps_every_optimizer():
+    """Every recipe (foundation, public start, train-local) and a hospital's DP-SGD train through
+    ``medvlm.loop.fit``: no other module steps an optimizer or clears its gradients."""
+    steppers = set()
+    for pkg in (*PACKAGES, "benchmarks"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("zero_grad", "step") and not node.args and not node.keywords[1:]):
+                    steppers.add(_module_name(path) if pkg != "benchmarks" else str(path.relative_to(ROOT)))
+    assert steppers == {"medvlm.loop"}, sorted(steppers)

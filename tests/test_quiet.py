@@ -26,14 +26,15 @@ def test_dp_training_and_model_loading_print_none_of_the_silenced_warnings(tiny_
     from medvlm.build import build_medvlm
     from medvlm.config import PrivacyConfig, TrainConfig
     from medvlm.data.dataset import VQARows
-    from medvlm.train import train_local
+    from medvlm.train import calibrated, train_local
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         model = build_medvlm(tiny_cfg.model, seed=0)
         result = train_local(model, VQARows(tiny_splits["train"].pixels, tiny_splits["train"].rows[:32]),
-                             train=TrainConfig(epochs=1, batch_size=16), privacy=PrivacyConfig(), max_steps=2,
-                             progress=False)
+                             train=TrainConfig(epochs=1, batch_size=16),
+                             privacy=calibrated(PrivacyConfig(), 32, TrainConfig(epochs=1, batch_size=16), max_steps=2),
+                             max_steps=2, progress=False)
     assert result.privacy is not None and result.privacy.epsilon > 0           # DP did run
     patterns = _silenced([DP_TRAINING, ACCOUNTING, MODEL_LOADING])
     loud = [str(w.message)[:80] for w in seen if any(p.search(str(w.message)) for p in patterns)]

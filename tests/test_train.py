@@ -8,20 +8,21 @@ from medvlm.config import PrivacyConfig, TrainConfig
 from medvlm.data.dataset import VQARows
 from medvlm.privacy import (PrivacyBudgetExceeded, calibrate_noise, epsilon, load_accountant_state,
                             save_accountant_state)
-from medvlm.train import train_local
+from medvlm.train import calibrated, train_local
 
 FAST = TrainConfig(epochs=1, batch_size=16, physical_batch_size=8, lr=1e-2)
 
 
 def small(rows: VQARows, n: int) -> VQARows:
-    return VQARows(rows.pixels, rows.rows[:n])
+    return rows.select(rows.rows[:n])
 
 
 def test_frozen_weights_byte_identical_after_dp_training(tiny_model, tiny_splits):
     frozen = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if not p.requires_grad}
     before = tiny_model.trainable_state()
-    result = train_local(tiny_model, small(tiny_splits["train"], 64), train=FAST, privacy=PrivacyConfig(),
-                         max_steps=3, progress=False)
+    data = small(tiny_splits["train"], 64)
+    privacy = calibrated(PrivacyConfig(), len(data), FAST, max_steps=3)
+    result = train_local(tiny_model, data, train=FAST, privacy=privacy, max_steps=3, progress=False)
     for n, p in tiny_model.named_parameters():
         if n in frozen:
             assert torch.equal(p.detach(), frozen[n]), f"frozen weight {n} changed"
@@ -73,17 +74,29 @@ def test_epsilon_grows_and_survives_save_restore(tiny_model, tiny_splits, tmp_pa
 def test_target_epsilon_accounts_for_prior_spending(tiny_model, tiny_splits):
     data = small(tiny_splits["train"], 64)
     privacy = PrivacyConfig(target_epsilon=3.0)
-    r1 = train_local(tiny_model, data, train=FAST, privacy=privacy, max_steps=2, progress=False)
+    r1 = train_local(tiny_model, data, train=FAST, privacy=calibrated(privacy, len(data), FAST, max_steps=2),
+                     max_steps=2, progress=False)
     assert 2.9 <= r1.privacy.epsilon <= 3.0 + 0.02
     # the same target again: only the sliver left may be spent, with far more noise
-    r2 = train_local(tiny_model, data, train=FAST, privacy=privacy, accountant_state=r1.accountant_state,
+    again = calibrated(privacy, len(data), FAST, accountant_state=r1.accountant_state, max_steps=2)
+    r2 = train_local(tiny_model, data, train=FAST, privacy=again, accountant_state=r1.accountant_state,
                      max_steps=2, progress=False)
     assert r2.privacy.epsilon <= 3.0 + 0.02
     assert r2.privacy.noise_multiplier > 5 * r1.privacy.noise_multiplier
     spent = {"mechanism": "rdp", "history": [(0.5, 0.25, 200)]}  # far past epsilon 3
     with pytest.raises(PrivacyBudgetExceeded, match="already spent"):
-        train_local(tiny_model, data, train=FAST, privacy=privacy, accountant_state=spent, max_steps=2,
+        calibrated(privacy, len(data), FAST, accountant_state=spent, max_steps=2)
+
+
+def test_train_local_adds_the_noise_it_is_given_and_refuses_a_target(tiny_model, tiny_splits):
+    data = small(tiny_splits["train"], 16)
+    with pytest.raises(ValueError, match="calibrated"):     # a target is planned first, never inside training
+        train_local(tiny_model, data, train=FAST, privacy=PrivacyConfig(target_epsilon=8.0), max_steps=1,
                     progress=False)
+    sigma = calibrated(PrivacyConfig(target_epsilon=8.0), len(data), FAST, max_steps=1).noise_multiplier
+    r = train_local(tiny_model, data, train=FAST, privacy=PrivacyConfig(target_epsilon=None, noise_multiplier=sigma),
+                    max_steps=1, progress=False)
+    assert r.privacy.noise_multiplier == sigma and 7.9 <= r.privacy.epsilon <= 8.02
 
 
 def test_calibrate_noise_meets_target():
@@ -111,5 +124,6 @@ def test_accountant_mechanism_mismatch(tiny_model, tiny_splits):
 def test_model_can_train_again_after_dp(tiny_model, tiny_splits):
     data = small(tiny_splits["train"], 16)
     for _ in range(2):  # Opacus hooks are removed after each call ("hooks twice" otherwise)
-        train_local(tiny_model, data, train=FAST, privacy=PrivacyConfig(), max_steps=1, progress=False)
+        train_local(tiny_model, data, train=FAST, privacy=PrivacyConfig(target_epsilon=None, noise_multiplier=1.0),
+                    max_steps=1, progress=False)
     assert not any(hasattr(p, "grad_sample") for p in tiny_model.parameters())

@@ -25,7 +25,7 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
     from medvlm.metrics import REPORT_KEYS, load_labeler
     from medvlm.privacy import save_accountant_state
     from medvlm.runs import export_trainable, new_run_dir, save_config, write_json
-    from medvlm.train import resolve_device, train_local
+    from medvlm.train import calibrated, resolve_device, train_local
 
     started = time.perf_counter()
     cfg = load_config(preset, list(overrides))
@@ -38,7 +38,8 @@ def train_local_run(preset: str, overrides: Sequence[str], *, hospitals: Optiona
     log.info("run folder %s: %d train / %d val / %d test questions", run_dir,
              len(splits["train"]), len(splits["val"]), len(splits["test"]))
 
-    result = train_local(model, splits["train"], train=cfg.train, privacy=cfg.privacy, progress=progress)
+    privacy = calibrated(cfg.privacy, len(splits["train"]), cfg.train)
+    result = train_local(model, splits["train"], train=cfg.train, privacy=privacy, progress=progress)
     test = evaluate_with_baseline(model, splits["test"], splits["train"].rows, labeler=load_labeler(cfg.data.labeler),
                                   max_new_tokens=cfg.train.eval_max_new_tokens, progress=progress)
     export_trainable(model, run_dir / "global")
@@ -80,10 +81,10 @@ def evaluate_run(run_dir: str | Path, *, split: str = "val", progress: bool = Tr
     from medvlm.evaluate import baseline_counts, evaluate_counts
     from medvlm.features import cached_encoder
     from medvlm.metrics import load_labeler, merge_counts, scores
-    from medvlm.runs import load_trainable, run_config
+    from medvlm.runs import load_trainable, saved_config
 
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    cfg = saved_config(run_dir)
     cfg = for_stage(cfg, stages(cfg)[-1])     # a curriculum is scored on its last stage's task
     labeler = load_labeler(cfg.data.labeler)
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
