@@ -18,7 +18,7 @@ from client import rounds
 from client.egress import as_secure_fit_reply, reply_content
 from client.ledger import Ledger
 from client.rounds import request_key
-from client.site import get_site
+from client.site import SiteCache
 from medvlm.metrics import baseline_for, counts_for, load_labeler
 from medvlm.privacy import PrivacyBudgetExceeded
 from medvlm.wire import TRANSPORTS, decode, legacy_order, unpack
@@ -27,6 +27,8 @@ log = logging.getLogger("medvlm.client")
 NO_DEFAULTS: Mapping = MappingProxyType({})   # read-only: no run-config fallbacks
 
 SECURE_ARRAYS, SECURE_CONFIG = "fitins.parameters", "fitins.config"   # SecAgg+ rounds (legacy form)
+# This process' sites, models and parsed run configs, built once and reused by every message it serves
+SITES = SiteCache()
 
 
 def _received(msg: Message) -> tuple[dict, ConfigRecord]:
@@ -69,7 +71,7 @@ def _site(msg: Message, context: Context, defaults: Mapping):
     _, config = _received(msg)
     if "run-dir" in config:  # simulation: hospitals' ledgers live in the run folder
         run_config["run-dir"] = str(config["run-dir"])
-    site = get_site(run_config, context.node_config, int(config.get("server-round", 0)))
+    site = SITES.site(run_config, context.node_config, int(config.get("server-round", 0)))
     if "stage" in config and str(config["stage"]) != site.stage.name:
         raise ValueError(f"round {config.get('server-round')}: the coordinator runs stage {config['stage']!r} but "
                          f"this hospital's run config puts the round in stage {site.stage.name!r}: both must use the "
@@ -94,8 +96,8 @@ def train(msg: Message, context: Context, defaults: Mapping = NO_DEFAULTS) -> Me
 
 def _ledger_metrics(ledger: Ledger) -> dict[str, float]:
     return {"epsilon": ledger.epsilon, "delta": ledger.delta, "budget": ledger.budget,
-            "noise-multiplier": ledger.noise_multiplier, "sample-rate": ledger.sample_rate,
-            "total-steps": ledger.total_steps, "max-grad-norm": ledger.max_grad_norm}
+            "noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
+            "total_steps": ledger.total_steps, "max_grad_norm": ledger.max_grad_norm}
 
 
 def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transport: str = "fp32",
@@ -136,8 +138,7 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
     result = train_local(site.model, site.train, train=train_cfg, privacy=privacy,
                          accountant_state=({"mechanism": ledger.accountant, "history": ledger.history}
                                            if ledger else None), progress=False, canaries=site.canaries)
-    metrics.update({"train-loss": result.metrics["train_loss"], "steps": result.metrics["steps"],
-                    "seconds": result.metrics["seconds"]})
+    metrics.update({k: result.metrics[k] for k in rounds.KEPT_METRICS})   # same names on the wire as here
     if ledger is not None:
         if key:   # kept first, then charged: an update the ledger never charged is never sent again
             rounds.keep(site.state_dir, server_round, key, result.state, metrics)

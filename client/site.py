@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional
@@ -87,36 +88,13 @@ def _hospital_identity(cfg: ExperimentConfig, node_config: Mapping, run_config: 
     return name, state_dir
 
 
-_CONFIGS: dict[str, ExperimentConfig] = {}
-_MODELS: dict[str, MedVLM] = {}
-
-
-def _config(run_config: Mapping) -> ExperimentConfig:
-    """Parsed once per run config per process (a 100-hospital list takes a while to merge)."""
-    key = json.dumps(dict(run_config), sort_keys=True, default=str)
-    if key not in _CONFIGS:
-        _CONFIGS.clear()
-        _CONFIGS[key] = from_run_config(run_config)
-    return _CONFIGS[key]
-
-
-def _model(cfg: ExperimentConfig) -> MedVLM:
-    """One model per (model config, seed, device) per process, shared by the hospitals a simulation
-    worker serves: every message loads the global trainable state into it before use, and the
-    frozen parts are the same for all of them."""
-    from medvlm.train import resolve_device
-
-    key = repr((cfg.model, cfg.federation.seed, cfg.train.device))   # dataclass reprs: every field
-    if key not in _MODELS:
-        _MODELS.clear()
-        _MODELS[key] = build_medvlm(cfg.model, seed=cfg.federation.seed).to(resolve_device(cfg.train.device))
-    return _MODELS[key]
-
-
-def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage] = None) -> Site:
+def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage] = None, *,
+               cache: Optional["SiteCache"] = None) -> Site:
     """Read config -> identify the hospital -> load its data for the stage's task (default: the
-    first stage's) -> build the model (frozen features)."""
-    cfg = _config(run_config)
+    first stage's) -> build the model (frozen features). ``cache``: where the parsed config and
+    the model come from when a process serves many messages (a fresh one otherwise)."""
+    cache = cache if cache is not None else SiteCache()
+    cfg = cache.config(run_config)
     stage = stage or stage_at(cfg, 0)
     name, state_dir = _hospital_identity(cfg, node_config, run_config)
     cfg = for_stage(cfg, stage)
@@ -149,7 +127,7 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
         log.warning("hospital %s trains at its own privacy settings (%s); the run's proposal was not applied: %s",
                     name, policy.describe(), "; ".join(notes))
 
-    model = _model(cfg)
+    model = cache.model(cfg)
     # a hospital's own images: frozen features cached in its state directory, never sent anywhere
     cache = state_dir / "features" if data_cfg.source != "synthetic" else None
     splits = load_splits(data_cfg, model.vision.preprocess,
@@ -178,17 +156,48 @@ def _canaries(name: str, node_config: Mapping) -> Optional[GradientCanaries]:
     return canaries
 
 
-_SITES: dict[str, Site] = {}
-MAX_CACHED_SITES = 8
+class _Bounded(OrderedDict):
+    """At most ``size`` entries; the oldest goes first."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or_make(self, key: str, make):
+        if key not in self:
+            while len(self) >= self.size:
+                self.popitem(last=False)
+            self[key] = make()
+        return self[key]
 
 
-def get_site(run_config: Mapping, node_config: Mapping, server_round: int = 0) -> Site:
-    """One site per (run config, node config, curriculum stage) per process: a simulation's workers
-    serve many messages, so data loading and image encoding happen once, not every round."""
-    stage = stage_at(_config(run_config), server_round)
-    key = json.dumps([dict(run_config), dict(node_config), stage.name], sort_keys=True, default=str)
-    if key not in _SITES:
-        while len(_SITES) >= MAX_CACHED_SITES:  # a worker may serve several simulated hospitals
-            _SITES.pop(next(iter(_SITES)))
-        _SITES[key] = build_site(run_config, node_config, stage)
-    return _SITES[key]
+class SiteCache:
+    """What a process builds once and reuses across the messages it serves: the parsed run config
+    (a 100-hospital list takes a while to merge), one model per (model config, seed, device), and the
+    sites (data loading and image encoding happen once, not every round). A simulation's workers
+    serve several hospitals each, so the sites are bounded; the ClientApp owns one
+    (``client.app.SITES``), a test makes its own."""
+
+    def __init__(self, max_sites: int = 8) -> None:
+        self._configs = _Bounded(1)
+        self._models = _Bounded(1)
+        self._sites = _Bounded(max_sites)
+
+    def config(self, run_config: Mapping) -> ExperimentConfig:
+        return self._configs.get_or_make(json.dumps(dict(run_config), sort_keys=True, default=str),
+                                         lambda: from_run_config(run_config))
+
+    def model(self, cfg: ExperimentConfig) -> MedVLM:
+        """Shared by the hospitals a worker serves: every message loads the global trainable state
+        into it before use, and the frozen parts are the same for all of them."""
+        from medvlm.train import resolve_device
+
+        key = repr((cfg.model, cfg.federation.seed, cfg.train.device))   # dataclass reprs: every field
+        return self._models.get_or_make(key, lambda: build_medvlm(cfg.model, seed=cfg.federation.seed).to(
+            resolve_device(cfg.train.device)))
+
+    def site(self, run_config: Mapping, node_config: Mapping, server_round: int = 0) -> Site:
+        """One site per (run config, node config, curriculum stage)."""
+        stage = stage_at(self.config(run_config), server_round)
+        key = json.dumps([dict(run_config), dict(node_config), stage.name], sort_keys=True, default=str)
+        return self._sites.get_or_make(key, lambda: build_site(run_config, node_config, stage, cache=self))

@@ -31,10 +31,11 @@ import torch
 from medvlm.config import TRANSPORTS
 from medvlm.tensors import TensorSpec, TrainableStateError, validate_state
 
-# Aggregate numbers a hospital may report after training (everything else is refused).
+# Aggregate numbers a hospital may report after training (everything else is refused). One name per
+# metric: the keys metrics.jsonl and summary.json use, but for Flower's own weighting key num-examples.
 TRAIN_METRICS = frozenset({
-    "num-examples", "train-loss", "steps", "seconds", "epsilon", "delta", "noise-multiplier",
-    "sample-rate", "total-steps", "budget", "max-grad-norm",
+    "num-examples", "train_loss", "steps", "seconds", "epsilon", "delta", "noise_multiplier",
+    "sample_rate", "total_steps", "budget", "max_grad_norm",
 })
 # ... after evaluating: counts only (``closed_correct``, ``qtype/<name>_total``, ...; for reports
 # BLEU's n-gram matches and lengths, the sum of ROUGE-L scores, per-finding tp/fp/fn).

@@ -195,7 +195,7 @@ def write_summary(run_dir: Path, summary: dict) -> Path:
 def round_record(server_round: int, report: RoundReport, train: Optional[MetricRecord],
                  evaluation: Optional[MetricRecord], privacy: dict, seconds: float) -> dict:
     """One line of metrics.jsonl: aggregate figures only."""
-    record: dict = {"round": server_round, "train_loss": float(train["train-loss"]) if train and "train-loss" in train
+    record: dict = {"round": server_round, "train_loss": float(train["train_loss"]) if train and "train_loss" in train
                     else None}
     record.update(accuracy=None, baseline_accuracy=None)
     if evaluation is not None:
@@ -233,10 +233,10 @@ def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
         previous = privacy.get(name, {})
         privacy[name] = {
             "epsilon": h["epsilon"], "delta": h.get("delta", delta), "budget": h.get("budget"),
-            "noise_multiplier": h.get("noise-multiplier", previous.get("noise_multiplier")),
-            "sample_rate": h.get("sample-rate", previous.get("sample_rate")),
-            "steps": int(h.get("total-steps", previous.get("steps", 0))),
-            "max_grad_norm": h.get("max-grad-norm", previous.get("max_grad_norm")),
+            "noise_multiplier": h.get("noise_multiplier", previous.get("noise_multiplier")),
+            "sample_rate": h.get("sample_rate", previous.get("sample_rate")),
+            "steps": int(h.get("total_steps", previous.get("steps", 0))),
+            "max_grad_norm": h.get("max_grad_norm", previous.get("max_grad_norm")),
             "accountant": h.get("accountant", previous.get("accountant")),
             "mechanisms": h.get("mechanisms", previous.get("mechanisms", [])),
         }

@@ -78,11 +78,11 @@ class _SecureRound(Strategy):
             entry["bytes_up"] = sum(len(t) for t in res.parameters.tensors)   # the masked vector
             self.outer.report.hospitals[name] = entry
             examples += float(res.num_examples)
-            losses += float(metrics.get("train-loss", 0.0)) * float(res.num_examples)
+            losses += float(metrics.get("train_loss", 0.0)) * float(res.num_examples)
         if not results:
             return None, {}
         self.mean_update = parameters_to_ndarrays(results[0][1].parameters)   # every result holds the mean
-        self.metrics = MetricRecord({"train-loss": losses / max(examples, 1.0), "num-examples": examples})
+        self.metrics = MetricRecord({"train_loss": losses / max(examples, 1.0), "num-examples": examples})
         return results[0][1].parameters, {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):

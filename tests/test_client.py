@@ -49,12 +49,12 @@ def test_train_reply_has_only_allowlisted_tensors_and_aggregate_metrics(run):
     assert status["hospital"] == "cardiac" and status["status"] == "trained"
     ledger = json.loads((ledger_dir / LEDGER_FILE).read_text())
     assert 0 < metrics["epsilon"] <= 8.0 and ledger["rounds"] == [1]
-    assert metrics["total-steps"] == sum(h[2] for h in ledger["history"]) == metrics["steps"]
+    assert metrics["total_steps"] == sum(h[2] for h in ledger["history"]) == metrics["steps"]
 
     again = client_app.train(message("train", server_round=2), context)   # the ledger accumulates
     m2 = dict(again.content.metric_records["metrics"])
-    assert m2["epsilon"] > metrics["epsilon"] and m2["total-steps"] == 2 * metrics["total-steps"]
-    assert m2["noise-multiplier"] == metrics["noise-multiplier"]    # one mechanism for the federation
+    assert m2["epsilon"] > metrics["epsilon"] and m2["total_steps"] == 2 * metrics["total_steps"]
+    assert m2["noise_multiplier"] == metrics["noise_multiplier"]    # one mechanism for the federation
     assert m2["epsilon"] <= 8.0 + 1e-6
 
 

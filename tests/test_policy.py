@@ -96,8 +96,8 @@ def test_the_coordinator_cannot_switch_dp_off_or_raise_the_budget(deployed, capl
     assert status["status"] == "trained" and status["accountant"] == "rdp"
     assert "privacy.enabled=False proposed, True applied" in status["privacy"]          # said plainly
     assert "privacy.target_epsilon=50.0 proposed, 2.0 applied" in status["privacy"]
-    assert metrics["noise-multiplier"] > 0 and 0 < metrics["epsilon"] <= 2.0 + 1e-6
-    assert metrics["budget"] == 2.0 and metrics["max-grad-norm"] == 1.0
+    assert metrics["noise_multiplier"] > 0 and 0 < metrics["epsilon"] <= 2.0 + 1e-6
+    assert metrics["budget"] == 2.0 and metrics["max_grad_norm"] == 1.0
     ledger = json.loads((state / LEDGER_FILE).read_text())
     assert ledger["budget"] == 2.0 and ledger["rounds"] == [1] and ledger["history"][0][0] > 0
     assert "not applied" in caplog.text

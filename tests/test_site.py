@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from client.site import _hospital_identity, get_site
+from client.site import SiteCache, _hospital_identity
 from medvlm.config import load_config
 from tests.conftest import TINY_OVERRIDES
 
@@ -29,9 +29,21 @@ def test_a_node_is_named_by_its_node_config_and_a_missing_piece_is_named():
 def test_one_site_per_run_node_and_stage_in_a_process(tmp_path):
     node = {"partition-id": 0}
     run = {**RUN, "run-dir": str(tmp_path)}
-    site = get_site(run, node, server_round=1)
-    assert get_site(run, node, server_round=2) is site                  # the same stage: built once
+    sites = SiteCache()
+    site = sites.site(run, node, server_round=1)
+    assert sites.site(run, node, server_round=2) is site                # the same stage: built once
     assert site.name == "general" and site.state_dir == tmp_path / "hospitals" / "general"
-    assert len(site.train) > 0 and site.train.pixels.dim() == 3        # frozen patch tokens, encoded once
-    other = get_site(run, {"partition-id": 1}, server_round=1)
+    assert len(site.train) > 0 and site.train.tokens and site.train.pixels.dim() == 3   # patch tokens, once
+    other = sites.site(run, {"partition-id": 1}, server_round=1)
     assert other is not site and other.name == "oncology"
+    assert other.model is site.model                                     # one model shared by the hospitals
+    assert SiteCache().site(run, node, server_round=1) is not site       # a cache of its own builds its own
+
+
+def test_the_site_cache_is_bounded_and_drops_the_oldest(tmp_path):
+    sites = SiteCache(max_sites=2)
+    run = {**RUN, "run-dir": str(tmp_path)}
+    first = sites.site(run, {"partition-id": 0})
+    sites.site(run, {"partition-id": 1})
+    sites.site(run, {"partition-id": 2})                                 # the oldest (general) goes
+    assert len(sites._sites) == 2 and sites.site(run, {"partition-id": 0}) is not first

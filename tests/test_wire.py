@@ -40,16 +40,16 @@ def test_from_wire_refuses_bad_tensors_naming_them(state, mutate, match):
 
 
 def test_metric_rules():
-    check_metrics({"num-examples": 10, "epsilon": 1.5, "train-loss": 0.3}, kind="train")
+    check_metrics({"num-examples": 10, "epsilon": 1.5, "train_loss": 0.3}, kind="train")
     check_metrics({"closed_correct": 3, "qtype/nodule_side_total": 9, "baseline/open_total": 2}, kind="evaluate")
     with pytest.raises(EgressError, match="prediction_0"):
         check_metrics({"prediction_0": 1.0}, kind="evaluate")
     with pytest.raises(EgressError, match="closed_correct"):
         check_metrics({"closed_correct": 1.0}, kind="train")   # eval counts are not train metrics
     with pytest.raises(EgressError, match="single number"):
-        check_metrics({"train-loss": [0.1, 0.2]}, kind="train")
+        check_metrics({"train_loss": [0.1, 0.2]}, kind="train")
     with pytest.raises(EgressError, match="not finite"):
-        check_metrics({"train-loss": float("nan")}, kind="train")
+        check_metrics({"train_loss": float("nan")}, kind="train")
     check_status({"hospital": "general", "status": "trained"})
     with pytest.raises(EgressError, match="answer"):
         check_status({"hospital": "general", "status": "trained", "answer": "left lung nodule"})
