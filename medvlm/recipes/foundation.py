@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from medvlm.data.synthetic import generate_hospital, public_corpus_text, report_text
 from medvlm.files import atomic_path
 from medvlm.loop import fit, sampled_indices
-from medvlm.quiet import without_log
+from medvlm.quiet import no_progress_bars, without_log
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +152,9 @@ def build_foundation(variant: str = "tiny", *, progress: bool = True) -> Path:
     target = foundation_dir(variant)
     pretrain = variant == "tiny"
     started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_path(target) as work:   # a crash mid-build leaves no half-built foundation behind
+        shutil.rmtree(work, ignore_errors=True)   # what a killed build of a process with our pid left
+        work.mkdir()
         corpus = generate_hospital("public", PUBLIC_IMAGES if pretrain else 200, seed=PUBLIC_SEED)
         lines = public_corpus_text(corpus.findings)
         lm_cfg = json.loads((BUILTIN_DIR / "tiny_lm.json").read_text())
@@ -182,19 +181,14 @@ def build_foundation(variant: str = "tiny", *, progress: bool = True) -> Path:
                                          "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
         lm = AutoModelForCausalLM.from_config(config)
         lm_loss = _pretrain_lm(lm, tokenizer, lines, progress) if pretrain else None
-        lm.save_pretrained(work / "lm")
+        with no_progress_bars():   # transformers' "Writing model shards" bar for a one-shard tiny model
+            lm.save_pretrained(work / "lm")
         tokenizer.save_pretrained(work / "lm")
 
         info = {"variant": variant, "key": foundation_key(variant), "seconds": round(time.perf_counter() - started, 1),
                 "public_images": len(corpus.images), "clip_final_loss": clip_loss, "lm_final_loss": lm_loss,
                 "torch": torch.__version__}
         (work / "build.json").write_text(json.dumps(info, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     log.info("built %s foundation in %.1fs -> %s", variant, time.perf_counter() - started, target)
     return target
 
