@@ -89,12 +89,12 @@ def _hospital_identity(cfg: ExperimentConfig, node_config: Mapping, run_config: 
 
 
 def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage] = None, *,
-               cache: Optional["SiteCache"] = None) -> Site:
+               sites: Optional["SiteCache"] = None) -> Site:
     """Read config -> identify the hospital -> load its data for the stage's task (default: the
-    first stage's) -> build the model (frozen features). ``cache``: where the parsed config and
+    first stage's) -> build the model (frozen features). ``sites``: where the parsed config and
     the model come from when a process serves many messages (a fresh one otherwise)."""
-    cache = cache if cache is not None else SiteCache()
-    cfg = cache.config(run_config)
+    sites = sites if sites is not None else SiteCache()
+    cfg = sites.config(run_config)
     stage = stage or stage_at(cfg, 0)
     name, state_dir = _hospital_identity(cfg, node_config, run_config)
     cfg = for_stage(cfg, stage)
@@ -127,7 +127,7 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
         log.warning("hospital %s trains at its own privacy settings (%s); the run's proposal was not applied: %s",
                     name, policy.describe(), "; ".join(notes))
 
-    model = cache.model(cfg)
+    model = sites.model(cfg)
     # a hospital's own images: frozen features cached in its state directory, never sent anywhere
     cache = state_dir / "features" if data_cfg.source != "synthetic" else None
     splits = load_splits(data_cfg, model.vision.preprocess,
@@ -200,4 +200,4 @@ class SiteCache:
         """One site per (run config, node config, curriculum stage)."""
         stage = stage_at(self.config(run_config), server_round)
         key = json.dumps([dict(run_config), dict(node_config), stage.name], sort_keys=True, default=str)
-        return self._sites.get_or_make(key, lambda: build_site(run_config, node_config, stage, cache=self))
+        return self._sites.get_or_make(key, lambda: build_site(run_config, node_config, stage, sites=self))
