@@ -170,9 +170,10 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
             else:
                 objective = sequence_loss(logits, targets).mean()
             objective.backward()
-            loss = per_example.mean().item()
-            totals["loss"] += per_example.sum().item()
+            total = per_example.sum().item()      # one device sync per batch
+            totals["loss"] += total
             totals["seen"] += len(pixels)
+            loss = total / len(pixels)
         if inject is not None:
             inject.add()
         return loss
