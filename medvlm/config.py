@@ -301,7 +301,8 @@ class StageConfig:
 
 
 SECURE_AGGREGATION = ("none", "secagg+")
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "fedavgm", "fedadam", "fedyogi")
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi")   # step from the global state along the mean update
 TRANSPORTS = ("fp32", "bf16", "int8")
 
 
@@ -324,8 +325,16 @@ class FederationConfig:
     secagg_clipping_range: float = 1.0  # SecAgg+ fixed-point range for each element of an update
     # fedavg (weighted by examples) | median (coordinate-wise) | trimmed-mean (coordinate-wise,
     # trim_fraction cut from each tail: needs >= 1 / trim_fraction hospitals per round to cut any)
+    # | fedavgm | fedadam | fedyogi: Flower's server optimizers (Hsu et al. 2019; Reddi et al. 2021):
+    # the weighted mean update is a pseudo-gradient the coordinator steps along, with momentum
+    # (server_momentum: FedAvgM's momentum, Adam's and Yogi's beta_1) and, for Adam and Yogi, a
+    # per-coordinate step of about server_lr (which they need set: the size of a round's update, e.g.
+    # 1e-3). FedAvgM's server_lr defaults to 1 (with momentum 0 it is FedAvg). The optimizer's state is
+    # checkpointed with every round, so a resumed run carries on with it.
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
+    server_lr: Optional[float] = None
+    server_momentum: float = 0.9
     # How the trainable state travels: fp32 (exact) | bf16 (half the bytes) | int8 (a quarter);
     # compact transports send each hospital's change, decoded into float32 for aggregation
     transport: str = "fp32"
@@ -342,6 +351,11 @@ class FederationConfig:
         _check(self.aggregation in AGGREGATIONS, "federation.aggregation", self.aggregation,
                f"must be one of {AGGREGATIONS}")
         _check(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
+        _check(self.server_lr is None or self.server_lr > 0, "federation.server_lr", self.server_lr, "must be > 0")
+        _check(self.server_lr is not None or self.aggregation not in ("fedadam", "fedyogi"), "federation.server_lr",
+               self.server_lr, f"{self.aggregation} moves every coordinate by about server_lr per round: set it "
+               "to the size of a round's update (e.g. federation.server_lr=1e-3)")
+        _check(0 <= self.server_momentum < 1, "federation.server_momentum", self.server_momentum, "must be in [0, 1)")
         _check(self.transport in TRANSPORTS, "federation.transport", self.transport, f"must be one of {TRANSPORTS}")
         _check(self.aggregation == "fedavg" or not self.central_dp.enabled, "federation.aggregation",
                self.aggregation, "central DP (federation.central_dp) is calibrated to a clipped mean: use fedavg")

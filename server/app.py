@@ -67,13 +67,16 @@ def set_up(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> tuple[Rounds, di
     round_log = RoundLog(run_dir, records)
     round_log.rewrite()
     check_transport(spec, fed.transport)
-    strategy = make_strategy(fed.aggregation, trim_fraction=fed.trim_fraction, spec=spec, num_rounds=fed.rounds,
+    strategy = make_strategy(fed.aggregation, trim_fraction=fed.trim_fraction, server_lr=fed.server_lr,
+                             server_momentum=fed.server_momentum, spec=spec, num_rounds=fed.rounds,
                              local_epochs=fed.local_epochs, lr=fed.lr if fed.lr is not None else cfg.train.lr,
                              max_update_bytes=int(fed.max_update_mb * 2**20), fraction_train=fed.fraction_train,
                              fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,
                              # Flower's sampling would wait for ever: the waiting is wait_for_hospitals', bounded
                              min_available_nodes=1, uniform_weights=fed.central_dp.enabled,
                              transport=fed.transport, frozen_digest=skeleton.frozen_digest())
+    if resumed:   # a server optimizer carries on with its momentum and moments
+        strategy.load_optimizer_state(checkpoints.optimizer_state(server_state))
     aggregator = strategy
     if fed.secure_aggregation == "secagg+":
         check_secure_aggregation(spec)
@@ -129,7 +132,7 @@ def evaluate(r: Rounds, server_round: int, arrays: ArrayRecord, config: ConfigRe
 def checkpoint(r: Rounds, server_round: int, state: dict, record: dict, privacy: dict) -> None:
     """The round's global state, records and privacy block, atomically, before it is logged."""
     r.checkpoints.save(server_round, state, {"config": to_dict(r.cfg), "records": r.log.records + [record],
-                                             "privacy": privacy})
+                                             "privacy": privacy}, optimizer=r.strategy.optimizer_state())
 
 
 def describe(r: Rounds, privacy: dict, stopped: str) -> dict:

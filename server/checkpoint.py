@@ -4,6 +4,8 @@ anyone can load, and the server state needed to carry on after the last complete
     <run>/checkpoints/round-007/  adapter_config.json + adapter_model.safetensors (PEFT) + fusion.safetensors
     <run>/global/                 the same, for the latest round (what users load)
     <run>/server-state.json       round, config, per-round records, hospitals' privacy reports
+    <run>/checkpoints/round-007/server-optimizer.safetensors   a server optimizer's state (fedavgm,
+                                  fedadam, fedyogi), by <slot>/<tensor name>; not in global/
 
 Each round is written to a temporary folder and renamed; ``server-state.json`` is replaced
 atomically last, so a crash at any point leaves the previous round's checkpoint intact.
@@ -14,8 +16,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
+import numpy as np
 import torch
 
 from medvlm.config import ExperimentConfig, to_dict
@@ -24,6 +27,7 @@ from medvlm.model.vlm import MedVLM
 from medvlm.runs import export_trainable, load_trainable, write_json
 
 STATE_FILE = "server-state.json"
+OPTIMIZER_FILE = "server-optimizer.safetensors"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -49,16 +53,29 @@ class Checkpoints:
         self.run_dir = Path(run_dir)
         self.skeleton = skeleton  # loads/exports trainable states; the LLM's weights are never loaded
 
-    def save(self, server_round: int, state: dict[str, torch.Tensor], server_state: dict) -> Path:
+    def save(self, server_round: int, state: dict[str, torch.Tensor], server_state: dict, *,
+             optimizer: Optional[Mapping[str, np.ndarray]] = None) -> Path:
+        """``optimizer``: a server optimizer's state (``Screened.optimizer_state``), kept with the round."""
+        from safetensors.numpy import save_file
+
         self.skeleton.load_trainable_state(state)
         final = self.run_dir / "checkpoints" / f"round-{server_round:03d}"
         with atomic_path(final) as tmp:
             export_trainable(self.skeleton, tmp)
+            if optimizer:
+                save_file({k: np.ascontiguousarray(v) for k, v in optimizer.items()}, str(tmp / OPTIMIZER_FILE))
         write_json(self.run_dir / STATE_FILE, {**server_state, "round": server_round,
                                                "checkpoint": str(final.relative_to(self.run_dir))})
         with atomic_path(self.run_dir / "global") as tmp:   # the exported adapter: always a whole one
-            shutil.copytree(final, tmp)
+            shutil.copytree(final, tmp, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
         return final
+
+    def optimizer_state(self, server_state: dict) -> dict[str, np.ndarray]:
+        """The server optimizer's state saved with the checkpoint ``server_state`` names ({} if none)."""
+        from safetensors.numpy import load_file
+
+        path = self.run_dir / server_state["checkpoint"] / OPTIMIZER_FILE
+        return load_file(str(path)) if path.is_file() else {}
 
     def load(self, cfg: ExperimentConfig) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
         """(server state, global state) of the last completed round, or None for a fresh run."""

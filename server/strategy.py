@@ -1,8 +1,9 @@
 """Aggregation over the trainable state only, with every update validated before it is aggregated.
 
-``MedFedAvg``, ``MedFedMedian`` and ``MedFedTrimmedAvg`` are Flower's ``FedAvg``, ``FedMedian``
-and ``FedTrimmedAvg`` (sampling, message construction and the aggregation rule stay Flower's) with
-the ``Screened`` mixin (``federation.aggregation`` picks one; see ``make_strategy``). It adds:
+``MedFedAvg``, ``MedFedMedian``, ``MedFedTrimmedAvg`` and the server optimizers ``MedFedAvgM``,
+``MedFedAdam``, ``MedFedYogi`` are Flower's strategies of those names (sampling, message construction,
+the aggregation rule and the server's step stay Flower's) with the ``Screened`` mixin
+(``federation.aggregation`` picks one; see ``make_strategy``). It adds:
 
 * the round plan in every train message (``num-rounds``, ``local-epochs``, ``lr``);
 * validation of each reply: an error reply, a hospital that refused the round (privacy budget),
@@ -14,7 +15,9 @@ the ``Screened`` mixin (``federation.aggregation`` picks one; see ``make_strateg
   Flower's server-side clipping wrapper is calibrated to an equal-weight mean;
 * the wire encoding (``federation.transport``, see ``medvlm.wire``): messages carry the encoded
   state; each accepted reply is decoded into float32 weights (master state + the hospital's change)
-  before the aggregation rule sees it, so every rule works on exact float32 tensors.
+  before the aggregation rule sees it, so every rule works on exact float32 tensors;
+* a server optimizer steps from the float32 global state (never its wire form), and its state
+  (momentum, second moments) is read and restored by name for the round checkpoints.
 
 ``screen`` is the validation on its own: the round loop screens before anything else touches an
 update (Flower's DP wrapper clips replies before it hands them to the strategy, and clipping a
@@ -34,7 +37,8 @@ import torch
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedMedian,
+                                    FedTrimmedAvg, FedYogi)
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medvlm.tensors import TensorSpec
@@ -180,8 +184,36 @@ class Screened:
         wire, config = self._wire(arrays, config)
         plan = ConfigRecord({**self.default_plan(), **dict(config)})   # the round's stage plan wins
         messages = list(super().configure_train(server_round, wire, plan, grid))
+        self.stepping_from(ArrayRecord({k: arrays[k] for k in self.spec}))
         self.report.bytes_down += len(messages) * sum(len(a.data) for a in wire.values())
         return messages
+
+    # ----------------------------------------------------------------------------- server optimizers
+    def stepping_from(self, arrays: ArrayRecord) -> None:
+        """The float32 global state (in allow-list order) a server optimizer steps from this round."""
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """A server optimizer's state by ``<slot>/<tensor name>``, for the checkpoint (none for a plain rule)."""
+        return {}
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        if state:
+            raise ValueError(f"this aggregation ({type(self).__name__}) keeps no server optimizer state, but the "
+                             f"checkpoint holds {sorted(state)[:3]}: resume with the aggregation the run began with")
+
+    def _slots(self, state: Mapping[str, np.ndarray], slots: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+        """``state`` split into its slots, each checked to hold exactly the allow-list's tensors and shapes."""
+        out = {slot: {} for slot in slots}
+        for key, value in state.items():
+            slot, _, name = key.partition("/")
+            if slot not in out or name not in self.spec or tuple(value.shape) != tuple(self.spec[name].shape):
+                raise ValueError(f"server optimizer state {key!r} (shape {tuple(value.shape)}) does not belong to "
+                                 f"{type(self).__name__} on this model: resume with the run's own config")
+            out[slot][name] = np.asarray(value, dtype=np.float32)
+        for slot, named in out.items():
+            if named and set(named) != set(self.spec):
+                raise ValueError(f"server optimizer state {slot!r} misses {sorted(set(self.spec) - set(named))[:3]}")
+        return out
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -315,15 +347,62 @@ class MedFedTrimmedAvg(Screened, FedTrimmedAvg):
     """Coordinate-wise mean after cutting ``beta`` of the updates from each tail."""
 
 
-AGGREGATIONS = {"fedavg": MedFedAvg, "median": MedFedMedian, "trimmed-mean": MedFedTrimmedAvg}
+class MedFedAvgM(Screened, FedAvgM):
+    """FedAvgM: the coordinator steps along the mean update with momentum (server_lr 1, momentum 0: FedAvg)."""
+
+    def stepping_from(self, arrays: ArrayRecord) -> None:
+        self.current_arrays = arrays
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        if self.momentum_vector is None:
+            return {}
+        return {f"momentum/{k}": v for k, v in zip(self.spec, self.momentum_vector, strict=True)}
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        momentum = self._slots(state, ("momentum",))["momentum"]
+        self.momentum_vector = [momentum[k] for k in self.spec] if momentum else None
 
 
-def make_strategy(aggregation: str, *, trim_fraction: float = 0.2, **kwargs) -> Screened:
+class _AdaptiveServer(Screened):
+    """FedAdam / FedYogi (Flower's FedOpt): per-coordinate steps from first and second moments."""
+
+    def stepping_from(self, arrays: ArrayRecord) -> None:
+        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        moments = {"m": self.m_t or {}, "v": self.v_t or {}}
+        return {f"{slot}/{k}": v for slot, named in moments.items() for k, v in named.items()}
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        slots = self._slots(state, ("m", "v"))
+        self.m_t, self.v_t = slots["m"] or None, slots["v"] or None
+
+
+class MedFedAdam(_AdaptiveServer, FedAdam):
+    """FedAdam (Reddi et al. 2021) over screened updates."""
+
+
+class MedFedYogi(_AdaptiveServer, FedYogi):
+    """FedYogi (Reddi et al. 2021) over screened updates: Adam with an additive second-moment update."""
+
+
+AGGREGATIONS = {"fedavg": MedFedAvg, "median": MedFedMedian, "trimmed-mean": MedFedTrimmedAvg,
+                "fedavgm": MedFedAvgM, "fedadam": MedFedAdam, "fedyogi": MedFedYogi}
+
+
+def make_strategy(aggregation: str, *, trim_fraction: float = 0.2, server_lr: Optional[float] = None,
+                  server_momentum: float = 0.9, **kwargs) -> Screened:
     """The strategy ``federation.aggregation`` names, with the screening every one of them gets."""
     # which names exist and which combine with central DP or SecAgg+ is the config's to check
     # (FederationConfig.__post_init__); tests/test_server.py keeps the two lists of names the same
     if aggregation == "trimmed-mean":
         kwargs["beta"] = trim_fraction
+    elif aggregation == "fedavgm":
+        kwargs.update(server_learning_rate=1.0 if server_lr is None else server_lr, server_momentum=server_momentum)
+    elif aggregation in ("fedadam", "fedyogi"):
+        if server_lr is None:
+            raise ValueError(f"{aggregation} needs federation.server_lr (the size of a round's update, e.g. 1e-3)")
+        kwargs.update(eta=server_lr, beta_1=server_momentum)
     return AGGREGATIONS[aggregation](**kwargs)
 
 

@@ -44,6 +44,11 @@ def test_bad_values_name_the_key(override, key):
     (["federation.aggregation=median", "federation.central_dp.enabled=true"], "federation.aggregation"),
     (["federation.aggregation=median", "federation.secure_aggregation=secagg+"], "federation.aggregation"),
     (["federation.transport=int8", "federation.secure_aggregation=secagg+"], "federation.transport"),
+    (["federation.aggregation=fedadam"], "federation.server_lr"),          # Adam's step size has no safe default
+    (["federation.aggregation=fedavgm", "federation.central_dp.enabled=true"], "federation.aggregation"),
+    (["federation.aggregation=fedyogi", "federation.server_lr=0.01", "federation.secure_aggregation=secagg+"],
+     "federation.aggregation"),
+    (["federation.aggregation=fedavgm", "federation.server_momentum=1"], "federation.server_momentum"),
 ])
 def test_rules_across_fields_are_the_config_s_and_name_a_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

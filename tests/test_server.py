@@ -372,3 +372,95 @@ def test_every_float32_feature_names_a_tensor_and_what_to_do():
     with pytest.raises(ValueError, match=r"secagg\+ \(its masks\) works on float32.*lora_B"):
         check_secure_aggregation(spec)
     check_transport(spec, "fp32")                                    # fp32 carries any dtype as it is
+
+
+def _stepped(aggregation: str, rounds: list[tuple[float, float]], *, transport: str = "fp32", **server):
+    """A server optimizer after one round per (reply a, reply b) pair, replies weighted 10 : 30 and every
+    tensor filled with one value; returns the strategy and the global value after each round."""
+    from server.strategy import make_strategy
+
+    set_task_identity()
+    strategy = make_strategy(aggregation, spec=spec_of(SPEC_STATE), num_rounds=len(rounds), local_epochs=1, lr=1e-3,
+                             max_update_bytes=10_000, min_available_nodes=1, min_train_nodes=1, transport=transport,
+                             **server)
+    grid = InProcessGrid({1: {}}, {}, {})
+    value, values = 1.0, []
+    for server_round, (a, b) in enumerate(rounds, start=1):
+        state = {k: torch.full_like(v, value) for k, v in SPEC_STATE.items()}
+        out = list(strategy.configure_train(server_round, ArrayRecord({k: Array(v) for k, v in to_wire(state).items()}),
+                                            ConfigRecord({}), grid))[0]
+        replies = [_reply(out, {k: torch.full_like(v, x) for k, v in SPEC_STATE.items()}, examples=n, hospital=h)
+                   for x, n, h in ((a, 10, "a"), (b, 30, "b"))]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        new = {k: v.numpy() for k, v in arrays.items()}
+        assert list(new) == list(SPEC_STATE) and all(np.allclose(v, v.flat[0]) for v in new.values())
+        value = float(new["fusion.w"].flat[0])
+        values.append(value)
+    return strategy, values
+
+
+def test_server_optimizers_step_along_the_mean_update_from_the_float32_state():
+    # the mean reply is 0.25 * 2 + 0.75 * 4 = 3.5: an update of +2.5 from the global 1.0
+    assert _stepped("fedavgm", [(2.0, 4.0)], server_lr=1.0, server_momentum=0.0)[1] == pytest.approx([3.5])  # FedAvg
+    assert _stepped("fedavgm", [(2.0, 4.0)], server_lr=2.0, server_momentum=0.0)[1] == pytest.approx([6.0])
+    # momentum: round 2's update (+1 from 3.5) plus 0.9 of round 1's (+2.5)
+    assert _stepped("fedavgm", [(2.0, 4.0), (4.0, 4.67)], server_lr=1.0,
+                    server_momentum=0.9)[1] == pytest.approx([3.5, 3.5 + 0.9 * 2.5 + (0.25 * 4 + 0.75 * 4.67 - 3.5)])
+    for aggregation in ("fedadam", "fedyogi"):   # every coordinate moves by about server_lr, the update's way
+        _, (value,) = _stepped(aggregation, [(2.0, 4.0)], server_lr=0.01, server_momentum=0.9)
+        assert 1.0 + 0.003 < value < 1.0 + 0.011
+    # a compact transport sends the state encoded; the optimizer still steps from the float32 state
+    from server.strategy import make_strategy
+
+    for aggregation in ("fedavgm", "fedadam"):
+        strategy = make_strategy(aggregation, spec=spec_of(SPEC_STATE), num_rounds=1, local_epochs=1, lr=1e-3,
+                                 max_update_bytes=10_000, min_available_nodes=1, min_train_nodes=1, transport="int8",
+                                 server_lr=0.01)
+        state = {k: torch.full_like(v, 1.5) for k, v in SPEC_STATE.items()}
+        out = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in to_wire(state).items()}),
+                                            ConfigRecord({}), InProcessGrid({1: {}}, {}, {})))
+        assert set(out[0].content.array_records["arrays"]) != set(SPEC_STATE)      # what travels is packed
+        current = strategy.current_arrays
+        current = {k: (a.numpy() if hasattr(a, "numpy") else a) for k, a in current.items()}
+        assert list(current) == list(SPEC_STATE) and all(np.array_equal(current[k], state[k].numpy()) for k in state)
+
+
+def test_server_optimizer_state_survives_a_checkpoint_and_is_checked(tmp_path):
+    from server.strategy import make_strategy
+
+    for aggregation, slots in (("fedavgm", {"momentum"}), ("fedadam", {"m", "v"}), ("fedyogi", {"m", "v"})):
+        first, _ = _stepped(aggregation, [(2.0, 4.0)], server_lr=0.5, server_momentum=0.9)
+        state = first.optimizer_state()
+        assert {k.split("/")[0] for k in state} == slots and {k.split("/", 1)[1] for k in state} == set(SPEC_STATE)
+        fresh = make_strategy(aggregation, spec=spec_of(SPEC_STATE), num_rounds=2, local_epochs=1, lr=1e-3,
+                              max_update_bytes=10_000, server_lr=0.5, server_momentum=0.9)
+        fresh.load_optimizer_state(state)
+        assert all(np.array_equal(fresh.optimizer_state()[k], v) for k, v in state.items())
+        with pytest.raises(ValueError, match="does not belong"):
+            fresh.load_optimizer_state({**state, "m/vision.visual.proj": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError, match="keeps no server optimizer state"):
+        MedFedAvg(spec=spec_of(SPEC_STATE), num_rounds=1, local_epochs=1, lr=1e-3,
+                  max_update_bytes=10_000).load_optimizer_state(state)
+
+
+def test_a_resumed_federation_carries_on_with_its_server_optimizer(federation):
+    from safetensors.numpy import load_file
+
+    from server.app import set_up
+
+    start, run_dir = federation
+    extra = ["federation.aggregation=fedavgm", "federation.server_momentum=0.9"]
+    with pytest.raises(Killed):
+        start(2, extra=extra, kill_at_round=2)
+    saved = load_file(str(run_dir / "checkpoints" / "round-001" / "server-optimizer.safetensors"))
+    assert not (run_dir / "global" / "server-optimizer.safetensors").exists()   # the adapter users load stays clean
+    cfg = load_config("tiny", TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]",
+                                                "federation.local_epochs=1", "federation.rounds=2", *extra])
+    rounds, *_ = set_up(InProcessGrid({1: {}}, {}, {}), cfg, run_dir)
+    assert {k.split("/", 1)[0] for k in saved} == {"momentum"}
+    assert {k.split("/", 1)[1] for k in saved} == set(rounds.spec)
+    restored = rounds.strategy.optimizer_state()
+    assert set(restored) == set(saved) and all(np.array_equal(restored[k], saved[k]) for k in saved)
+    summary, _ = start(2, extra=extra)                                 # and the run completes
+    assert summary["rounds"] == 2
+    assert (run_dir / "checkpoints" / "round-002" / "server-optimizer.safetensors").is_file()
