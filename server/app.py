@@ -14,10 +14,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from medvlm.build import build_skeleton
-from medvlm.config import ExperimentConfig, Stage, from_run_config, stage_at, stages, to_dict
+from medvlm.config import SERVER_OPTIMIZERS, ExperimentConfig, Stage, from_run_config, stage_at, stages, to_dict
 from medvlm.model.vlm import MedVLM
 from medvlm.runs import new_run_dir, save_config
-from medvlm.wire import check_transport, from_wire, to_wire
+from medvlm.wire import check_transport, from_wire, require_float32, to_wire
 from server.checkpoint import Checkpoints
 from server.model_card import write_model_card
 from server.report import (RoundLog, build_summary, central_dp_block, central_releases, round_record, update_privacy,
@@ -75,6 +75,8 @@ def set_up(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> tuple[Rounds, di
                              # Flower's sampling would wait for ever: the waiting is wait_for_hospitals', bounded
                              min_available_nodes=1, uniform_weights=fed.central_dp.enabled,
                              transport=fed.transport, frozen_digest=skeleton.frozen_digest())
+    if fed.aggregation in SERVER_OPTIMIZERS:
+        require_float32(spec, f"federation.aggregation={fed.aggregation}", "use fedavg for this model")
     if resumed:   # a server optimizer carries on with its momentum and moments
         strategy.load_optimizer_state(checkpoints.optimizer_state(server_state))
     aggregator = strategy

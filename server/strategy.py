@@ -308,6 +308,9 @@ class Screened:
             once = [RecordDict({"arrays": m.content.array_records["arrays"], "w": MetricRecord({"w": 1})})
                     for m in accepted]
             arrays = aggregate_arrayrecords(once, "w")
+        if arrays is not None:   # a float32 state stays float32 (Flower's FedOpt steps in float64)
+            arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32, copy=False))
+                                  if self.spec[k].dtype == "float32" else a for k, a in arrays.items()})
         return arrays, metrics
 
     # ----------------------------------------------------------------------------- evaluate

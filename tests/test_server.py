@@ -394,6 +394,7 @@ def _stepped(aggregation: str, rounds: list[tuple[float, float]], *, transport: 
         arrays, _ = strategy.aggregate_train(server_round, replies)
         new = {k: v.numpy() for k, v in arrays.items()}
         assert list(new) == list(SPEC_STATE) and all(np.allclose(v, v.flat[0]) for v in new.values())
+        assert all(v.dtype == np.float32 for v in new.values())     # what the allow-list accepts back
         value = float(new["fusion.w"].flat[0])
         values.append(value)
     return strategy, values
