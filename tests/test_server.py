@@ -465,3 +465,14 @@ def test_a_resumed_federation_carries_on_with_its_server_optimizer(federation):
     summary, _ = start(2, extra=extra)                                 # and the run completes
     assert summary["rounds"] == 2
     assert (run_dir / "checkpoints" / "round-002" / "server-optimizer.safetensors").is_file()
+
+
+def test_a_damaged_server_optimizer_state_is_refused_naming_the_file(tmp_path):
+    from server.checkpoint import OPTIMIZER_FILE, Checkpoints
+
+    (tmp_path / "checkpoints" / "round-001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "round-001" / OPTIMIZER_FILE).write_bytes(b"not safetensors")
+    points = Checkpoints(tmp_path, skeleton=None)
+    with pytest.raises(ValueError, match="round-001.*not a readable server optimizer state"):
+        points.optimizer_state({"checkpoint": "checkpoints/round-001"})
+    assert points.optimizer_state({"checkpoint": "checkpoints/round-002"}) == {}    # none kept: a plain rule
