@@ -51,9 +51,13 @@ def resolve_device(name: str) -> torch.device:
 def planned_steps(num_examples: int, train: TrainConfig) -> tuple[float, int]:
     """(sample rate, optimizer steps) for ``train.epochs`` passes at the expected batch size.
 
-    The sample rate is Opacus' own (``1 / len(data_loader)``, i.e. 1 / ceil(N / batch)), so what
-    a ledger plans with is exactly what the accountant records."""
-    sample_rate = 1.0 / math.ceil(num_examples / train.batch_size)
+    The sample rate is the one Opacus' accountant records, so what a ledger plans with is exactly
+    what it charges. Opacus samples each example with probability q = 1 / ceil(N / batch), runs
+    ``int(1 / q)`` batches an epoch and records 1 / that count, which floating point makes one batch
+    fewer for some N (105 batches: int(1 / (1 / 105)) = 104, so the accountant records 1 / 104). That
+    rate is at least the one sampled with, so planning with it keeps the guarantee (it errs safe)."""
+    batches = int(1.0 / (1.0 / math.ceil(num_examples / train.batch_size)))   # Opacus' len(DPDataLoader)
+    sample_rate = 1.0 / batches
     return sample_rate, max(1, math.ceil(train.epochs / sample_rate))
 
 

@@ -127,3 +127,19 @@ def test_model_can_train_again_after_dp(tiny_model, tiny_splits):
         train_local(tiny_model, data, train=FAST, privacy=PrivacyConfig(target_epsilon=None, noise_multiplier=1.0),
                     max_steps=1, progress=False)
     assert not any(hasattr(p, "grad_sample") for p in tiny_model.parameters())
+
+
+def test_the_planned_sample_rate_is_what_the_accountant_records(tiny_model, tiny_splits):
+    """Opacus runs int(1 / (1 / 93)) = 92 batches an epoch for 93 expected batches and records 1 / 92:
+    a plan made at 1 / 93 would be charged more than it planned (epsilon over the target)."""
+    from medvlm.train import planned_steps
+
+    train = replace(FAST, batch_size=2, physical_batch_size=2)
+    data = small(tiny_splits["train"], 186)                       # ceil(186 / 2) = 93 expected batches
+    assert len(data) == 186
+    sample_rate, _ = planned_steps(len(data), train)
+    assert sample_rate == 1 / 92
+    privacy = calibrated(PrivacyConfig(target_epsilon=2.0), len(data), train, max_steps=3)
+    result = train_local(tiny_model, data, train=train, privacy=privacy, max_steps=3, progress=False)
+    assert [tuple(h)[1] for h in result.accountant_state["history"]] == [sample_rate]
+    assert result.privacy.epsilon <= 2.0 + 1e-9
