@@ -308,9 +308,6 @@ class Screened:
             once = [RecordDict({"arrays": m.content.array_records["arrays"], "w": MetricRecord({"w": 1})})
                     for m in accepted]
             arrays = aggregate_arrayrecords(once, "w")
-        if arrays is not None:   # a float32 state stays float32 (Flower's FedOpt steps in float64)
-            arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32, copy=False))
-                                  if self.spec[k].dtype == "float32" else a for k, a in arrays.items()})
         return arrays, metrics
 
     # ----------------------------------------------------------------------------- evaluate
@@ -371,6 +368,13 @@ class _AdaptiveServer(Screened):
 
     def stepping_from(self, arrays: ArrayRecord) -> None:
         self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:   # FedOpt steps in float64; the state is float32 (set_up requires it)
+            arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()})
+        return arrays, metrics
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         moments = {"m": self.m_t or {}, "v": self.v_t or {}}
