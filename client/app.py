@@ -88,10 +88,21 @@ def train(msg: Message, context: Context, defaults: Mapping = NO_DEFAULTS) -> Me
                         trainable=list(site.stage.trainable))
     sent, received, transport = _load_global(site, msg)
     reply = _train(site, cfg, train_cfg, server_round, num_rounds, transport=transport, received=received,
-                   key=request_key(sent, round_cfg))
+                   key=request_key(sent, round_cfg), lr_window=_lr_window(round_cfg))
     if SECURE_ARRAYS in msg.content.array_records:   # SecAgg+: secaggplus_mod masks this reply
         reply = as_secure_fit_reply(reply, sent=sent, spec=site.spec)
     return Message(reply, reply_to=msg)
+
+
+def _lr_window(round_cfg: Mapping) -> tuple[float, float]:
+    """The piece of the learning-rate schedule the round's plan asks for (the whole curve when the
+    plan does not say: a coordinator from before ``lr-from`` / ``lr-to``). It shapes the steps, never
+    their number or noise, so it cannot change what a round spends."""
+    window = float(round_cfg.get("lr-from", 0.0)), float(round_cfg.get("lr-to", 1.0))
+    if not 0.0 <= window[0] < window[1] <= 1.0:
+        raise ValueError(f"the round's plan asks for lr-from={window[0]}, lr-to={window[1]}: need "
+                         "0 <= lr-from < lr-to <= 1 (the coordinator's federation.lr_schedule)")
+    return window
 
 
 def _ledger_metrics(ledger: Ledger) -> dict[str, float]:
@@ -101,7 +112,8 @@ def _ledger_metrics(ledger: Ledger) -> dict[str, float]:
 
 
 def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transport: str = "fp32",
-           received: Mapping | None = None, key: str | None = None) -> RecordDict:
+           received: Mapping | None = None, key: str | None = None,
+           lr_window: tuple[float, float] = (0.0, 1.0)) -> RecordDict:
     from medvlm.train import planned_steps, train_local
 
     metrics: dict[str, float] = {"num-examples": len(site.train)}
@@ -137,7 +149,8 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
 
     result = train_local(site.model, site.train, train=train_cfg, privacy=privacy,
                          accountant_state=({"mechanism": ledger.accountant, "history": ledger.history}
-                                           if ledger else None), progress=False, canaries=site.canaries)
+                                           if ledger else None), progress=False, canaries=site.canaries,
+                         lr_window=lr_window)
     metrics.update({k: result.metrics[k] for k in rounds.KEPT_METRICS})   # same names on the wire as here
     if ledger is not None:
         if key:   # kept first, then charged: an update the ledger never charged is never sent again

@@ -31,7 +31,7 @@ log = logging.getLogger("medvlm.client")
 ROUNDS_DIR = "rounds"
 KEEP_ROUNDS = 2          # the latest charged rounds whose updates are kept (a resume re-asks the last one)
 # the round settings that shape an update (num-rounds is not one: the noise is fixed per stage)
-KEY_SETTINGS = ("server-round", "local-epochs", "lr", "transport", "stage", "frozen-digest")
+KEY_SETTINGS = ("server-round", "local-epochs", "lr", "lr-from", "lr-to", "transport", "stage", "frozen-digest")
 KEPT_METRICS = ("train_loss", "steps", "seconds")
 
 

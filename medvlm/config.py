@@ -304,6 +304,7 @@ SECURE_AGGREGATION = ("none", "secagg+")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "fedavgm", "fedadam", "fedyogi")
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi")   # step from the global state along the mean update
 TRANSPORTS = ("fp32", "bf16", "int8")
+LR_SCHEDULES = ("round", "stage")
 
 
 @dataclass
@@ -313,6 +314,10 @@ class FederationConfig:
     rounds: int = 5
     local_epochs: float = 2.0        # per round; a hospital's DP plan covers rounds * local_epochs
     lr: Optional[float] = None       # local learning rate in rounds (default: train.lr)
+    # The learning rate's warm-up + cosine: round (each round's local training runs the whole curve,
+    # from warm-up to 0) | stage (one curve over each stage's rounds: a round carries on where the
+    # last stopped, so the global model's steps follow one schedule, as pooled training's do)
+    lr_schedule: str = "round"
     fraction_train: float = 1.0      # share of connected hospitals sampled per round
     fraction_evaluate: float = 1.0
     min_nodes: int = 1               # a round starts once this many hospitals are connected; it goes on with fewer replies
@@ -356,6 +361,8 @@ class FederationConfig:
                self.server_lr, f"{self.aggregation} moves every coordinate by about server_lr per round: set it "
                "to the size of a round's update (e.g. federation.server_lr=1e-3)")
         _check(0 <= self.server_momentum < 1, "federation.server_momentum", self.server_momentum, "must be in [0, 1)")
+        _check(self.lr_schedule in LR_SCHEDULES, "federation.lr_schedule", self.lr_schedule,
+               f"must be one of {LR_SCHEDULES}")
         _check(self.transport in TRANSPORTS, "federation.transport", self.transport, f"must be one of {TRANSPORTS}")
         _check(self.aggregation == "fedavg" or not self.central_dp.enabled, "federation.aggregation",
                self.aggregation, "central DP (federation.central_dp) is calibrated to a clipped mean: use fedavg")
@@ -428,6 +435,17 @@ def stage_at(cfg: ExperimentConfig, server_round: int) -> Stage:
     rounds past the plan to the last)."""
     plan = stages(cfg)
     return next((s for s in plan if server_round <= s.last_round), plan[-1])
+
+
+def lr_window(cfg: ExperimentConfig, stage: Stage, server_round: int) -> tuple[float, float]:
+    """The piece of the learning rate's warm-up + cosine that ``server_round``'s local training follows
+    (``medvlm.train.lr_factor``): the whole curve every round with ``federation.lr_schedule=round``;
+    with ``stage``, round k of a stage's n rounds trains over ((k - 1) / n, k / n)."""
+    if cfg.federation.lr_schedule == "round":
+        return 0.0, 1.0
+    n = stage.last_round - stage.first_round + 1
+    k = min(max(server_round, stage.first_round), stage.last_round) - stage.first_round + 1
+    return (k - 1) / n, k / n
 
 
 def for_stage(cfg: ExperimentConfig, stage: Stage) -> ExperimentConfig:

@@ -61,8 +61,21 @@ def planned_steps(num_examples: int, train: TrainConfig) -> tuple[float, int]:
     return sample_rate, max(1, math.ceil(train.epochs / sample_rate))
 
 
-def _cosine(total: int, warmup: int):
+def lr_factor(steps: int, window: tuple[float, float] = (0.0, 1.0)):
+    """The learning-rate factor of each of ``steps`` optimizer steps: a linear warm-up over the first
+    5% and a cosine to 0, of which this call trains the ``window`` piece. (0, 1): the whole curve in
+    these steps (the default, and the pooled model's). A federation whose rounds share one curve
+    (``federation.lr_schedule=stage``) trains round k of n over ((k - 1) / n, k / n): the warm-up falls
+    in its first round and each later round carries on where the last one stopped."""
+    start, end = window
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"learning-rate window {window}: need 0 <= start < end <= 1")
+    total = max(1, round(steps / (end - start)))      # the whole curve's steps at this call's pace
+    offset = round(start * total)
+    warmup = max(1, total // 20)
+
     def factor(step: int) -> float:
+        step += offset
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
@@ -103,11 +116,14 @@ def _noise_only_grads(params: list[torch.nn.Parameter]) -> None:
 @quiet(DP_TRAINING, ACCOUNTING)   # Opacus' and torch's notes on what we do on purpose (medvlm/quiet.py)
 def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: PrivacyConfig,
                 accountant_state: Optional[dict] = None, max_steps: Optional[int] = None,
-                progress: bool = True, canaries: Optional["GradientCanaries"] = None) -> LocalResult:
+                progress: bool = True, canaries: Optional["GradientCanaries"] = None,
+                lr_window: tuple[float, float] = (0.0, 1.0)) -> LocalResult:
     """Train ``model``'s trainable state on ``data``; returns the new state, metrics and privacy spent.
-    ``canaries`` (an audit's gradient canaries) join each logical step as extra examples would."""
+    ``canaries`` (an audit's gradient canaries) join each logical step as extra examples would.
+    ``lr_window``: the piece of the warm-up + cosine curve these steps follow (:func:`lr_factor`)."""
     if len(data) == 0:
         raise ValueError("no training examples: the data set is empty")
+    lr_factor(1, lr_window)   # a malformed window is refused before anything is spent
     prior = _history(privacy, accountant_state)
     if privacy.enabled and (privacy.target_epsilon is not None or privacy.noise_multiplier is None):
         raise ValueError(f"train_local adds the noise multiplier it is given (privacy.noise_multiplier="
@@ -154,7 +170,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
             net, optimizer, criterion, loader = made
         else:
             net, optimizer, loader = made
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps, max(1, steps // 20)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(steps, lr_window))
 
     net.train()
     totals = {"loss": 0.0, "seen": 0}

@@ -14,7 +14,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from medvlm.build import build_skeleton
-from medvlm.config import SERVER_OPTIMIZERS, ExperimentConfig, Stage, from_run_config, stage_at, stages, to_dict
+from medvlm.config import (SERVER_OPTIMIZERS, ExperimentConfig, Stage, from_run_config, lr_window, stage_at,
+                           stages, to_dict)
 from medvlm.model.vlm import MedVLM
 from medvlm.runs import new_run_dir, save_config
 from medvlm.wire import check_transport, from_wire, require_float32, to_wire
@@ -91,11 +92,14 @@ def set_up(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> tuple[Rounds, di
     return rounds, state, first, privacy
 
 
-def plan(r: Rounds, stage: Stage) -> ConfigRecord:
+def plan(r: Rounds, stage: Stage, server_round: int) -> ConfigRecord:
     """The round's plan, sent to every hospital: the stage (which each checks against its own run
-    config), its learning rate and local epochs, the round count, where a simulation keeps ledgers."""
+    config), its learning rate, the piece of the schedule this round follows (``lr-from``, ``lr-to``)
+    and local epochs, the round count, where a simulation keeps ledgers."""
+    lr_from, lr_to = lr_window(r.cfg, stage, server_round)
     return ConfigRecord({"run-dir": str(r.run_dir.resolve()), "stage": stage.name, "lr": float(stage.lr),
-                         "local-epochs": float(stage.local_epochs), "num-rounds": r.cfg.federation.rounds})
+                         "lr-from": lr_from, "lr-to": lr_to, "local-epochs": float(stage.local_epochs),
+                         "num-rounds": r.cfg.federation.rounds})
 
 
 def train(r: Rounds, server_round: int, arrays: ArrayRecord,
@@ -170,7 +174,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         if not r.log.records and fed.fraction_evaluate > 0:   # round 0: where the federation starts from
             t0, start = time.perf_counter(), stage_at(cfg, 0)
             r.strategy.report = RoundReport()
-            evaluation = evaluate(r, 0, arrays, plan(r, start))
+            evaluation = evaluate(r, 0, arrays, plan(r, start, 0))
             record = _tag(round_record(0, r.strategy.report, None, evaluation, privacy, time.perf_counter() - t0),
                           start)
             checkpoint(r, 0, state, record, privacy)
@@ -180,7 +184,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         if server_round == stage.first_round and len(stages(cfg)) > 1:
             log.info("stage %s (%s, trains %s): rounds %d-%d", stage.name, stage.task, "+".join(stage.trainable),
                      stage.first_round, stage.last_round)
-        config = plan(r, stage)
+        config = plan(r, stage, server_round)
         new_arrays, train_metrics, report = train(r, server_round, arrays, config)
         arrays = new_arrays if new_arrays is not None else arrays
         t_train = time.perf_counter() - t0

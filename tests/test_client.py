@@ -141,6 +141,29 @@ def test_a_round_asked_again_is_resent_not_trained_and_charged_again(run, monkey
     assert "resent" not in status and status["status"] == "budget-exhausted"
 
 
+def test_a_round_follows_the_piece_of_the_schedule_its_plan_names(run):
+    """lr-from / lr-to in the round's plan (federation.lr_schedule=stage): a round at the very end of
+    the curve trains at a learning rate near 0; a malformed window is refused before anything is spent."""
+    message, context, state, ledger_dir = run
+
+    def moved(reply) -> float:
+        arrays = wire_arrays(reply.content.array_records["arrays"])
+        return max(float(np.abs(arrays[k] - state[k].numpy()).max()) for k in state)
+
+    late = message("train")
+    late.content.config_records["config"]["lr-from"] = 0.999
+    late.content.config_records["config"]["lr-to"] = 1.0
+    near_zero = moved(client_app.train(late, context))
+    assert near_zero < 0.01 * moved(client_app.train(message("train", server_round=2), context))
+    before = (ledger_dir / LEDGER_FILE).read_text()
+    bad = message("train", server_round=2)
+    bad.content.config_records["config"]["lr-from"] = 0.5
+    bad.content.config_records["config"]["lr-to"] = 0.25
+    with pytest.raises(ValueError, match="lr-from=0.5"):
+        client_app.train(bad, context)
+    assert (ledger_dir / LEDGER_FILE).read_text() == before
+
+
 def test_a_hospital_that_fails_mid_round_charges_nothing(run, monkeypatch):
     message, context, _, ledger_dir = run
     client_app.train(message("train"), context)

@@ -10,7 +10,7 @@ import pytest
 
 from client import app as client_app
 from client.ledger import Ledger
-from medvlm.config import load_config, stage_at, stages
+from medvlm.config import load_config, lr_window, stage_at, stages
 from medvlm.privacy import epsilon
 from server.app import run_federation
 from tests.conftest import TINY_OVERRIDES
@@ -30,6 +30,14 @@ def test_stages_resolve_in_order_with_defaults_and_budget_shares():
     assert (b.first_round, b.last_round, b.qtypes, b.trainable, b.budget_end) == (3, 5, ("modality",),
                                                                                 ("fusion", "lora"), 1.0)
     assert [stage_at(cfg, r).name for r in range(7)] == ["a", "a", "a", "b", "b", "b", "b"]
+    # one learning-rate curve per stage (federation.lr_schedule=stage), or a whole one every round
+    assert [lr_window(cfg, stage_at(cfg, r), r) for r in range(1, 6)] == [(0.0, 1.0)] * 5
+    shared = load_config("tiny", ["federation.stages=[{name: a, rounds: 2}, {name: b, rounds: 3}]",
+                                  "federation.lr_schedule=stage"])
+    assert [lr_window(shared, stage_at(shared, r), r) for r in range(1, 6)] == [
+        (0, 0.5), (0.5, 1), (0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1)]
+    with pytest.raises(ValueError, match="federation.lr_schedule"):
+        load_config("tiny", ["federation.lr_schedule=cosine"])
     single = stages(load_config("tiny", ["data.task=report"]))
     assert len(single) == 1 and single[0].task == "report" and single[0].last_round == 3
     with pytest.raises(ValueError, match="unique"):

@@ -119,6 +119,16 @@ def test_federation_runs_checkpoints_and_resumes_with_ledgers_intact(federation,
         start(3, extra=["train.lr=0.5"])
 
 
+def test_rounds_sharing_one_schedule_are_each_sent_their_piece_of_it(federation):
+    """federation.lr_schedule=stage: round k of n asks each hospital to train over ((k - 1) / n, k / n)
+    of one warm-up + cosine (the default asks for the whole curve every round)."""
+    start, _ = federation
+    _, grid = start(2, extra=["federation.lr_schedule=stage"])
+    plans = {(int(m.content["config"]["server-round"]), m.content["config"]["lr-from"], m.content["config"]["lr-to"])
+             for m in grid.sent if m.metadata.message_type == "train"}
+    assert plans == {(1, 0.0, 0.5), (2, 0.5, 1.0)}
+
+
 def test_a_coordinator_crash_after_the_hospitals_trained_costs_no_privacy_twice(federation):
     """Killed once every hospital trained round 2 (and charged it) but before their replies were
     aggregated: the resumed coordinator asks for round 2 again with the same state, and each hospital

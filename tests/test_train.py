@@ -8,7 +8,7 @@ from medvlm.config import PrivacyConfig, TrainConfig
 from medvlm.data.dataset import VQARows
 from medvlm.privacy import (PrivacyBudgetExceeded, calibrate_noise, epsilon, load_accountant_state,
                             save_accountant_state)
-from medvlm.train import calibrated, train_local
+from medvlm.train import calibrated, lr_factor, train_local
 
 FAST = TrainConfig(epochs=1, batch_size=16, physical_batch_size=8, lr=1e-2)
 
@@ -143,3 +143,17 @@ def test_the_planned_sample_rate_is_what_the_accountant_records(tiny_model, tiny
     result = train_local(tiny_model, data, train=train, privacy=privacy, max_steps=3, progress=False)
     assert [tuple(h)[1] for h in result.accountant_state["history"]] == [sample_rate]
     assert result.privacy.epsilon <= 2.0 + 1e-9
+
+
+def test_rounds_sharing_one_schedule_follow_the_pooled_curve():
+    """federation.lr_schedule=stage: four rounds of 10 steps, each over its quarter of the curve, take
+    exactly the 40 learning rates one 40-step training takes; the whole window is one warm-up + cosine."""
+    pooled = [lr_factor(40)(i) for i in range(40)]
+    rounds = [lr_factor(10, ((k - 1) / 4, k / 4))(i) for k in range(1, 5) for i in range(10)]
+    assert rounds == pytest.approx(pooled)
+    assert pooled[0] == 0.5 and pooled[1] == 1.0 and pooled[-1] < 0.01     # 2 warm-up steps, then down to ~0
+    per_round = [lr_factor(10)(i) for i in range(10)]
+    assert per_round[0] == 1.0 and per_round[-1] < 0.05 and per_round != pytest.approx(rounds[:10])
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5), (0.6, 0.3)):
+        with pytest.raises(ValueError, match="window"):
+            lr_factor(10, bad)
