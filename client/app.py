@@ -98,10 +98,14 @@ def _lr_window(round_cfg: Mapping) -> tuple[float, float]:
     """The piece of the learning-rate schedule the round's plan asks for (the whole curve when the
     plan does not say: a coordinator from before ``lr-from`` / ``lr-to``). It shapes the steps, never
     their number or noise, so it cannot change what a round spends."""
+    from medvlm.train import lr_factor
+
     window = float(round_cfg.get("lr-from", 0.0)), float(round_cfg.get("lr-to", 1.0))
-    if not 0.0 <= window[0] < window[1] <= 1.0:
+    try:
+        lr_factor(1, window)   # the one check of a window
+    except ValueError as err:
         raise ValueError(f"the round's plan asks for lr-from={window[0]}, lr-to={window[1]}: need "
-                         "0 <= lr-from < lr-to <= 1 (the coordinator's federation.lr_schedule)")
+                         "0 <= lr-from < lr-to <= 1 (the coordinator's federation.lr_schedule)") from err
     return window
 
 
