@@ -1,0 +1,3 @@
+"""simulations: see DESIGN.md. Imports medvlm first: one CPU code path before torch loads."""
+
+import medvlm  # noqa: F401

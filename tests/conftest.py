@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
+
+import medvlm  # noqa: F401  (before torch: one CPU code path, medvlm/__init__.py)
 import torch
 
 
