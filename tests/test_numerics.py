@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 PROBE = ("import os, {first}, torch; print(os.environ['MKL_CBWR'], os.environ['ONEDNN_MAX_CPU_ISA'], "
-         "torch.backends.cpu.get_cpu_probe())")
+         "torch.backends.cpu.get_cpu_capability())")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
