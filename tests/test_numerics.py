@@ -7,13 +7,15 @@ import platform
 import subprocess
 import sys
 
+from medvlm import CPU_CODE_PATH
+
 PROBE = ("import os, {first}, torch; print(os.environ['MKL_CBWR'], os.environ['ONEDNN_MAX_CPU_ISA'], "
          "torch.backends.cpu.get_cpu_capability())")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _probe(first: str, **env) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}
+    clean = {k: v for k, v in os.environ.items() if k not in CPU_CODE_PATH}
     out = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], env={**clean, **env},
                          capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
@@ -29,6 +31,4 @@ def test_every_entry_package_sets_the_avx2_code_path_before_torch_loads():
 
 def test_a_code_path_the_user_set_wins():
     assert _probe("medvlm", ATEN_CPU_CAPABILITY="default", MKL_CBWR="AUTO").split() == ["AUTO", "AVX2", "DEFAULT"]
-    import medvlm
-
-    assert medvlm.CPU_CODE_PATH == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert CPU_CODE_PATH == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
