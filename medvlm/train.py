@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
@@ -46,6 +47,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
     return torch.device(name)
+
+
+def _secret_seed() -> int:
+    """64 bits from the OS's entropy for DP's batches and noise (a test may pin it; nothing else does)."""
+    return secrets.randbits(64)
 
 
 def planned_steps(num_examples: int, train: TrainConfig) -> tuple[float, int]:
@@ -147,8 +153,14 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
         optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    # Without DP, train.seed makes a run repeatable. With DP, the Poisson batches and the noise must be
+    # secret and fresh in every call: DP-SGD's guarantee assumes nobody can predict them. Drawn from
+    # train.seed they were the same in every round and at every hospital, so the coordinator (who
+    # knows the seed) could regenerate the noise and take it off an update, and the noise added up
+    # across rounds instead of averaging out. So under DP both come from the OS's entropy.
+    seed = _secret_seed() if privacy.enabled else train.seed
     loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(train.seed))
+                        generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(train.seed)
 
     engine = criterion = None
@@ -165,6 +177,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
             max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
             grad_sample_mode=privacy.grad_sample_mode,
+            noise_generator=torch.Generator(device=device).manual_seed(_secret_seed()),
             criterion=torch.nn.CrossEntropyLoss(ignore_index=-100))
         if privacy.grad_sample_mode == "ghost":
             net, optimizer, criterion, loader = made
