@@ -99,7 +99,9 @@ class RoundLog:
                 ax_acc.legend(fontsize=8)
         ax_loss.plot(rounds, [float("nan") if r["train_loss"] is None else r["train_loss"] for r in self.records], "o-")
         ax_loss.set(title="mean local training loss", xlabel="round", ylabel="loss")
-        ax_loss.set_ylim(bottom=0)   # a cross-entropy: from 0, so a flat curve does not look like a swing
+        losses = [r["train_loss"] for r in self.records if r["train_loss"] is not None]
+        if losses:   # a cross-entropy: from 0, so a flat curve does not look like a swing
+            ax_loss.set_ylim(0, 1.1 * max(losses))
         names = sorted({h for r in self.records for h in r["epsilon"]})
         for name in names:
             ax_eps.plot(rounds, [r["epsilon"].get(name, 0.0 if r["round"] == 0 else float("nan"))
