@@ -1,7 +1,8 @@
 """Utility: does joining the federation pay, and how close does the private federation get to pooling
 the data? Side by side, in one run, every model scored on the same questions (every hospital's
 validation split, pooled; a hospital alone also on its own), per seed (data, federation and training
-seeds together):
+seeds together; DP's batches and noise are fresh secret draws in every run, so a seed repeats
+everything but them):
 
     start             the public start before any hospital data (round 0)
     <h> alone (DP)    one hospital trained alone with DP-SGD at the configured epsilon, the same

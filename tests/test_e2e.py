@@ -47,8 +47,8 @@ def test_default_federation_keeps_every_budget_and_beats_the_baseline(tmp_path):
     s = simulate("tiny", [f"output_dir={tmp_path}"], run_dir=tmp_path / "default")
     assert s["rounds"] == 3 and s["stopped"] == "completed" and s["rejected_updates"] == 0
     assert all(0 < e <= 8.0 for e in s["epsilon"].values()) and len(s["epsilon"]) == 3
-    # issue 3's target: 20 points above each hospital's own per-question majority (measured 80.9%
-    # vs 58.0%), and the DP rounds do not wash out the public start
+    # issue 3's target: 20 points above each hospital's own per-question majority (measured 80.4-81.2%
+    # vs 58.0% over three runs: DP noise is fresh in each), and the DP rounds do not wash out the public start
     assert s["final_accuracy"] >= s["baseline_accuracy"] + 0.20, s
     assert s["final_accuracy"] >= s["initial_accuracy"] - 0.02, s
     assert evaluate_run(tmp_path / "default", progress=False)["accuracy"] == s["final_accuracy"]
