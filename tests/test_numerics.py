@@ -14,11 +14,16 @@ PROBE = ("import os, {first}, torch; print(os.environ['MKL_CBWR'], os.environ['O
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _probe(first: str, **env) -> str:
+def _run(code: str, **env) -> str:
+    """The last line ``code`` prints in a fresh interpreter without the code-path variables (plus ``env``)."""
     clean = {k: v for k, v in os.environ.items() if k not in CPU_CODE_PATH}
-    out = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], env={**clean, **env},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         check=True)
     return out.stdout.strip().splitlines()[-1]
+
+
+def _probe(first: str, **env) -> str:
+    return _run(PROBE.format(first=first), **env)
 
 
 def test_every_entry_package_sets_the_avx2_code_path_before_torch_loads():
@@ -42,10 +47,7 @@ RAN_FIRST = ("import warnings, torch\n{ops}"
 
 
 def _ran_first(ops: str) -> tuple[str, int]:
-    clean = {k: v for k, v in os.environ.items() if k not in CPU_CODE_PATH}
-    out = subprocess.run([sys.executable, "-c", RAN_FIRST.format(ops=ops)], env=clean,
-                         capture_output=True, text=True, check=True)
-    capability, warned = out.stdout.strip().splitlines()[-1].split()
+    capability, warned = _run(RAN_FIRST.format(ops=ops)).split()
     return capability, int(warned)
 
 
