@@ -57,7 +57,7 @@ def test_dp_step_equals_plain_step_without_noise_or_clipping(tiny_cfg, tiny_spli
 def test_dp_noise_and_batches_are_fresh_in_every_call_while_plain_training_repeats(tiny_cfg, tiny_splits):
     """Two hospitals (or one hospital in two rounds) with the same train.seed must not draw the same DP
     noise: the coordinator knows the seed, and noise it can regenerate protects nothing (before the
-    fix the two updates below had cosine 0.99997). Without DP the seed still makes a run repeatable."""
+    fix the two updates below had cosine 1.0000). Without DP the seed still makes a run repeatable."""
     data = small(tiny_splits["train"], 32)
     train = replace(FAST, batch_size=16, physical_batch_size=16, optimizer="sgd", lr=0.1)
     noisy = PrivacyConfig(target_epsilon=None, noise_multiplier=50.0)   # the update is almost all noise
