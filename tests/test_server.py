@@ -119,6 +119,29 @@ def test_federation_runs_checkpoints_and_resumes_with_ledgers_intact(federation,
         start(3, extra=["train.lr=0.5"])
 
 
+def test_every_hospital_draws_its_own_dp_noise_in_every_round(federation):
+    """Through the real ClientApp: the coordinator sends every hospital the same state, plan and
+    train.seed, yet no two DP updates may share their noise, across hospitals or across one
+    hospital's rounds (noise the coordinator could regenerate from what it sent protects nothing).
+    At a tiny epsilon the updates are almost all noise: shared noise shows as a cosine near 1."""
+    start, _ = federation
+    summary, grid = start(2, extra=["privacy.target_epsilon=1", "train.optimizer=sgd", "federation.lr=0.1"])
+    assert summary["rounds"] == 2 and all(0 < e <= 1 + 1e-6 for e in summary["epsilon"].values())
+    changes = {}
+    for sent, reply in zip([m for m in grid.sent if m.metadata.message_type == "train"],
+                           [m for m in grid.received if m.metadata.message_type == "train"]):
+        assert reply.metadata.reply_to_message_id == sent.metadata.message_id
+        before, after = wire_arrays(sent.content["arrays"]), wire_arrays(reply.content["arrays"])
+        key = (reply.content["status"]["hospital"], int(sent.content["config"]["server-round"]))
+        changes[key] = torch.cat([torch.from_numpy(after[k] - before[k]).flatten().double() for k in sorted(before)])
+    assert len(changes) == 6 and all(c.norm() > 0 for c in changes.values())
+    keys = sorted(changes)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            cos = float(torch.nn.functional.cosine_similarity(changes[a], changes[b], dim=0))
+            assert abs(cos) < 0.2, f"{a} and {b}: cosine {cos:.3f}: their DP noise is shared"
+
+
 def test_rounds_sharing_one_schedule_are_each_sent_their_piece_of_it(federation):
     """federation.lr_schedule=stage: round k of n asks each hospital to train over ((k - 1) / n, k / n)
     of one warm-up + cosine (the default asks for the whole curve every round)."""
