@@ -83,10 +83,13 @@ class RoundLog:
         reports = any(r.get("bleu4") is not None for r in self.records)
         answers = any(r.get("accuracy") is not None for r in self.records) or not reports
         # a report-only run has no accuracy panel, a VQA-only run no report panel
-        names = ["accuracy"] * answers + ["reports"] * reports + ["loss", "epsilon"]
+        typed = [r for r in self.records if r.get("per_qtype")]
+        names = ["accuracy"] * answers + ["reports"] * reports + ["loss", "epsilon"] + ["qtypes"] * bool(typed)
         fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.2))
         panel = dict(zip(names, axes))
         ax_acc, ax_rep, ax_loss, ax_eps = (panel.get(n) for n in ("accuracy", "reports", "loss", "epsilon"))
+        if typed:
+            self._plot_qtypes(panel["qtypes"], typed[0], typed[-1])
         for key, label, style in (("accuracy", "global model", "o-"), ("closed_accuracy", "closed", "s--"),
                                   ("open_accuracy", "open", "^--"),
                                   ("baseline_accuracy", "per-question majority", "k:")):
@@ -125,7 +128,7 @@ class RoundLog:
             ax_rep.legend(fontsize=7)
         stage_starts = [(r["round"], r["stage"]) for i, r in enumerate(self.records)
                         if r.get("stage") and (i == 0 or r["stage"] != self.records[i - 1].get("stage"))]
-        for ax in axes:
+        for ax in (a for n, a in panel.items() if n != "qtypes"):
             ax.grid(alpha=0.3)
             ax.set_xticks(rounds)
             if len(stage_starts) > 1:   # a curriculum: mark where each stage starts
@@ -137,6 +140,27 @@ class RoundLog:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+    @staticmethod
+    def _plot_qtypes(ax, first: dict, last: dict) -> None:
+        """Accuracy per question type: the first evaluated round against the last, with the
+        per-question majority's mark: which questions the federation learned, which it answers with
+        the majority, which no round answers."""
+        qtypes = sorted(last["per_qtype"], reverse=True)
+        ys = range(len(qtypes))
+        ax.barh([y + 0.2 for y in ys], [100 * first["per_qtype"].get(q, float("nan")) for q in qtypes], height=0.4,
+                color="tab:gray", alpha=0.6, label=f"round {first['round']}")
+        ax.barh([y - 0.2 for y in ys], [100 * last["per_qtype"][q] for q in qtypes], height=0.4, color="tab:blue",
+                label=f"round {last['round']}")
+        base = last.get("baseline_per_qtype") or {}
+        ax.scatter([100 * base[q] for q in qtypes if q in base], [y for y, q in zip(ys, qtypes) if q in base],
+                   marker="|", s=200, color="black", zorder=3, label="per-question majority")
+        ax.set_yticks(list(ys), qtypes, fontsize=7)
+        ax.set(title="accuracy by question type", xlabel="accuracy (%)", xlim=(0, 100),
+               ylim=(-0.6, len(qtypes) + 0.9))
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False, handlelength=1, columnspacing=1)
+
 
 
 def build_summary(records: list[dict], privacy: dict, *, trainable: int, dp: bool, wall_seconds: float,

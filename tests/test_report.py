@@ -54,6 +54,20 @@ def test_a_round_log_appends_records_prints_a_row_and_draws_plots(tmp_path, caps
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_the_plots_show_each_question_type_against_its_majority_when_the_rounds_report_them(tmp_path):
+    from PIL import Image
+
+    typed = [{**_record(0, 0.6), "per_qtype": {"effusion": 0.9}, "baseline_per_qtype": {"effusion": 0.7}},
+             {**_record(1, 0.7), "per_qtype": {"effusion": 0.95, "pneumothorax": 0.8},   # a type new this round
+              "baseline_per_qtype": {"effusion": 0.7, "pneumothorax": 0.78}}]
+    widths = {}
+    for name, records in (("plain", [_record(0, 0.6), _record(1, 0.7)]), ("typed", typed)):
+        (tmp_path / name).mkdir()
+        with Image.open(RoundLog(tmp_path / name, records).plot()) as image:
+            widths[name] = image.size[0]
+    assert widths["typed"] == pytest.approx(widths["plain"] * 4 / 3, rel=0.01)   # a fourth panel, as wide
+
+
 def test_checkpoints_resume_only_the_same_experiment(tmp_path, tiny_cfg):
     from dataclasses import replace
 
