@@ -17,7 +17,8 @@ def test_presets_exist():
 def test_base_chain_and_overrides():
     cfg = load_config("tiny-mlp", ["train.epochs=3", "privacy.target_epsilon=4"])
     assert cfg.model.fusion.kind == "mlp"          # from tiny-mlp
-    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]  # inherited from tiny
+    assert cfg.model.lora.target_modules == load_config("tiny").model.lora.target_modules  # inherited from tiny
+    assert len(cfg.model.lora.target_modules) == 7                                       # every linear layer
     assert cfg.train.epochs == 3 and cfg.privacy.target_epsilon == 4
 
 
