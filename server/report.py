@@ -162,7 +162,6 @@ class RoundLog:
         ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False, handlelength=1, columnspacing=1)
 
 
-
 def build_summary(records: list[dict], privacy: dict, *, trainable: int, dp: bool, wall_seconds: float,
                   stopped: str) -> dict:
     """``summary.json``: the core's keys for the last evaluated round, plus the federation's."""

@@ -239,7 +239,8 @@ def align_fusion(model, features: torch.Tensor, label_sets: list[set[str]], *, e
     head on the *mean* of the visual tokens. The mean is what the language model's attention reads
     without first learning a route to one token: with a head on all tokens together the sides were
     in the tokens (a linear probe reads them at 87-94%) yet every model answered "which side" at
-    chance, and through the mean the start answers them at 82-85% (docs/benchmarks.md, December 3).
+    chance; through the mean, with LoRA on every linear layer of the LM, the default start answers
+    which lung at 90% and which base at 68% (docs/benchmarks.md, December 3).
     Answering through the frozen LLM alone, the fusion learns this slowly: nodules (a few pixels)
     stay at chance after the whole stage-2 tuning without it. ``features``: frozen patch tokens
     (N, P, D). Returns the first and final losses and the label vocabulary."""
