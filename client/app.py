@@ -118,10 +118,11 @@ def _ledger_metrics(ledger: Ledger) -> dict[str, float]:
 def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transport: str = "fp32",
            received: Mapping | None = None, key: str | None = None,
            lr_window: tuple[float, float] = (0.0, 1.0)) -> RecordDict:
-    from medvlm.train import planned_steps, train_local
+    from medvlm.train import dp_records, planned_steps, train_local
 
     metrics: dict[str, float] = {"num-examples": len(site.train)}
     privacy = cfg.privacy
+    tags = site.stage.task == "tags"
     ledger = None
     if privacy.enabled:
         ledger = Ledger.open(site.state_dir, hospital=site.name, budget=site.budget, delta=site.delta,
@@ -138,7 +139,7 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
             return reply_content(kind="train", metrics=metrics, spec=site.spec, state=state, status=_status(
                 site, "trained", ledger, accountant=privacy.accountant, resent=note), transport=transport,
                 reference=received)
-        sample_rate, steps = planned_steps(len(site.train), train_cfg)
+        sample_rate, steps = planned_steps(dp_records(site.train, tags=tags), train_cfg)
         try:
             sigma = ledger.plan_for(site.stage, server_round=server_round, num_rounds=num_rounds,
                                     planned_rounds=cfg.federation.rounds, sample_rate=sample_rate,
@@ -151,10 +152,15 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
                 site, "budget-exhausted", ledger, reason=str(err)))
         privacy = replace(privacy, target_epsilon=None, noise_multiplier=sigma, delta=site.delta)
 
+    head = _tag_head(site, cfg) if tags else None
     result = train_local(site.model, site.train, train=train_cfg, privacy=privacy,
                          accountant_state=({"mechanism": ledger.accountant, "history": ledger.history}
                                            if ledger else None), progress=False, canaries=site.canaries,
-                         lr_window=lr_window)
+                         lr_window=lr_window, tags=head)
+    if head is not None:   # the hospital's own: kept in its state directory, never in a reply
+        from medvlm.tags import save_head
+
+        save_head(head, site.state_dir)
     metrics.update({k: result.metrics[k] for k in rounds.KEPT_METRICS})   # same names on the wire as here
     if ledger is not None:
         if key:   # kept first, then charged: an update the ledger never charged is never sent again
@@ -165,6 +171,17 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
     return reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status=_status(
         site, "trained", ledger, accountant=privacy.accountant if ledger else "none"), transport=transport,
         reference=received)
+
+
+def _tag_head(site, cfg):
+    """This hospital's stage-1 tag head (``medvlm.tags``): from its state directory, or a fresh one."""
+    import torch
+
+    from medvlm.tags import load_head
+
+    with torch.no_grad():
+        width = site.model.fusion(site.train.pixels[:1].to(site.model.device).float()).shape[-1]
+    return load_head(site.state_dir, width, seed=cfg.train.seed)
 
 
 def _status(site, status: str, ledger: Ledger | None = None, **extra: str) -> dict[str, str]:

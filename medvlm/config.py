@@ -115,6 +115,9 @@ class ModelConfig:
 
 DATA_FORMATS = ("auto", "jsonl", "vqa-rad", "slake", "pmc-vqa", "mimic-cxr", "r2gen")
 TASKS = ("vqa", "report")
+# A curriculum stage may also be ``tags``: stage 1 at the hospitals (medvlm.tags), the fusion learns
+# each image's answers as tags through a head that stays at the hospital; it reads the VQA rows.
+STAGE_TASKS = (*TASKS, "tags")
 
 
 @dataclass
@@ -281,7 +284,7 @@ class StageConfig:
 
     name: str = "stage"
     rounds: int = 1
-    task: str = "vqa"                 # vqa | report (image -> findings report: image-text alignment)
+    task: str = "vqa"                 # vqa | report (image -> findings report: image-text alignment) | tags
     qtypes: list[str] = field(default_factory=list)   # vqa: question types of this stage (empty: all)
     trainable: list[str] = field(default_factory=lambda: ["fusion", "lora"])
     lr: Optional[float] = None        # default: federation.lr, then train.lr
@@ -292,9 +295,11 @@ class StageConfig:
         _check(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), f"{key}.name", self.name,
                "use letters, digits, - and _")
         _check(self.rounds >= 1, f"{key}.rounds", self.rounds, "must be >= 1")
-        _check(self.task in TASKS, f"{key}.task", self.task, f"use one of {list(TASKS)}")
+        _check(self.task in STAGE_TASKS, f"{key}.task", self.task, f"use one of {list(STAGE_TASKS)}")
         _check(bool(self.trainable) and set(self.trainable) <= {"fusion", "lora"}, f"{key}.trainable",
                self.trainable, "name a non-empty subset of [fusion, lora]")
+        _check(self.task != "tags" or list(self.trainable) == ["fusion"], f"{key}.trainable", self.trainable,
+               "a tags stage trains the fusion alone (its head reads the fusion's output): use [fusion]")
         _check(self.lr is None or self.lr > 0, f"{key}.lr", self.lr, "must be > 0")
         _check(self.local_epochs is None or self.local_epochs > 0, f"{key}.local_epochs", self.local_epochs,
                "must be > 0")
@@ -452,7 +457,8 @@ def for_stage(cfg: ExperimentConfig, stage: Stage) -> ExperimentConfig:
     """The config a stage trains with: its task, question types and trainable parts."""
     from dataclasses import replace
 
-    return replace(cfg, data=replace(cfg.data, task=stage.task, qtypes=list(stage.qtypes)),
+    task = "vqa" if stage.task == "tags" else stage.task   # tags are read from the question rows
+    return replace(cfg, data=replace(cfg.data, task=task, qtypes=list(stage.qtypes)),
                    train=replace(cfg.train, trainable=list(stage.trainable)))
 
 

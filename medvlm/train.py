@@ -29,6 +29,7 @@ from medvlm.quiet import ACCOUNTING, DP_TRAINING, quiet
 
 if TYPE_CHECKING:
     from medvlm.audit import GradientCanaries
+    from medvlm.tags import TagHead
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,14 @@ def lr_factor(steps: int, window: tuple[float, float] = (0.0, 1.0)):
     return factor
 
 
+def dp_records(data: VQARows, *, tags: bool = False) -> int:
+    """How many DP records ``data`` holds: its question rows, or (a ``tags`` stage) its images, each
+    with all its tags. A hospital plans its noise and sample rate with exactly this count."""
+    if tags:
+        return len(data.pixels) if data.pixels is not None else 0
+    return len(data)
+
+
 def _history(privacy: PrivacyConfig, accountant_state: Optional[dict]) -> list:
     """The accountant history a hospital has spent so far, refused if kept by another accountant."""
     if privacy.enabled and accountant_state and accountant_state.get("mechanism") != privacy.accountant:
@@ -123,12 +132,21 @@ def _noise_only_grads(params: list[torch.nn.Parameter]) -> None:
 def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: PrivacyConfig,
                 accountant_state: Optional[dict] = None, max_steps: Optional[int] = None,
                 progress: bool = True, canaries: Optional["GradientCanaries"] = None,
-                lr_window: tuple[float, float] = (0.0, 1.0)) -> LocalResult:
+                lr_window: tuple[float, float] = (0.0, 1.0), tags: Optional["TagHead"] = None) -> LocalResult:
     """Train ``model``'s trainable state on ``data``; returns the new state, metrics and privacy spent.
     ``canaries`` (an audit's gradient canaries) join each logical step as extra examples would.
-    ``lr_window``: the piece of the warm-up + cosine curve these steps follow (:func:`lr_factor`)."""
+    ``lr_window``: the piece of the warm-up + cosine curve these steps follow (:func:`lr_factor`).
+    ``tags``: a hospital's stage 1 (:mod:`medvlm.tags`): the fusion and this head learn each image's
+    tags instead of the answers' text; one image is one DP record, and the head is trained in place
+    (the caller keeps it; it is never part of the returned state)."""
     if len(data) == 0:
         raise ValueError("no training examples: the data set is empty")
+    if tags is not None and set(train.trainable) != {"fusion"}:
+        raise ValueError(f"a tags stage trains the fusion alone (train.trainable={train.trainable}): the tag head "
+                         "reads the fusion's output, so LoRA would get no gradient; set the stage's trainable: [fusion]")
+    if tags is not None and privacy.enabled and privacy.grad_sample_mode == "ghost":
+        raise ValueError("a tags stage needs per-example gradients of the fusion and its head: use "
+                         "privacy.grad_sample_mode=hooks, functorch or ew (ghost clipping is for the LM's loss)")
     lr_factor(1, lr_window)   # a malformed window is refused before anything is spent
     prior = _history(privacy, accountant_state)
     if privacy.enabled and (privacy.target_epsilon is not None or privacy.noise_multiplier is None):
@@ -139,10 +157,24 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     model.to(device)
     model.freeze_base(train.trainable)
     model.train()  # Opacus refuses eval-mode modules; the frozen vision tower stays in eval
-    dataset = VQADataset(with_frozen_features(model, data), model.tokenizer, model.cfg.max_text_len)
+    encoded = with_frozen_features(model, data)
+    module: torch.nn.Module = model
+    if tags is not None:
+        from torch.utils.data import TensorDataset
+
+        from medvlm.tags import Tagger, image_tags, tag_targets
+
+        tags.to(device).train()
+        tags.requires_grad_(True)
+        module = Tagger(model.fusion, tags)
+        dataset = TensorDataset(encoded.pixels, tag_targets(image_tags(encoded), tags.columns))
+    else:
+        dataset = VQADataset(encoded, model.tokenizer, model.cfg.max_text_len)
     sample_rate, steps = planned_steps(len(dataset), train)
     steps = min(steps, max_steps) if max_steps else steps
     named = {n: p for n, p in model.trainable_parameters().items() if p.requires_grad}
+    if tags is not None:   # the head clips with the fusion (one record's whole gradient), canaries included
+        named.update({f"tags.{n}": p for n, p in tags.named_parameters()})
     params = list(named.values())
     if canaries is not None and privacy.enabled and privacy.grad_sample_mode == "ghost":
         raise ValueError("gradient canaries need per-example gradients: use privacy.grad_sample_mode=hooks, "
@@ -164,7 +196,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     torch.manual_seed(train.seed)
 
     engine = criterion = None
-    net: torch.nn.Module = model
+    net: torch.nn.Module = module
     noise = 0.0
     if privacy.enabled:
         from opacus import PrivacyEngine
@@ -174,7 +206,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
         if prior:
             engine.accountant.load_state_dict({"mechanism": privacy.accountant, "history": list(prior)})
         made = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
+            module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
             max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
             grad_sample_mode=privacy.grad_sample_mode,
             noise_generator=torch.Generator(device=device).manual_seed(_secret_seed()),
@@ -189,6 +221,8 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     totals = {"loss": 0.0, "seen": 0}
 
     def step_loss(batch) -> Optional[float]:
+        if tags is not None:
+            return tag_step(*batch)
         pixels, input_ids, attention_mask, labels = batch
         loss = None
         if len(pixels) == 0:
@@ -211,6 +245,22 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
             inject.add()
         return loss
 
+    def tag_step(tokens, targets) -> Optional[float]:
+        from medvlm.tags import tag_loss
+
+        loss = None
+        if len(tokens) == 0:
+            _noise_only_grads(params)
+        else:
+            per_example = tag_loss(net(tokens.to(device)), targets.to(device))
+            per_example.mean().backward()
+            totals["loss"] += per_example.sum().item()
+            totals["seen"] += len(tokens)
+            loss = per_example.mean().item()
+        if inject is not None:
+            inject.add()
+        return loss
+
     started = time.perf_counter()
     memory = (_batch_memory(loader, train.physical_batch_size, optimizer) if privacy.enabled
               else contextlib.nullcontext(loader))
@@ -218,7 +268,8 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
         with memory as batches:
             done = fit(batches, step_loss, optimizer, scheduler, steps, progress=progress,
                        after_step=inject.stepped if inject is not None else None,
-                       desc="local training" + (" (DP)" if privacy.enabled else "")).steps
+                       desc=("stage 1: tags" if tags is not None else "local training") +
+                       (" (DP)" if privacy.enabled else "")).steps
     finally:
         if engine is not None and hasattr(net, "_close"):
             net._close()  # remove Opacus hooks so the model can be wrapped again next round

@@ -29,6 +29,7 @@ from medvlm.data.synthetic import generate_hospital, public_corpus_text, report_
 from medvlm.files import atomic_path
 from medvlm.loop import fit, sampled_indices
 from medvlm.quiet import no_progress_bars, without_log
+from medvlm.tags import TagHead
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +255,10 @@ def align_fusion(model, features: torch.Tensor, label_sets: list[set[str]], *, e
     fusion.requires_grad_(True)
     with torch.no_grad():
         width = fusion(features[:1]).shape[-1]
-    head = torch.nn.Linear(width, len(vocab))
+    head = TagHead(width, len(vocab))   # the hospitals' stage 1 (medvlm.tags) reads the fusion the same way
 
     def step_loss(idx: torch.Tensor) -> float:
-        mean = fusion(features[idx]).mean(1)                      # (B, Dl): the tokens' average
-        logits = head(F.layer_norm(mean, mean.shape[1:]))   # scale-free: the fusion's output scale is fixed
+        logits = head(fusion(features[idx]))
         loss = F.binary_cross_entropy_with_logits(logits, targets[idx])
         loss.backward()
         return loss.item()

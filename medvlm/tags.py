@@ -1,0 +1,139 @@
+"""Stage 1 at the hospitals: the fusion learns what each image's answers say, through a tag head.
+
+The seed paper aligns its query transformer to the image before the language model learns to
+answer. The public start does that on the public corpus (``recipes.foundation.align_fusion``),
+so the fusion carries the public findings only; what only the hospitals hold (a pneumothorax, a
+pacemaker) is in the frozen patch tokens (a linear probe reads it at 97-99%) but lost in the
+fusion's output (86-87%) and DP-SGD through the frozen language model does not bring it back
+(docs/benchmarks.md, December 3). A ``tags`` curriculum stage trains the fusion on each image's
+own answers instead: every question row ``qtype=answer`` becomes a tag of its image, predicted by
+a linear :class:`TagHead` on the mean of the fusion's output tokens (what the language model
+reads), with a multi-label loss.
+
+Two choices keep this a hospital's own and its DP guarantee intact:
+
+* the head **never leaves the hospital** (FedRep's split: the coordinator averages the fusion, each
+  hospital keeps its head in its state directory); no label list has to be agreed;
+* tags are **hashed into a fixed number of columns**: the head's shape does not depend on which
+  answers the data holds (a label list read from the data would make the model's shape itself a
+  release of what the data contains).
+
+The DP record of this stage is an *image* with all its tags (one row of the VQA stages is one
+question): a guarantee per image covers each of its questions, so the stages compose on the
+ledger as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlm.data.dataset import VQARows
+from medvlm.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+TAG_COLUMNS = 512           # hashed tag columns of a hospital's head (a data-independent shape)
+HEAD_FILE = "tag-head.safetensors"
+
+
+def tag_of(row: dict) -> str:
+    """An answer as a tag of its image: ``qtype=answer`` (the question itself when a data set has no
+    question types), lower-cased, whitespace collapsed."""
+    kind = str(row.get("qtype") or row.get("question", "")).strip().lower()
+    answer = " ".join(str(row.get("answer", "")).lower().split())
+    return f"{kind}={answer}"
+
+
+def image_tags(data: VQARows) -> list[set[str]]:
+    """One tag set per image of ``data`` (an image no row asks about has none)."""
+    n = len(data.pixels) if data.pixels is not None else 0
+    tags: list[set[str]] = [set() for _ in range(n)]
+    for i, row in enumerate(data.rows):
+        k = int(row["image_index"])
+        if not 0 <= k < n:
+            raise ValueError(f"row {i} ({row.get('question', '')!r}) names image_index {k}, but the split has {n} images")
+        tags[k].add(tag_of(row))
+    return tags
+
+
+def column(tag: str, columns: int = TAG_COLUMNS) -> int:
+    """A tag's column: a stable hash (the same on every machine and in every process)."""
+    return int.from_bytes(hashlib.blake2b(tag.encode(), digest_size=8).digest(), "big") % columns
+
+
+def tag_targets(tag_sets: Sequence[set[str]], columns: int = TAG_COLUMNS) -> torch.Tensor:
+    """Multi-hot targets (images, columns) of hashed tags."""
+    out = torch.zeros(len(tag_sets), columns)
+    for i, tags in enumerate(tag_sets):
+        out[i, [column(t, columns) for t in tags]] = 1.0
+    return out
+
+
+class TagHead(nn.Module):
+    """A linear head on the layer-normed *mean* of the fusion's output tokens: the mean is what the
+    language model's attention reads without first learning a route to one token."""
+
+    def __init__(self, width: int, columns: int = TAG_COLUMNS):
+        super().__init__()
+        self.proj = nn.Linear(width, columns)
+
+    @property
+    def columns(self) -> int:
+        return self.proj.out_features
+
+    def forward(self, visual_tokens: torch.Tensor) -> torch.Tensor:
+        mean = visual_tokens.mean(1)                           # (B, Dl)
+        return self.proj(F.layer_norm(mean, mean.shape[1:]))   # scale-free: the fusion's output scale is fixed
+
+
+class Tagger(nn.Module):
+    """Fusion + tag head as one module (what Opacus wraps in a ``tags`` stage): patch tokens -> tag
+    logits. It holds the model's own fusion, so training it trains the fusion that is sent."""
+
+    def __init__(self, fusion: nn.Module, head: TagHead):
+        super().__init__()
+        self.fusion, self.head = fusion, head
+
+    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fusion(patch_tokens.float()))
+
+
+def tag_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per image: the mean binary cross-entropy over the tag columns."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
+
+
+def load_head(state_dir: str | Path, width: int, *, seed: int = 0) -> TagHead:
+    """This hospital's tag head from its state directory, or a fresh one (seeded) on its first round."""
+    from safetensors.torch import load_file
+
+    path = Path(state_dir) / HEAD_FILE
+    torch.manual_seed(seed)
+    head = TagHead(width)
+    if path.is_file():
+        try:
+            state = load_file(str(path))
+            head.load_state_dict(state)
+        except Exception as err:   # safetensors' own errors, wrong names or shapes
+            raise ValueError(f"tag head {path} cannot be loaded ({err}); it is this hospital's own stage-1 head: "
+                             "restore it, or delete it to start the head afresh (the fusion keeps what it learnt)"
+                             ) from err
+    return head
+
+
+def save_head(head: TagHead, state_dir: str | Path) -> Path:
+    """Write the head atomically into the hospital's state directory (never sent anywhere)."""
+    from safetensors.torch import save_file
+
+    path = Path(state_dir) / HEAD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    return path

@@ -1,0 +1,186 @@
+"""Stage 1 at the hospitals (medvlm.tags): the fusion learns each image's answers as tags through a
+head that stays at the hospital; one image is one DP record."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from medvlm.build import build_medvlm
+from medvlm.config import PrivacyConfig, TrainConfig, load_config
+from medvlm.data.dataset import VQARows
+from medvlm.tags import (TAG_COLUMNS, TagHead, column, image_tags, load_head, save_head, tag_of, tag_targets)
+from medvlm.train import dp_records, planned_steps, train_local
+from tests.conftest import TINY_OVERRIDES
+
+TAGS = TrainConfig(epochs=1, batch_size=8, physical_batch_size=8, lr=1e-2, trainable=["fusion"])
+
+
+def _head(model, data) -> TagHead:
+    with torch.no_grad():
+        width = model.fusion(model.encode_images(data.pixels[:1])).shape[-1]
+    torch.manual_seed(0)
+    return TagHead(width)
+
+
+def test_tags_are_each_image_s_answers_hashed_into_fixed_columns():
+    rows = [{"image_index": 0, "question": "Is there a pneumothorax?", "answer": "Yes", "qtype": "pneumothorax"},
+            {"image_index": 0, "question": "Which side?", "answer": "left  lung", "qtype": "nodule_side"},
+            {"image_index": 2, "question": "What modality?", "answer": "CT"}]          # no qtype: the question
+    data = VQARows(torch.zeros(3, 4, 8), rows, tokens=True)
+    assert image_tags(data) == [{"pneumothorax=yes", "nodule_side=left lung"}, set(), {"what modality?=ct"}]
+    assert tag_of(rows[1]) == "nodule_side=left lung"
+    y = tag_targets(image_tags(data))
+    assert y.shape == (3, TAG_COLUMNS) and y.sum(1).tolist() == [2, 0, 1]
+    assert y[0, column("pneumothorax=yes")] == 1 and column("pneumothorax=yes") == column("pneumothorax=yes")
+    assert column("pneumothorax=yes") != column("pneumothorax=no")   # (a collision would make this test moot)
+    # the head's shape never depends on the data: the same columns whatever the answers are
+    assert tag_targets([{"a=b"}]).shape[1] == tag_targets([{f"x={i}" for i in range(50)}]).shape[1]
+    with pytest.raises(ValueError, match="image_index 7"):
+        image_tags(VQARows(torch.zeros(3, 4, 8), [{"image_index": 7, "question": "q", "answer": "a"}], tokens=True))
+
+
+def test_a_tags_step_trains_the_fusion_and_the_head_never_lora(tiny_cfg, tiny_splits):
+    model = build_medvlm(tiny_cfg.model, seed=0)
+    data = tiny_splits["train"]
+    head = _head(model, data)
+    head_before = {k: v.clone() for k, v in head.state_dict().items()}
+    before = model.trainable_state()
+    result = train_local(model, data, train=TAGS, privacy=PrivacyConfig(enabled=False), max_steps=3,
+                         progress=False, tags=head)
+    assert set(result.state) == set(before)                 # the model's state only: no head tensor
+    moved = {k for k in before if not torch.equal(result.state[k], before[k])}
+    assert moved and all(k.startswith("fusion.") for k in moved)
+    assert any(not torch.equal(head.state_dict()[k], head_before[k]) for k in head_before)
+    assert result.metrics["examples"] == len(data.pixels) == dp_records(data, tags=True) < len(data)
+    with pytest.raises(ValueError, match="fusion alone"):
+        train_local(model, data, train=replace(TAGS, trainable=["fusion", "lora"]),
+                    privacy=PrivacyConfig(enabled=False), max_steps=1, progress=False, tags=head)
+    with pytest.raises(ValueError, match="ghost"):
+        train_local(model, data, train=TAGS, privacy=PrivacyConfig(target_epsilon=None, noise_multiplier=1.0,
+                                                                  grad_sample_mode="ghost"),
+                    max_steps=1, progress=False, tags=head)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_a_dp_tags_step_equals_a_plain_one_without_noise_or_clipping(tiny_cfg, tiny_splits, mode):
+    data = tiny_splits["train"]
+    train = replace(TAGS, batch_size=len(data.pixels), physical_batch_size=len(data.pixels), optimizer="sgd", lr=0.5)
+    states, heads = [], []
+    for privacy in (PrivacyConfig(enabled=False),
+                    PrivacyConfig(target_epsilon=None, noise_multiplier=0.0, max_grad_norm=1e9, grad_sample_mode=mode)):
+        model = build_medvlm(tiny_cfg.model, seed=0)
+        head = _head(model, data)
+        states.append(train_local(model, data, train=train, privacy=privacy, max_steps=1, progress=False,
+                                  tags=head).state)
+        heads.append(head.state_dict())
+    for k, v in states[0].items():
+        assert torch.allclose(v, states[1][k], rtol=1e-4, atol=1e-6), f"{mode}: {k} differs"
+    for k, v in heads[0].items():
+        assert torch.allclose(v, heads[1][k], rtol=1e-4, atol=1e-6), f"{mode}: head {k} differs"
+
+
+def test_a_dp_tags_stage_samples_images_and_its_spending_is_recorded(tiny_cfg, tiny_splits):
+    model = build_medvlm(tiny_cfg.model, seed=0)
+    data = tiny_splits["train"]
+    result = train_local(model, data, train=TAGS, privacy=PrivacyConfig(target_epsilon=None, noise_multiplier=1.0),
+                         max_steps=4, progress=False, tags=_head(model, data))
+    q, _ = planned_steps(len(data.pixels), TAGS)
+    assert result.privacy.sample_rate == pytest.approx(q) and result.privacy.steps == 4
+    assert result.accountant_state["history"] == [(1.0, pytest.approx(q), 4)]
+    assert 0 < result.privacy.epsilon < float("inf")
+
+
+def test_the_tags_stage_learns_a_finding_the_fusion_did_not_carry():
+    """Without DP, a few hundred steps on one hospital's images teach the fusion + head to read a
+    hospital-only finding (pneumothorax) the random fusion's mean output does not separate."""
+    cfg = load_config("tiny", TINY_OVERRIDES + ["data.images_per_hospital=120", "data.hospital_only=true"])
+    from medvlm.build import vision_encoder
+    from medvlm.data.dataset import load_splits
+
+    data = load_splits(cfg.data, vision_encoder(cfg.model.vision).preprocess, hospitals=["general"])["train"]
+    model = build_medvlm(cfg.model, seed=0)
+    head = _head(model, data)
+    train = replace(TAGS, epochs=60, batch_size=32, physical_batch_size=32, lr=3e-3)
+    first = train_local(model, data, train=replace(train, epochs=0.01), privacy=PrivacyConfig(enabled=False),
+                        progress=False, tags=head).metrics["train_loss"]
+    last = train_local(model, data, train=train, privacy=PrivacyConfig(enabled=False), progress=False,
+                       tags=head).metrics["train_loss"]
+    assert last < 0.5 * first
+
+
+def test_a_hospital_s_head_round_trips_and_a_broken_one_is_named(tmp_path):
+    torch.manual_seed(1)
+    head = TagHead(16)
+    save_head(head, tmp_path)
+    again = load_head(tmp_path, 16, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
+    fresh = load_head(tmp_path / "new", 16, seed=5)
+    assert not torch.equal(fresh.proj.weight, head.proj.weight)
+    (tmp_path / "tag-head.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="tag-head.safetensors"):
+        load_head(tmp_path, 16)
+
+
+TAG_STAGES = "federation.stages=[{name: tags, rounds: 1, task: tags, trainable: [fusion], lr: 0.003}, " \
+             "{name: vqa, rounds: 1, local_epochs: 1}]"
+
+
+@pytest.fixture(scope="module")
+def tags_run(tmp_path_factory):
+    import shlex
+
+    from client import app as client_app
+    from server.app import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    run_dir = tmp_path_factory.mktemp("tags") / "run"
+    overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology]", "federation.local_epochs=1", TAG_STAGES]
+    grid = InProcessGrid({10 + i: {"partition-id": i} for i in range(2)},
+                         {"train": client_app.train, "evaluate": client_app.evaluate},
+                         {"preset": "tiny", "overrides": shlex.join(overrides)})
+    summary = run_federation(grid, load_config("tiny", overrides), run_dir)
+    return run_dir, summary, grid
+
+
+def test_a_federated_tags_stage_keeps_each_head_at_its_hospital_and_sends_the_fusion(tags_run):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from tests.conftest import wire_arrays
+
+    run_dir, summary, grid = tags_run
+    for name in ("general", "oncology"):
+        head = load_file(str(run_dir / "hospitals" / name / "tag-head.safetensors"))
+        assert head["proj.weight"].shape[0] == TAG_COLUMNS
+        for reply in grid.received:                    # no reply carries a tensor of the head's shape
+            for arr in wire_arrays(reply.content["arrays"]).values() if "arrays" in reply.content else ():
+                assert tuple(arr.shape) != tuple(head["proj.weight"].shape)
+    before, after = (load_file(str(run_dir / "checkpoints" / f"round-00{r}" / "adapter_model.safetensors"))
+                     for r in (0, 1))
+    assert all(np.allclose(before[k].numpy(), after[k].numpy(), rtol=1e-6, atol=1e-7) for k in before)
+    fusion0, fusion1 = (load_file(str(run_dir / "checkpoints" / f"round-00{r}" / "fusion.safetensors"))
+                        for r in (0, 1))
+    assert max(float(np.abs(fusion0[k].numpy() - fusion1[k].numpy()).max()) for k in fusion0) > 1e-4
+
+
+def test_the_tags_stage_is_charged_per_image_on_the_ledger_and_recomputable(tags_run):
+    import json
+
+    from medvlm.privacy import epsilon
+
+    run_dir, summary, _ = tags_run
+    cfg = load_config("tiny", TINY_OVERRIDES)
+    for name, p in summary["privacy"].items():
+        tags, vqa = p["mechanisms"]
+        assert (tags["stage"], vqa["stage"]) == ("tags", "vqa")
+        # the tags stage samples images (20 per hospital, 80% for training), the VQA stage questions
+        assert tags["sample_rate"] > vqa["sample_rate"]
+        history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in p["mechanisms"]]
+        assert epsilon(history, delta=p["delta"]) == pytest.approx(p["epsilon"], rel=1e-6)
+        assert p["epsilon"] <= cfg.privacy.target_epsilon + 1e-6
+        ledger = json.loads((run_dir / "hospitals" / name / "privacy-ledger.json").read_text())
+        assert ledger["rounds"] == [1, 2]
+    assert [s["stage"] for s in summary["stages"]] == ["tags", "vqa"]
+    card = (run_dir / "global" / "README.md").read_text()
+    assert "| tags | 1-1 | tags | fusion |" in card
