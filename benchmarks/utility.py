@@ -6,7 +6,8 @@ everything but them):
 
     start             the public start before any hospital data (round 0)
     <h> alone (DP)    one hospital trained alone with DP-SGD at the configured epsilon, the same
-                      epochs (rounds x local epochs) and learning rate as in the federation
+                      plan as in the federation: each curriculum stage's epochs (rounds x local
+                      epochs), learning rate, trainable parts and share of the budget
     federated DP      the configured federation (DP-SGD at each hospital)
     federated no DP   the same without DP
     pooled no DP      one model on all hospitals' training data together, the same epochs
@@ -28,6 +29,8 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 VARIANTS = {"fp32": [], "bf16": ["federation.transport=bf16"], "int8": ["federation.transport=int8"],
             "ffa": ["model.lora.ffa=true"]}
@@ -55,20 +58,46 @@ def score(model, val, train_rows, cfg) -> dict:
 
 
 def trained(cfg, train, *, dp: bool):
-    """A fresh model (the configured start) trained on ``train`` for the federation's epochs and lr."""
+    """A fresh model (the configured start) trained on ``train`` with the federation's plan: each
+    curriculum stage's epochs (its rounds x local epochs), learning rate, trainable parts and task
+    (a ``tags`` stage with a head of its own), and under DP its share of the budget on one
+    accountant history, as a hospital's ledger plans it. Returns (model, epsilon spent)."""
     from medvlm.build import build_medvlm
-    from medvlm.train import calibrated, train_local
+    from medvlm.config import stages
+    from medvlm.features import with_frozen_features
+    from medvlm.tags import TagHead
+    from medvlm.train import calibrated, dp_records, train_local
 
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
-    epochs = cfg.federation.rounds * cfg.federation.local_epochs
-    lr = cfg.federation.lr or cfg.train.lr
-    schedule = replace(cfg.train, epochs=epochs, lr=lr)
-    privacy = calibrated(replace(cfg.privacy, enabled=dp), len(train), schedule)
-    result = train_local(model, train, train=schedule, privacy=privacy, progress=False)
-    return model, (result.privacy.epsilon if result.privacy else None)
+    train = with_frozen_features(model, train)   # encoded once for every stage
+    budget, state, spent = cfg.privacy.target_epsilon, None, None
+    for stage in stages(cfg):
+        if stage.task == "report":
+            raise ValueError(f"benchmarks.utility: stage {stage.name!r} trains reports; the baselines here train "
+                             "vqa and tags stages only")
+        data = train.select([r for r in train.rows if not stage.qtypes or r["qtype"] in stage.qtypes])
+        schedule = replace(cfg.train, epochs=stage.local_epochs * (stage.last_round - stage.first_round + 1),
+                           lr=stage.lr, trainable=list(stage.trainable))
+        head = None
+        if stage.task == "tags":
+            with torch.no_grad():
+                width = model.fusion(data.pixels[:1].float()).shape[-1]
+            torch.manual_seed(cfg.train.seed)
+            head = TagHead(width)
+        target = None if budget is None else budget * stage.budget_end
+        privacy = calibrated(replace(cfg.privacy, enabled=dp, target_epsilon=target),
+                             dp_records(data, tags=head is not None), schedule, accountant_state=state)
+        result = train_local(model, data, train=schedule, privacy=privacy, progress=False, accountant_state=state,
+                             tags=head)
+        state, spent = result.accountant_state, (result.privacy.epsilon if result.privacy else None)
+    return model, spent
 
 
-def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path) -> dict[str, dict]:
+MODELS = ("alone", "federated", "federated-no-dp", "pooled", "pooled-dp")
+
+
+def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
+             models: tuple[str, ...] = MODELS) -> dict[str, dict]:
     from medvlm.build import build_medvlm
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
@@ -81,13 +110,15 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path) 
     sites = {h: load_splits(cfg.data, start.vision.preprocess, hospitals=[h]) for h in cfg.data.hospitals}
     val, rows = pooled["val"], pooled["train"].rows
     out: dict[str, dict] = {"start": score(start, val, rows, cfg)}
-    for h, split in sites.items():
+    for h, split in sites.items() if "alone" in models else ():
         t0 = time.perf_counter()
         model, eps = trained(cfg, split["train"], dp=True)
         out[f"{h} alone (DP)"] = {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
                                   "own": score(model, split["val"], split["train"].rows, cfg)["acc"]}
-    for name, extra in [(f"federated DP ({v})" if v != "fp32" else "federated DP", VARIANTS[v]) for v in variants] + \
-            [("federated no DP", ["privacy.enabled=false"])]:
+    federations = [(f"federated DP ({v})" if v != "fp32" else "federated DP", VARIANTS[v])
+                   for v in variants] if "federated" in models else []
+    federations += [("federated no DP", ["privacy.enabled=false"])] if "federated-no-dp" in models else []
+    for name, extra in federations:
         t0 = time.perf_counter()
         run = tmp / name.replace(" ", "-").replace("(", "").replace(")", "")
         s = run_inprocess(preset, overrides + extra, run)
@@ -96,7 +127,7 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path) 
         out[name] = {**score(model, val, rows, cfg), "s": time.perf_counter() - t0,
                      "eps": max(s["epsilon"].values()) if s.get("epsilon") else None,
                      "bytes": s["bytes_sent_per_round"]}
-    for dp in (False, True):
+    for dp in [dp for dp, m in ((False, "pooled"), (True, "pooled-dp")) if m in models]:
         t0 = time.perf_counter()
         model, eps = trained(cfg, pooled["train"], dp=dp)
         out["pooled DP" if dp else "pooled no DP"] = {**score(model, val, rows, cfg), "eps": eps,
@@ -113,16 +144,23 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="tiny", help="preset (tiny-consortium: with hospital-only findings)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (data, federation and training)")
     parser.add_argument("--variants", default="fp32", help=f"federated DP variants among {list(VARIANTS)}")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"which models to train besides the start, among {list(MODELS)} (all by default; "
+                        "the summary lines need alone, federated and pooled)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
     seeds = [int(s) for s in args.seeds.split(",")]
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models {', '.join(unknown)}: use some of {', '.join(MODELS)}")
     runs: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             extra = [f"data.seed={seed}", f"federation.seed={seed}", f"train.seed={seed}"]
             runs[seed] = one_seed(args.config, list(args.overrides) + extra, args.variants.split(","),
-                                  Path(tmp) / f"seed-{seed}")
+                                  Path(tmp) / f"seed-{seed}", models)
     names = list(runs[seeds[0]])
     print(f"utility ({args.config} {' '.join(args.overrides)}): accuracy (%) on every hospital's validation "
           f"questions, pooled; mean over seeds {seeds} (spread: max - min)")
@@ -136,15 +174,17 @@ def main(argv=None) -> None:
         print(f"{name:26s}{_fmt(col('acc')):>9s}{_fmt(max(accs) - min(accs)):>8s}{_fmt(col('only')):>8s}"
               f"{_fmt(col('rest')):>7s}{_fmt(col('own')):>9s}{_fmt(col('base')):>9s}{_fmt(col('base_only')):>11s}"
               f"{_fmt(col('eps'), pct=False):>9s}{_fmt(col('s'), pct=False):>9s}")
-    gains = [runs[s]["federated DP"]["acc"] - max(r["acc"] for n, r in runs[s].items() if n.endswith("alone (DP)"))
-             for s in seeds]
-    ratios = [runs[s]["federated DP"]["acc"] / runs[s]["pooled no DP"]["acc"] if runs[s]["pooled no DP"]["acc"]
-              else float("nan") for s in seeds]
-    print(f"federated DP - best hospital alone (DP): {100 * mean(gains):+.1f} points "
-          f"(per seed {', '.join(f'{100 * g:+.1f}' for g in gains)}; goal >= +5 on every seed: "
-          f"{'met' if all(g >= 0.05 for g in gains) else 'not met'})")
-    print(f"federated DP / pooled no DP: {mean(ratios):.2f} (per seed {', '.join(f'{r:.2f}' for r in ratios)}; "
-          f"goal >= 0.9 on every seed: {'met' if all(r >= 0.9 for r in ratios) else 'not met'})")
+    if "alone" in models and "federated" in models:
+        gains = [runs[s]["federated DP"]["acc"] - max(r["acc"] for n, r in runs[s].items()
+                                                      if n.endswith("alone (DP)")) for s in seeds]
+        print(f"federated DP - best hospital alone (DP): {100 * mean(gains):+.1f} points "
+              f"(per seed {', '.join(f'{100 * g:+.1f}' for g in gains)}; goal >= +5 on every seed: "
+              f"{'met' if all(g >= 0.05 for g in gains) else 'not met'})")
+    if "federated" in models and "pooled" in models:
+        ratios = [runs[s]["federated DP"]["acc"] / runs[s]["pooled no DP"]["acc"] if runs[s]["pooled no DP"]["acc"]
+                  else float("nan") for s in seeds]
+        print(f"federated DP / pooled no DP: {mean(ratios):.2f} (per seed {', '.join(f'{r:.2f}' for r in ratios)}; "
+              f"goal >= 0.9 on every seed: {'met' if all(r >= 0.9 for r in ratios) else 'not met'})")
 
 
 if __name__ == "__main__":
