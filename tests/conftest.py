@@ -55,3 +55,18 @@ def tiny_splits(tiny_cfg):
     from medvlm.data.dataset import load_splits
 
     return load_splits(tiny_cfg.data, vision_encoder(tiny_cfg.model.vision).preprocess)
+
+
+def assert_round_trained_the_fusion_only(run_dir, round_: int = 1) -> None:
+    """Between the checkpoints of rounds ``round_ - 1`` and ``round_`` the fusion moved and LoRA did not
+    (up to FedAvg's float rounding of identical tensors): a stage with ``trainable: [fusion]``."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    def load(r: int, name: str):
+        return load_file(str(run_dir / "checkpoints" / f"round-{r:03d}" / name))
+
+    before, after = load(round_ - 1, "adapter_model.safetensors"), load(round_, "adapter_model.safetensors")
+    assert all(np.allclose(before[k].numpy(), after[k].numpy(), rtol=1e-6, atol=1e-7) for k in before)
+    fusion0, fusion1 = load(round_ - 1, "fusion.safetensors"), load(round_, "fusion.safetensors")
+    assert max(float(np.abs(fusion0[k].numpy() - fusion1[k].numpy()).max()) for k in fusion0) > 1e-4
