@@ -43,8 +43,10 @@ def print_summary(s: dict) -> None:
     console = Console()
     console.print(table)
     for name, p in s["privacy"].items():
-        console.print(f"{name}: epsilon {p['epsilon']:.2f} (budget {p.get('budget')}) at delta {p['delta']:g}; "
-                      f"sigma {p['noise_multiplier']:.3f}, q {p['sample_rate']:.4f}, {p['steps']} DP-SGD steps")
+        mechanisms = p.get("mechanisms") or [{"stage": None, **p}]
+        console.print(f"{name}: epsilon {p['epsilon']:.2f} (budget {p.get('budget')}) at delta {p['delta']:g}; " + "; ".join(
+            (f"{m['stage']}: " if len(mechanisms) > 1 else "") +
+            f"sigma {m['noise_multiplier']:.3f}, q {m['sample_rate']:.4f}, {m['steps']} DP-SGD steps" for m in mechanisms))
     console.print(f"{s['bytes_sent_per_round'] / 1024:.0f} KiB sent per hospital per round; "
                   f"{s['rejected_updates']} rejected updates; {s['wall_seconds']:.0f}s; plots: {s['run_dir']}/plots.png")
 

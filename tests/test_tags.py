@@ -178,3 +178,15 @@ def test_the_tags_stage_is_charged_per_image_on_the_ledger_and_recomputable(tags
     assert [s["stage"] for s in summary["stages"]] == ["tags", "vqa"]
     card = (run_dir / "global" / "README.md").read_text()
     assert "| tags | 1-1 | tags | fusion |" in card
+
+
+def test_the_run_summary_prints_each_stage_s_mechanism(tags_run, capsys):
+    from cli.federation import print_summary
+
+    summary = tags_run[1]
+    print_summary(summary)
+    out = " ".join(capsys.readouterr().out.split())
+    for name, p in summary["privacy"].items():
+        tags, vqa = p["mechanisms"]
+        assert f"tags: sigma {tags['noise_multiplier']:.3f}, q {tags['sample_rate']:.4f}, {tags['steps']} DP-SGD steps" in out
+        assert f"vqa: sigma {vqa['noise_multiplier']:.3f}" in out
