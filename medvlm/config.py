@@ -7,6 +7,8 @@ Each dataclass validates itself in ``__post_init__`` with a message naming the b
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -289,6 +291,9 @@ class StageConfig:
     trainable: list[str] = field(default_factory=lambda: ["fusion", "lora"])
     lr: Optional[float] = None        # default: federation.lr, then train.lr
     local_epochs: Optional[float] = None  # default: federation.local_epochs
+    # share of each hospital's budget this stage spends (default: the stages without one share what is
+    # left in proportion to their rounds); the hospital's own budget still caps the whole run
+    budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         key = f"federation.stages[{self.name}]"
@@ -303,6 +308,8 @@ class StageConfig:
         _check(self.lr is None or self.lr > 0, f"{key}.lr", self.lr, "must be > 0")
         _check(self.local_epochs is None or self.local_epochs > 0, f"{key}.local_epochs", self.local_epochs,
                "must be > 0")
+        _check(self.budget is None or 0 < self.budget < 1, f"{key}.budget", self.budget,
+               "a share of each hospital's budget: 0 < budget < 1 (leave it out to share by rounds)")
 
 
 SECURE_AGGREGATION = ("none", "secagg+")
@@ -350,7 +357,7 @@ class FederationConfig:
     transport: str = "fp32"
     # A curriculum: stages run in order and federation.rounds becomes the sum of their rounds. Empty:
     # one stage of federation.rounds on data.task / data.qtypes with train.trainable. Each hospital
-    # spends its budget across the stages in proportion to their rounds.
+    # spends its budget across the stages in proportion to their rounds (or by a stage's ``budget`` share).
     stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -358,6 +365,11 @@ class FederationConfig:
             names = [s.name for s in self.stages]
             _check(len(set(names)) == len(names), "federation.stages", names, "stage names must be unique")
             self.rounds = sum(s.rounds for s in self.stages)
+            shares = [s.budget for s in self.stages if s.budget is not None]
+            every = len(shares) == len(self.stages)
+            _check(math.isclose(sum(shares), 1.0) if every else sum(shares) < 1,
+                   "federation.stages[*].budget", shares, "the stages' budget shares must leave some budget to the "
+                   "stages without one (and add up to 1 when every stage has one)")
         _check(self.aggregation in AGGREGATIONS, "federation.aggregation", self.aggregation,
                f"must be one of {AGGREGATIONS}")
         _check(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
@@ -425,12 +437,17 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
     lr = fed.lr if fed.lr is not None else cfg.train.lr
     given = fed.stages or [StageConfig(name="main", rounds=fed.rounds, task=cfg.data.task, qtypes=list(cfg.data.qtypes),
                                        trainable=list(cfg.train.trainable))]
-    out, first = [], 1
+    # each stage's share of the budget: its own, or what the others leave, split by rounds
+    rest = 1.0 - sum(s.budget for s in given if s.budget is not None)
+    open_rounds = sum(s.rounds for s in given if s.budget is None)
+    out, first, end = [], 1, 0.0
     for s in given:
         last = first + s.rounds - 1
+        end += s.budget if s.budget is not None else rest * s.rounds / open_rounds
         out.append(Stage(s.name, first, last, s.task, tuple(s.qtypes), tuple(s.trainable),
                          s.lr if s.lr is not None else lr,
-                         s.local_epochs if s.local_epochs is not None else fed.local_epochs, last / fed.rounds))
+                         s.local_epochs if s.local_epochs is not None else fed.local_epochs,
+                         1.0 if s is given[-1] else end))
         first = last + 1
     return out
 

@@ -40,6 +40,14 @@ def test_stages_resolve_in_order_with_defaults_and_budget_shares():
         load_config("tiny", ["federation.lr_schedule=cosine"])
     single = stages(load_config("tiny", ["data.task=report"]))
     assert len(single) == 1 and single[0].task == "report" and single[0].last_round == 3
+    # a stage's own budget share; the stages without one share the rest by rounds, the last ends at 1
+    shared = stages(load_config("tiny", ["federation.stages=[{name: a, rounds: 2, budget: 0.1}, {name: b, rounds: 1}, "
+                                         "{name: c, rounds: 3}]"]))
+    assert [s.budget_end for s in shared] == pytest.approx([0.1, 0.1 + 0.9 / 4, 1.0])
+    for bad in ("[{name: a, budget: 0.6}, {name: b, budget: 0.6}]", "[{name: a, budget: 0.3}, {name: b, budget: 0.3}]",
+                "[{name: a, budget: 1.0}, {name: b}]", "[{name: a, budget: 0}, {name: b}]"):
+        with pytest.raises(ValueError, match="budget"):
+            load_config("tiny", [f"federation.stages={bad}"])
     with pytest.raises(ValueError, match="unique"):
         load_config("tiny", ["federation.stages=[{name: a}, {name: a}]"])
     with pytest.raises(ValueError, match=r"federation.stages\[a\].task"):
