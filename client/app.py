@@ -157,10 +157,6 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
                          accountant_state=({"mechanism": ledger.accountant, "history": ledger.history}
                                            if ledger else None), progress=False, canaries=site.canaries,
                          lr_window=lr_window, tags=head)
-    if head is not None:   # the hospital's own: kept in its state directory, never in a reply
-        from medvlm.tags import save_head
-
-        save_head(head, site.state_dir)
     metrics.update({k: result.metrics[k] for k in rounds.KEPT_METRICS})   # same names on the wire as here
     if ledger is not None:
         if key:   # kept first, then charged: an update the ledger never charged is never sent again
@@ -168,6 +164,13 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
         ledger.record(history=result.accountant_state["history"], server_round=server_round, key=key)
         ledger.save(site.state_dir)  # charged before anything is released
         metrics.update(_ledger_metrics(ledger))
+    if head is not None:
+        # the hospital's own, kept in its state dir and never in a reply. Saved only once the round is
+        # charged: a head trained in a round that a crash left uncharged would carry uncharged steps
+        # into every later (released) fusion update
+        from medvlm.tags import save_head
+
+        save_head(head, site.state_dir)
     return reply_content(kind="train", metrics=metrics, spec=site.spec, state=result.state, status=_status(
         site, "trained", ledger, accountant=privacy.accountant if ledger else "none"), transport=transport,
         reference=received)

@@ -190,3 +190,28 @@ def test_the_run_summary_prints_each_stage_s_mechanism(tags_run, capsys):
         tags, vqa = p["mechanisms"]
         assert f"tags: sigma {tags['noise_multiplier']:.3f}, q {tags['sample_rate']:.4f}, {tags['steps']} DP-SGD steps" in out
         assert f"vqa: sigma {vqa['noise_multiplier']:.3f}" in out
+
+
+def test_a_head_is_kept_only_once_its_round_is_charged(tmp_path, monkeypatch):
+    """A crash between training and charging must not leave a head trained by uncharged steps: every
+    later fusion update would carry them."""
+    import json
+    import shlex
+
+    from client import app as client_app
+    from client.ledger import Ledger
+    from server.app import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    def crash(self, **_):
+        raise RuntimeError("power cut while charging the ledger")
+
+    monkeypatch.setattr(Ledger, "record", crash)
+    overrides = TINY_OVERRIDES + ["data.hospitals=[general]", "federation.stages=[{name: tags, task: tags, "
+                                  "trainable: [fusion]}, {name: vqa}]"]
+    grid = InProcessGrid({10: {"partition-id": 0}}, {"train": client_app.train, "evaluate": client_app.evaluate},
+                         {"preset": "tiny", "overrides": shlex.join(overrides)})
+    run_federation(grid, load_config("tiny", overrides), tmp_path / "run")   # the round fails at the hospital
+    state = tmp_path / "run" / "hospitals" / "general"
+    assert not (state / "privacy-ledger.json").exists() or not json.loads((state / "privacy-ledger.json").read_text())["rounds"]
+    assert not (state / "tag-head.safetensors").exists()
