@@ -65,7 +65,7 @@ def trained(cfg, train, *, dp: bool):
     from medvlm.build import build_medvlm
     from medvlm.config import stages
     from medvlm.features import with_frozen_features
-    from medvlm.tags import TagHead
+    from medvlm.tags import TagHead, fusion_width
     from medvlm.train import calibrated, dp_records, train_local
 
     model = build_medvlm(cfg.model, seed=cfg.federation.seed)
@@ -80,10 +80,8 @@ def trained(cfg, train, *, dp: bool):
                            lr=stage.lr, trainable=list(stage.trainable))
         head = None
         if stage.task == "tags":
-            with torch.no_grad():
-                width = model.fusion(data.pixels[:1].float()).shape[-1]
             torch.manual_seed(cfg.train.seed)
-            head = TagHead(width)
+            head = TagHead(fusion_width(model.fusion, data.pixels))
         target = None if budget is None else budget * stage.budget_end
         privacy = calibrated(replace(cfg.privacy, enabled=dp, target_epsilon=target),
                              dp_records(data, tags=head is not None), schedule, accountant_state=state)

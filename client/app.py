@@ -178,13 +178,9 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
 
 def _tag_head(site, cfg):
     """This hospital's stage-1 tag head (``medvlm.tags``): from its state directory, or a fresh one."""
-    import torch
+    from medvlm.tags import fusion_width, load_head
 
-    from medvlm.tags import load_head
-
-    with torch.no_grad():
-        width = site.model.fusion(site.train.pixels[:1].to(site.model.device).float()).shape[-1]
-    return load_head(site.state_dir, width, seed=cfg.train.seed)
+    return load_head(site.state_dir, fusion_width(site.model.fusion, site.train.pixels), seed=cfg.train.seed)
 
 
 def _status(site, status: str, ledger: Ledger | None = None, **extra: str) -> dict[str, str]:

@@ -105,6 +105,13 @@ class Tagger(nn.Module):
         return self.head(self.fusion(patch_tokens.float()))
 
 
+@torch.no_grad()
+def fusion_width(fusion: nn.Module, patch_tokens: torch.Tensor) -> int:
+    """The width of the fusion's output tokens (a head's input), from one image's patch tokens."""
+    device = next(fusion.parameters()).device
+    return int(fusion(patch_tokens[:1].to(device).float()).shape[-1])
+
+
 def tag_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per image: the mean binary cross-entropy over the tag columns."""
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
