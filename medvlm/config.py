@@ -505,6 +505,29 @@ def _load_yaml_chain(preset: str, seen: tuple[str, ...] = ()) -> list:
     return chain + [(path, node)]
 
 
+def _apply_override(merged, item: str):
+    """One ``key=value`` override onto the merged config. Keys are dotted paths; a list entry is
+    named by its index (``federation.stages.0.budget=0.2``); values are parsed as YAML."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        node = OmegaConf.select(merged, ".".join(parts[:depth + 1]), throw_on_missing=False)
+        if OmegaConf.is_list(node):
+            index = parts[depth + 1]
+            if not index.isdigit() or int(index) >= len(node):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is a list of "
+                                 f"{len(node)} entries; name one by its index 0..{len(node) - 1}")
+    try:
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))["value"]
+        OmegaConf.update(merged, key, parsed, merge=True)
+    except (OmegaConfBaseException, TypeError) as err:
+        raise ValueError(f"override {item!r} rejected: {err}") from None
+    return merged
+
+
 def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = None) -> ExperimentConfig:
     """Merge the schema defaults, the preset chain and ``key=value`` overrides; validate."""
     merged = OmegaConf.structured(ExperimentConfig)
@@ -514,12 +537,7 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = N
         except OmegaConfBaseException as err:
             raise ValueError(f"config file {path}: {err.msg if hasattr(err, 'msg') else err}") from None
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
-    except OmegaConfBaseException as err:
-        raise ValueError(f"override rejected: {err}") from None
+        merged = _apply_override(merged, item)
     try:
         return OmegaConf.to_object(merged)  # runs every __post_init__
     except OmegaConfBaseException as err:

@@ -63,3 +63,16 @@ def test_unknown_key_and_malformed_override():
         load_config("tiny", ["train.epochs"])
     with pytest.raises(ValueError, match="not found"):
         load_config("no-such-preset")
+
+
+def test_an_override_names_a_list_entry_by_its_index():
+    cfg = load_config("tiny-consortium-tags", ["federation.stages.0.budget=0.2"])
+    assert cfg.federation.stages[0].budget == 0.2
+    assert cfg.federation.stages[1].budget is None          # the other entry is untouched
+    assert cfg.federation.stages[0].task == "tags"          # and so is the rest of this one
+    with pytest.raises(ValueError, match=r"federation\.stages is a list of 2 entries; .*0\.\.1"):
+        load_config("tiny-consortium-tags", ["federation.stages.2.budget=0.2"])
+    with pytest.raises(ValueError, match=r"federation\.stages\[0\]\.budget"):
+        load_config("tiny-consortium-tags", ["federation.stages.0.budget=abc"])
+    whole = load_config("tiny-consortium-tags", ["federation.stages=[{name: a, rounds: 2}]"])
+    assert [s.name for s in whole.federation.stages] == ["a"]   # a whole list is replaced
