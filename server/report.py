@@ -257,14 +257,20 @@ def update_privacy(privacy: dict, report: RoundReport, delta: float) -> dict:
         if "epsilon" not in h:
             continue
         previous = privacy.get(name, {})
+        mechanisms = h.get("mechanisms", previous.get("mechanisms", []))
+        sigma = h.get("noise_multiplier", previous.get("noise_multiplier"))
+        rate = h.get("sample_rate", previous.get("sample_rate"))
+        if len({(m["noise_multiplier"], m["sample_rate"]) for m in mechanisms}) > 1:
+            # several stages, several mechanisms: one (sigma, q) beside the total steps would recompute
+            # a wrong epsilon, so only ``mechanisms`` states them
+            sigma = rate = None
         privacy[name] = {
             "epsilon": h["epsilon"], "delta": h.get("delta", delta), "budget": h.get("budget"),
-            "noise_multiplier": h.get("noise_multiplier", previous.get("noise_multiplier")),
-            "sample_rate": h.get("sample_rate", previous.get("sample_rate")),
+            "noise_multiplier": sigma, "sample_rate": rate,
             "steps": int(h.get("total_steps", previous.get("steps", 0))),
             "max_grad_norm": h.get("max_grad_norm", previous.get("max_grad_norm")),
             "accountant": h.get("accountant", previous.get("accountant")),
-            "mechanisms": h.get("mechanisms", previous.get("mechanisms", [])),
+            "mechanisms": mechanisms,
         }
     return privacy
 

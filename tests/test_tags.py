@@ -173,6 +173,9 @@ def test_the_tags_stage_is_charged_per_image_on_the_ledger_and_recomputable(tags
         history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in p["mechanisms"]]
         assert epsilon(history, delta=p["delta"]) == pytest.approx(p["epsilon"], rel=1e-6)
         assert p["epsilon"] <= cfg.privacy.target_epsilon + 1e-6
+        # no single (sigma, q) beside the total steps: that would recompute a wrong epsilon
+        assert p["noise_multiplier"] is None and p["sample_rate"] is None
+        assert p["steps"] == tags["steps"] + vqa["steps"]
         ledger = json.loads((run_dir / "hospitals" / name / "privacy-ledger.json").read_text())
         assert ledger["rounds"] == [1, 2]
     assert [s["stage"] for s in summary["stages"]] == ["tags", "vqa"]
