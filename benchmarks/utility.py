@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -85,7 +86,7 @@ def trained(cfg, train, *, dp: bool):
         target = None if budget is None else budget * stage.budget_end
         privacy = calibrated(replace(cfg.privacy, enabled=dp, target_epsilon=target),
                              dp_records(data, tags=head is not None), schedule, accountant_state=state)
-        result = train_local(model, data, train=schedule, privacy=privacy, progress=False, accountant_state=state,
+        result = train_local(model, data, train=schedule, privacy=privacy, accountant_state=state,
                              tags=head)
         state, spent = result.accountant_state, (result.privacy.epsilon if result.privacy else None)
     return model, spent
@@ -109,6 +110,7 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
     val, rows = pooled["val"], pooled["train"].rows
     out: dict[str, dict] = {"start": score(start, val, rows, cfg)}
     for h, split in sites.items() if "alone" in models else ():
+        print(f"benchmarks.utility: training {h} alone (DP)", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         model, eps = trained(cfg, split["train"], dp=True)
         out[f"{h} alone (DP)"] = {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
@@ -126,6 +128,7 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
                      "eps": max(s["epsilon"].values()) if s.get("epsilon") else None,
                      "bytes": s["bytes_sent_per_round"]}
     for dp in [dp for dp, m in ((False, "pooled"), (True, "pooled-dp")) if m in models]:
+        print(f"benchmarks.utility: training pooled {'with' if dp else 'without'} DP", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         model, eps = trained(cfg, pooled["train"], dp=dp)
         out["pooled DP" if dp else "pooled no DP"] = {**score(model, val, rows, cfg), "eps": eps,
