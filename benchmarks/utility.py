@@ -17,6 +17,8 @@ Columns: accuracy overall, on the hospital-only question types (``data.hospital_
 the public corpus lacks) and on the rest, the per-question majority of the training answers, epsilon.
 The summary lines give the issue's targets: federated DP - best hospital alone (DP), and federated DP
 / pooled no DP, mean and spread over seeds.
+Each model's scores are also printed the moment it is scored (``benchmarks.utility: seed S: <model>:
+...``), so a run of several seeds that dies or is stopped keeps what it finished.
 
     python -m benchmarks.utility [--config tiny-consortium] [--seeds 0,1,2] [--variants fp32,bf16,int8,ffa] [overrides ...]
 """
@@ -108,13 +110,19 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
     pooled = load_splits(cfg.data, start.vision.preprocess)
     sites = {h: load_splits(cfg.data, start.vision.preprocess, hospitals=[h]) for h in cfg.data.hospitals}
     val, rows = pooled["val"], pooled["train"].rows
-    out: dict[str, dict] = {"start": score(start, val, rows, cfg)}
+    out: dict[str, dict] = {}
+
+    def done(name: str, result: dict) -> None:
+        out[name] = result
+        print(finished_line(cfg.data.seed, name, result), flush=True)
+
+    done("start", score(start, val, rows, cfg))
     for h, split in sites.items() if "alone" in models else ():
         print(f"benchmarks.utility: training {h} alone (DP)", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         model, eps = trained(cfg, split["train"], dp=True)
-        out[f"{h} alone (DP)"] = {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
-                                  "own": score(model, split["val"], split["train"].rows, cfg)["acc"]}
+        done(f"{h} alone (DP)", {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
+                                 "own": score(model, split["val"], split["train"].rows, cfg)["acc"]})
     federations = [(f"federated DP ({v})" if v != "fp32" else "federated DP", VARIANTS[v])
                    for v in variants] if "federated" in models else []
     federations += [("federated no DP", ["privacy.enabled=false"])] if "federated-no-dp" in models else []
@@ -124,20 +132,30 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
         s = run_inprocess(preset, overrides + extra, run)
         model = build_medvlm(cfg.model, seed=cfg.federation.seed)
         load_trainable(model, run / "global")
-        out[name] = {**score(model, val, rows, cfg), "s": time.perf_counter() - t0,
-                     "eps": max(s["epsilon"].values()) if s.get("epsilon") else None,
-                     "bytes": s["bytes_sent_per_round"]}
+        done(name, {**score(model, val, rows, cfg), "s": time.perf_counter() - t0,
+                    "eps": max(s["epsilon"].values()) if s.get("epsilon") else None,
+                    "bytes": s["bytes_sent_per_round"]})
     for dp in [dp for dp, m in ((False, "pooled"), (True, "pooled-dp")) if m in models]:
         print(f"benchmarks.utility: training pooled {'with' if dp else 'without'} DP", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         model, eps = trained(cfg, pooled["train"], dp=dp)
-        out["pooled DP" if dp else "pooled no DP"] = {**score(model, val, rows, cfg), "eps": eps,
-                                                      "s": time.perf_counter() - t0}
+        done("pooled DP" if dp else "pooled no DP", {**score(model, val, rows, cfg), "eps": eps,
+                                                     "s": time.perf_counter() - t0})
     return out
 
 
 def _fmt(x, pct: bool = True) -> str:
     return "-" if x is None else (f"{100 * x:.1f}" if pct else f"{x:.2f}")
+
+
+def finished_line(seed: int, name: str, result: dict) -> str:
+    """One model's scores, printed the moment it is scored: a run of several seeds takes hours, and one
+    that dies (or is stopped) keeps every model it finished in its output, not only in the final table."""
+    parts = [f"overall {_fmt(result['acc'])}", f"h-only {_fmt(result.get('only'))}", f"rest {_fmt(result.get('rest'))}"]
+    parts += [f"own val {_fmt(result['own'])}"] if result.get("own") is not None else []
+    parts += [f"epsilon {result['eps']:.2f}"] if result.get("eps") is not None else []
+    parts += [f"{result['s']:.0f} s"] if result.get("s") is not None else []
+    return f"benchmarks.utility: seed {seed}: {name}: " + ", ".join(parts)
 
 
 def main(argv=None) -> None:
