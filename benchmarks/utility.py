@@ -8,6 +8,8 @@ everything but them):
     <h> alone (DP)    one hospital trained alone with DP-SGD at the configured epsilon, the same
                       plan as in the federation: each curriculum stage's epochs (rounds x local
                       epochs), learning rate, trainable parts and share of the budget
+    <h> alone (no DP) the same without DP (``--models alone-no-dp``, not in the default run): what DP
+                      costs a hospital alone, against what it costs the federation
     federated DP      the configured federation (DP-SGD at each hospital)
     federated no DP   the same without DP
     pooled no DP      one model on all hospitals' training data together, the same epochs
@@ -94,7 +96,7 @@ def trained(cfg, train, *, dp: bool):
     return model, spent
 
 
-MODELS = ("alone", "federated", "federated-no-dp", "pooled", "pooled-dp")
+MODELS = ("alone", "alone-no-dp", "federated", "federated-no-dp", "pooled", "pooled-dp")
 
 
 def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
@@ -117,12 +119,14 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
         print(finished_line(cfg.data.seed, name, result), flush=True)
 
     done("start", score(start, val, rows, cfg))
-    for h, split in sites.items() if "alone" in models else ():
-        print(f"benchmarks.utility: training {h} alone (DP)", file=sys.stderr, flush=True)
+    for dp, (h, split) in [(dp, site) for dp, m in ((True, "alone"), (False, "alone-no-dp")) if m in models
+                           for site in sites.items()]:
+        name = f"{h} alone ({'DP' if dp else 'no DP'})"
+        print(f"benchmarks.utility: training {name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        model, eps = trained(cfg, split["train"], dp=True)
-        done(f"{h} alone (DP)", {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
-                                 "own": score(model, split["val"], split["train"].rows, cfg)["acc"]})
+        model, eps = trained(cfg, split["train"], dp=dp)
+        done(name, {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
+                    "own": score(model, split["val"], split["train"].rows, cfg)["acc"]})
     federations = [(f"federated DP ({v})" if v != "fp32" else "federated DP", VARIANTS[v])
                    for v in variants] if "federated" in models else []
     federations += [("federated no DP", ["privacy.enabled=false"])] if "federated-no-dp" in models else []
@@ -163,9 +167,9 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="tiny", help="preset (tiny-consortium: with hospital-only findings)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (data, federation and training)")
     parser.add_argument("--variants", default="fp32", help=f"federated DP variants among {list(VARIANTS)}")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"which models to train besides the start, among {list(MODELS)} (all by default; "
-                        "the summary lines need alone, federated and pooled)")
+    parser.add_argument("--models", default=",".join(m for m in MODELS if m != "alone-no-dp"),
+                        help=f"which models to train besides the start, among {list(MODELS)} (all but alone-no-dp by "
+                        "default; the summary lines need alone, federated and pooled)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 

@@ -31,3 +31,19 @@ def test_utility_line_names_what_each_model_has():
                     "own val 79.3, epsilon 8.00, 126 s")
     assert finished_line(0, "start", {"acc": 0.5, "only": None, "rest": 0.5}) == \
         "benchmarks.utility: seed 0: start: overall 50.0, h-only -, rest 50.0"
+
+
+def test_utility_trains_each_hospital_alone_without_dp_when_asked(tmp_path, monkeypatch, capsys):
+    import benchmarks.utility as utility
+
+    asked = []
+
+    def trained(cfg, train, *, dp):
+        asked.append(dp)
+        raise RuntimeError("stop after the first hospital")
+
+    monkeypatch.setattr(utility, "trained", trained)
+    with pytest.raises(RuntimeError, match="stop after"):
+        utility.one_seed("tiny", [*TINY_OVERRIDES, "data.seed=3"], ["fp32"], tmp_path, ("alone-no-dp",))
+    assert asked == [False]
+    assert "training general alone (no DP)" in capsys.readouterr().err
