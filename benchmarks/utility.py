@@ -119,14 +119,14 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
         print(finished_line(cfg.data.seed, name, result), flush=True)
 
     done("start", score(start, val, rows, cfg))
-    for dp, (h, split) in [(dp, site) for dp, m in ((True, "alone"), (False, "alone-no-dp")) if m in models
-                           for site in sites.items()]:
-        name = f"{h} alone ({'DP' if dp else 'no DP'})"
-        print(f"benchmarks.utility: training {name}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        model, eps = trained(cfg, split["train"], dp=dp)
-        done(name, {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
-                    "own": score(model, split["val"], split["train"].rows, cfg)["acc"]})
+    for dp in [dp for dp, m in ((True, "alone"), (False, "alone-no-dp")) if m in models]:
+        for h, split in sites.items():
+            name = f"{h} alone ({'DP' if dp else 'no DP'})"
+            print(f"benchmarks.utility: training {name}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            model, eps = trained(cfg, split["train"], dp=dp)
+            done(name, {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
+                        "own": score(model, split["val"], split["train"].rows, cfg)["acc"]})
     federations = [(f"federated DP ({v})" if v != "fp32" else "federated DP", VARIANTS[v])
                    for v in variants] if "federated" in models else []
     federations += [("federated no DP", ["privacy.enabled=false"])] if "federated-no-dp" in models else []
