@@ -97,10 +97,11 @@ def trained(cfg, train, *, dp: bool):
 
 
 MODELS = ("alone", "alone-no-dp", "federated", "federated-no-dp", "pooled", "pooled-dp")
+DEFAULT_MODELS = tuple(m for m in MODELS if m != "alone-no-dp")   # what a run trains unless --models says
 
 
 def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
-             models: tuple[str, ...] = MODELS) -> dict[str, dict]:
+             models: tuple[str, ...] = DEFAULT_MODELS) -> dict[str, dict]:
     from medvlm.build import build_medvlm
     from medvlm.config import load_config
     from medvlm.data.dataset import load_splits
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="tiny", help="preset (tiny-consortium: with hospital-only findings)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (data, federation and training)")
     parser.add_argument("--variants", default="fp32", help=f"federated DP variants among {list(VARIANTS)}")
-    parser.add_argument("--models", default=",".join(m for m in MODELS if m != "alone-no-dp"),
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"which models to train besides the start, among {list(MODELS)} (all but alone-no-dp by "
                         "default; the summary lines need alone, federated and pooled)")
     parser.add_argument("overrides", nargs="*")
