@@ -18,16 +18,21 @@ everything but them):
 Columns: accuracy overall, on the hospital-only question types (``data.hospital_only``: findings
 the public corpus lacks) and on the rest, the per-question majority of the training answers, epsilon.
 The summary lines give the issue's targets: federated DP - best hospital alone (DP), and federated DP
-/ pooled no DP, mean and spread over seeds.
+/ pooled no DP, mean and spread over seeds. A last table gives every model's accuracy per question
+type (the hospital-only types last, marked *) beside the per-question majority's: which questions
+each model learned and which it answers with the majority. ``--out DIR`` also writes ``utility.json``
+(every seed's scores, rewritten after each seed) and ``utility.png`` (that table as a heat map).
 Each model's scores are also printed the moment it is scored (``benchmarks.utility: seed S: <model>:
 ...``), so a run of several seeds that dies or is stopped keeps what it finished.
 
-    python -m benchmarks.utility [--config tiny-consortium] [--seeds 0,1,2] [--variants fp32,bf16,int8,ffa] [overrides ...]
+    python -m benchmarks.utility [--config tiny-consortium] [--seeds 0,1,2] [--variants fp32,bf16,int8,ffa] [--out DIR]
+        [overrides ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -59,7 +64,9 @@ def score(model, val, train_rows, cfg) -> dict:
     qtypes = {k[len("qtype/"):-len("_total")] for k in counts if k.startswith("qtype/") and k.endswith("_total")}
     only, rest = qtypes & set(HOSPITAL_ONLY_QTYPES), qtypes - set(HOSPITAL_ONLY_QTYPES)
     return {"acc": _accuracy(counts, qtypes), "only": _accuracy(counts, only), "rest": _accuracy(counts, rest),
-            "base": _accuracy(base, qtypes), "base_only": _accuracy(base, only)}
+            "base": _accuracy(base, qtypes), "base_only": _accuracy(base, only),
+            "types": {q: _accuracy(counts, {q}) for q in sorted(qtypes)},
+            "base_types": {q: _accuracy(base, {q}) for q in sorted(qtypes)}}
 
 
 def trained(cfg, train, *, dp: bool):
@@ -163,6 +170,79 @@ def finished_line(seed: int, name: str, result: dict) -> str:
     return f"benchmarks.utility: seed {seed}: {name}: " + ", ".join(parts)
 
 
+def _short(name: str) -> str:
+    """A model's column heading in the per-type table: the hospital's name for one alone with DP."""
+    return (name.replace(" alone (DP)", "").replace(" alone (no DP)", " no DP")
+            .replace("federated", "fed").replace("pooled no DP", "pooled"))
+
+
+def by_type(runs: dict[int, dict[str, dict]]) -> tuple[list[str], dict[str, dict], dict]:
+    """Per question type: each model's accuracy and the per-question majority's, mean over seeds.
+    The types come in the order the table and plot show them: those the public corpus has, then the
+    hospital-only ones."""
+    from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES
+
+    seeds = list(runs)
+    names = list(runs[seeds[0]])
+    present = {q for r in runs.values() for m in r.values() for q in m.get("types", {})}
+    qtypes = sorted(present - set(HOSPITAL_ONLY_QTYPES)) + [q for q in HOSPITAL_ONLY_QTYPES if q in present]
+
+    def mean_of(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    table = {n: {q: mean_of(runs[s][n].get("types", {}).get(q) for s in seeds if n in runs[s]) for q in qtypes}
+             for n in names}
+    majority = {q: mean_of(runs[s]["start"].get("base_types", {}).get(q) for s in seeds) for q in qtypes}
+    return qtypes, table, majority
+
+
+def print_by_type(runs: dict[int, dict[str, dict]]) -> None:
+    from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES
+
+    qtypes, table, majority = by_type(runs)
+    heads = [_short(n) for n in table] + ["majority"]
+    widths = [max(7, len(h) + 2) for h in heads]
+    print("accuracy (%) by question type, mean over seeds (* hospital-only: the public corpus lacks it)")
+    print(f"{'question type':22s}" + "".join(f"{h:>{w}s}" for h, w in zip(heads, widths)))
+    for q in qtypes:
+        label = f"{q} *" if q in HOSPITAL_ONLY_QTYPES else q
+        cells = [table[n][q] for n in table] + [majority[q]]
+        print(f"{label:22s}" + "".join(f"{_fmt(c):>{w}s}" for c, w in zip(cells, widths)))
+
+
+def plot_by_type(runs: dict[int, dict[str, dict]], path: Path) -> Path:
+    """The per-type table as a heat map (question types by models, each cell's accuracy written in it,
+    the majority in the last column): where each model learned, where it answers the majority."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES
+
+    qtypes, table, majority = by_type(runs)
+    columns = [*table, "majority"]
+    grid = [[100 * v if v is not None else float("nan")
+             for v in [*(table[n][q] for n in table), majority[q]]] for q in qtypes]
+    fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2.5, 0.42 * len(qtypes) + 1.8))
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for y, row in enumerate(grid):
+        for x, v in enumerate(row):
+            if v == v:   # not NaN
+                ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="black" if v > 60 else "white")
+    ax.set_xticks(range(len(columns)), [_short(c) for c in columns], rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(qtypes)), [f"{q} *" if q in HOSPITAL_ONLY_QTYPES else q for q in qtypes], fontsize=8)
+    ax.axvline(len(columns) - 1.5, color="white", linewidth=2)
+    ax.set_title(f"accuracy (%) by question type, seeds {list(runs)} (* hospital-only)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="preset (tiny-consortium: with hospital-only findings)")
@@ -171,6 +251,8 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"which models to train besides the start, among {list(MODELS)} (all but alone-no-dp by "
                         "default; the summary lines need alone, federated and pooled)")
+    parser.add_argument("--out", type=Path, help="a folder for utility.json (every seed's scores, per question "
+                        "type too) and utility.png (accuracy by question type, a heat map)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -185,6 +267,11 @@ def main(argv=None) -> None:
             extra = [f"data.seed={seed}", f"federation.seed={seed}", f"train.seed={seed}"]
             runs[seed] = one_seed(args.config, list(args.overrides) + extra, args.variants.split(","),
                                   Path(tmp) / f"seed-{seed}", models)
+            if args.out:   # after every seed: a run that dies later keeps the seeds it finished
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "utility.json").write_text(json.dumps(
+                    {"config": args.config, "overrides": list(args.overrides), "models": list(models),
+                     "seeds": {str(s): r for s, r in runs.items()}}, indent=1))
     names = list(runs[seeds[0]])
     print(f"utility ({args.config} {' '.join(args.overrides)}): accuracy (%) on every hospital's validation "
           f"questions, pooled; mean over seeds {seeds} (spread: max - min)")
@@ -209,6 +296,9 @@ def main(argv=None) -> None:
                   else float("nan") for s in seeds]
         print(f"federated DP / pooled no DP: {mean(ratios):.2f} (per seed {', '.join(f'{r:.2f}' for r in ratios)}; "
               f"goal >= 0.9 on every seed: {'met' if all(r >= 0.9 for r in ratios) else 'not met'})")
+    print_by_type(runs)
+    if args.out:
+        print(f"wrote {args.out / 'utility.json'} and {plot_by_type(runs, args.out / 'utility.png')}")
 
 
 if __name__ == "__main__":

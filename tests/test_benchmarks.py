@@ -47,3 +47,59 @@ def test_utility_trains_each_hospital_alone_without_dp_when_asked(tmp_path, monk
         utility.one_seed("tiny", [*TINY_OVERRIDES, "data.seed=3"], ["fp32"], tmp_path, ("alone-no-dp",))
     assert asked == [False]
     assert "training general alone (no DP)" in capsys.readouterr().err
+
+
+def _typed(acc: float, device: float | None, base: dict | None = None) -> dict:
+    return {"acc": acc, "types": {"effusion": acc, "device": device, "modality": 1.0},
+            **({"base_types": base} if base else {})}
+
+
+def test_utility_tables_each_question_type_with_the_hospital_only_ones_last(capsys):
+    from benchmarks.utility import by_type, print_by_type
+
+    base = {"effusion": 0.6, "device": 0.8, "modality": 0.4}
+    runs = {0: {"start": _typed(0.5, 0.0, base), "general alone (DP)": _typed(0.7, 0.8),
+                "federated DP": _typed(0.8, 0.9)},
+            1: {"start": _typed(0.7, 0.0, base), "general alone (DP)": _typed(0.9, None),
+                "federated DP": _typed(0.9, 1.0)}}
+    qtypes, table, majority = by_type(runs)
+    assert qtypes == ["effusion", "modality", "device"]          # the public corpus's types, then hospital-only
+    assert table["general alone (DP)"]["effusion"] == pytest.approx(0.8)   # mean over seeds
+    assert table["general alone (DP)"]["device"] == pytest.approx(0.8)     # a seed without it is left out
+    assert table["federated DP"]["device"] == pytest.approx(0.95) and majority["device"] == pytest.approx(0.8)
+
+    print_by_type(runs)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["question", "type", "start", "general", "fed", "DP", "majority"]
+    assert lines[-1].split() == ["device", "*", "0.0", "80.0", "95.0", "80.0"]
+
+
+def test_utility_plots_accuracy_by_question_type(tmp_path):
+    from benchmarks.utility import plot_by_type
+
+    base = {"effusion": 0.6, "device": 0.8, "modality": 0.4}
+    path = plot_by_type({0: {"start": _typed(0.5, None, base), "federated DP": _typed(0.8, 0.9)}},
+                        tmp_path / "utility.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+
+
+def test_utility_out_keeps_every_finished_seed_when_a_later_one_dies(tmp_path, monkeypatch, capsys):
+    import json
+
+    import benchmarks.utility as utility
+
+    def one_seed(preset, overrides, variants, tmp, models):
+        if "data.seed=1" in overrides:
+            raise RuntimeError("killed during seed 1")
+        return {"start": _typed(0.5, 0.0, {"effusion": 0.6, "device": 0.8, "modality": 0.4}),
+                "federated DP": _typed(0.8, 0.9)}
+
+    monkeypatch.setattr(utility, "one_seed", one_seed)
+    with pytest.raises(RuntimeError, match="seed 1"):
+        utility.main(["--seeds", "0,1", "--models", "federated", "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "utility.json").read_text())
+    assert list(saved["seeds"]) == ["0"] and saved["seeds"]["0"]["federated DP"]["types"]["device"] == 0.9
+
+    utility.main(["--seeds", "0", "--models", "federated", "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "utility.png").stat().st_size > 5_000
+    assert "device *" in capsys.readouterr().out
