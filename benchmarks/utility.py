@@ -66,7 +66,8 @@ def score(model, val, train_rows, cfg) -> dict:
     return {"acc": _accuracy(counts, qtypes), "only": _accuracy(counts, only), "rest": _accuracy(counts, rest),
             "base": _accuracy(base, qtypes), "base_only": _accuracy(base, only),
             "types": {q: _accuracy(counts, {q}) for q in sorted(qtypes)},
-            "base_types": {q: _accuracy(base, {q}) for q in sorted(qtypes)}}
+            "base_types": {q: _accuracy(base, {q}) for q in sorted(qtypes)},
+            "questions": {q: counts[f"qtype/{q}_total"] for q in sorted(qtypes)}}
 
 
 def trained(cfg, train, *, dp: bool):
@@ -203,12 +204,16 @@ def print_by_type(runs: dict[int, dict[str, dict]]) -> None:
     qtypes, table, majority = by_type(runs)
     heads = [_short(n) for n in table] + ["majority"]
     widths = [max(7, len(h) + 2) for h in heads]
-    print("accuracy (%) by question type, mean over seeds (* hospital-only: the public corpus lacks it)")
-    print(f"{'question type':22s}" + "".join(f"{h:>{w}s}" for h, w in zip(heads, widths)))
-    for q in qtypes:
+    asked = [[r["start"].get("questions", {}).get(q) for r in runs.values()] for q in qtypes]
+    print("accuracy (%) by question type, mean over seeds (* hospital-only: the public corpus lacks it; "
+          "questions: validation questions of the type, per seed)")
+    print(f"{'question type':22s}" + "".join(f"{h:>{w}s}" for h, w in zip(heads, widths)) + f"{'questions':>11s}")
+    for q, per_seed in zip(qtypes, asked):
         label = f"{q} *" if q in HOSPITAL_ONLY_QTYPES else q
-        cells = [table[n][q] for n in table] + [majority[q]]
-        print(f"{label:22s}" + "".join(f"{_fmt(c):>{w}s}" for c, w in zip(cells, widths)))
+        cells = [table[name][q] for name in table] + [majority[q]]
+        known = [c for c in per_seed if c is not None]
+        print(f"{label:22s}" + "".join(f"{_fmt(c):>{w}s}" for c, w in zip(cells, widths))
+              + f"{round(statistics.mean(known)) if known else '-':>11}")
 
 
 def plot_by_type(runs: dict[int, dict[str, dict]], path: Path) -> Path:

@@ -51,7 +51,7 @@ def test_utility_trains_each_hospital_alone_without_dp_when_asked(tmp_path, monk
 
 def _typed(acc: float, device: float | None, base: dict | None = None) -> dict:
     return {"acc": acc, "types": {"effusion": acc, "device": device, "modality": 1.0},
-            **({"base_types": base} if base else {})}
+            **({"base_types": base, "questions": {"effusion": 40, "device": 30, "modality": 50}} if base else {})}
 
 
 def test_utility_tables_each_question_type_with_the_hospital_only_ones_last(capsys):
@@ -70,8 +70,8 @@ def test_utility_tables_each_question_type_with_the_hospital_only_ones_last(caps
 
     print_by_type(runs)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["question", "type", "start", "general", "fed", "DP", "majority"]
-    assert lines[-1].split() == ["device", "*", "0.0", "80.0", "95.0", "80.0"]
+    assert lines[1].split() == ["question", "type", "start", "general", "fed", "DP", "majority", "questions"]
+    assert lines[-1].split() == ["device", "*", "0.0", "80.0", "95.0", "80.0", "30"]
 
 
 def test_utility_plots_accuracy_by_question_type(tmp_path):
