@@ -177,6 +177,13 @@ def _short(name: str) -> str:
             .replace("federated", "fed").replace("pooled no DP", "pooled"))
 
 
+def _type_label(qtype: str) -> str:
+    """A question type as the per-type table and plot name it: hospital-only ones marked *."""
+    from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES
+
+    return f"{qtype} *" if qtype in HOSPITAL_ONLY_QTYPES else qtype
+
+
 def by_type(runs: dict[int, dict[str, dict]]) -> tuple[list[str], dict[str, dict], dict]:
     """Per question type: each model's accuracy and the per-question majority's, mean over seeds.
     The types come in the order the table and plot show them: those the public corpus has, then the
@@ -199,8 +206,6 @@ def by_type(runs: dict[int, dict[str, dict]]) -> tuple[list[str], dict[str, dict
 
 
 def print_by_type(runs: dict[int, dict[str, dict]]) -> None:
-    from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES
-
     qtypes, table, majority = by_type(runs)
     heads = [_short(n) for n in table] + ["majority"]
     widths = [max(7, len(h) + 2) for h in heads]
@@ -209,7 +214,7 @@ def print_by_type(runs: dict[int, dict[str, dict]]) -> None:
           "questions: validation questions of the type, per seed)")
     print(f"{'question type':22s}" + "".join(f"{h:>{w}s}" for h, w in zip(heads, widths)) + f"{'questions':>11s}")
     for q, per_seed in zip(qtypes, asked):
-        label = f"{q} *" if q in HOSPITAL_ONLY_QTYPES else q
+        label = _type_label(q)
         cells = [table[name][q] for name in table] + [majority[q]]
         known = [c for c in per_seed if c is not None]
         print(f"{label:22s}" + "".join(f"{_fmt(c):>{w}s}" for c, w in zip(cells, widths))
@@ -224,8 +229,6 @@ def plot_by_type(runs: dict[int, dict[str, dict]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES
-
     qtypes, table, majority = by_type(runs)
     columns = [*table, "majority"]
     grid = [[100 * v if v is not None else float("nan")
@@ -238,7 +241,7 @@ def plot_by_type(runs: dict[int, dict[str, dict]], path: Path) -> Path:
                 ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=7,
                         color="black" if v > 60 else "white")
     ax.set_xticks(range(len(columns)), [_short(c) for c in columns], rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(len(qtypes)), [f"{q} *" if q in HOSPITAL_ONLY_QTYPES else q for q in qtypes], fontsize=8)
+    ax.set_yticks(range(len(qtypes)), [_type_label(q) for q in qtypes], fontsize=8)
     ax.axvline(len(columns) - 1.5, color="white", linewidth=2)
     ax.set_title(f"accuracy (%) by question type, seeds {list(runs)} (* hospital-only)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
