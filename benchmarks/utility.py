@@ -157,8 +157,9 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
     return out
 
 
-def _fmt(x, pct: bool = True) -> str:
-    return "-" if x is None else (f"{100 * x:.1f}" if pct else f"{x:.2f}")
+def _fmt(x, pct: bool = True, digits: int = 2) -> str:
+    """A percentage to one decimal, or (``pct=False``) a plain number to ``digits`` decimals; ``-`` for none."""
+    return "-" if x is None else (f"{100 * x:.1f}" if pct else f"{x:.{digits}f}")
 
 
 def finished_line(seed: int, name: str, result: dict) -> str:
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
         accs = [r["acc"] for r in rows]
         print(f"{name:26s}{_fmt(col('acc')):>9s}{_fmt(max(accs) - min(accs)):>8s}{_fmt(col('only')):>8s}"
               f"{_fmt(col('rest')):>7s}{_fmt(col('own')):>9s}{_fmt(col('base')):>9s}{_fmt(col('base_only')):>11s}"
-              f"{_fmt(col('eps'), pct=False):>9s}{_fmt(col('s'), pct=False):>9s}")
+              f"{_fmt(col('eps'), pct=False):>9s}{_fmt(col('s'), pct=False, digits=0):>9s}")
     if "alone" in models and "federated" in models:
         gains = [runs[s]["federated DP"]["acc"] - max(r["acc"] for n, r in runs[s].items()
                                                       if n.endswith("alone (DP)")) for s in seeds]
