@@ -180,7 +180,8 @@ def _tag_head(site, cfg):
     """This hospital's stage-1 tag head (``medvlm.tags``): from its state directory, or a fresh one."""
     from medvlm.tags import fusion_width, load_head
 
-    return load_head(site.state_dir, fusion_width(site.model.fusion, site.train.pixels), seed=cfg.train.seed)
+    return load_head(site.state_dir, fusion_width(site.model.fusion, site.train.pixels), seed=cfg.train.seed,
+                     loss=site.stage.tag_loss)
 
 
 def _status(site, status: str, ledger: Ledger | None = None, **extra: str) -> dict[str, str]:

@@ -120,6 +120,9 @@ TASKS = ("vqa", "report")
 # A curriculum stage may also be ``tags``: stage 1 at the hospitals (medvlm.tags), the fusion learns
 # each image's answers as tags through a head that stays at the hospital; it reads the VQA rows.
 STAGE_TASKS = (*TASKS, "tags")
+# a tags stage's loss (medvlm.tags): bce (every answer a sigmoid of its own over the hashed columns) |
+# yes-no (each yes/no answer a two-way choice between its two columns; other answers unused)
+TAG_LOSSES = ("bce", "yes-no")
 
 
 @dataclass
@@ -294,6 +297,7 @@ class StageConfig:
     # share of each hospital's budget this stage spends (default: the stages without one share what is
     # left in proportion to their rounds); the hospital's own budget still caps the whole run
     budget: Optional[float] = None
+    tag_loss: str = "bce"             # a tags stage's loss: bce | yes-no (TAG_LOSSES)
 
     def __post_init__(self) -> None:
         key = f"federation.stages[{self.name}]"
@@ -305,6 +309,9 @@ class StageConfig:
                self.trainable, "name a non-empty subset of [fusion, lora]")
         _check(self.task != "tags" or list(self.trainable) == ["fusion"], f"{key}.trainable", self.trainable,
                "a tags stage trains the fusion alone (its head reads the fusion's output): use [fusion]")
+        _check(self.tag_loss in TAG_LOSSES, f"{key}.tag_loss", self.tag_loss, f"use one of {list(TAG_LOSSES)}")
+        _check(self.task == "tags" or self.tag_loss == "bce", f"{key}.tag_loss", self.tag_loss,
+               f"a {self.task} stage has no tag head: tag_loss applies to a tags stage only")
         _check(self.lr is None or self.lr > 0, f"{key}.lr", self.lr, "must be > 0")
         _check(self.local_epochs is None or self.local_epochs > 0, f"{key}.local_epochs", self.local_epochs,
                "must be > 0")
@@ -429,6 +436,7 @@ class Stage:
     lr: float
     local_epochs: float
     budget_end: float                 # share of each hospital's budget spent by the end of this stage
+    tag_loss: str = "bce"             # a tags stage's loss (TAG_LOSSES)
 
 
 def stages(cfg: ExperimentConfig) -> list[Stage]:
@@ -447,7 +455,7 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
         out.append(Stage(s.name, first, last, s.task, tuple(s.qtypes), tuple(s.trainable),
                          s.lr if s.lr is not None else lr,
                          s.local_epochs if s.local_epochs is not None else fed.local_epochs,
-                         1.0 if s is given[-1] else end))
+                         1.0 if s is given[-1] else end, s.tag_loss))
         first = last + 1
     return out
 

@@ -8,7 +8,14 @@ fusion's output (86-87%) and DP-SGD through the frozen language model does not b
 (docs/benchmarks.md, December 3). A ``tags`` curriculum stage trains the fusion on each image's
 own answers instead: every question row ``qtype=answer`` becomes a tag of its image, predicted by
 a linear :class:`TagHead` on the mean of the fusion's output tokens (what the language model
-reads), with a multi-label loss.
+reads). Two losses (a stage's ``tag_loss``):
+
+* ``bce``: every answer a sigmoid of its own column, the mean over all columns (multi-label);
+* ``yes-no``: each yes/no answer a two-way choice between its two columns (``kind=yes`` against
+  ``kind=no``); other answers are not used. Under DP each image's clipped gradient then goes to the
+  contrast that matters instead of to hundreds of columns the image does not name; on the
+  consortium's hospital-only findings it is what teaches the fusion them at all (docs/benchmarks.md,
+  "Where a new finding is learned").
 
 Two choices keep this a hospital's own and its DP guarantee intact:
 
@@ -34,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvlm.config import TAG_LOSSES
 from medvlm.data.dataset import VQARows
 from medvlm.files import atomic_path
 
@@ -68,21 +76,58 @@ def column(tag: str, columns: int = TAG_COLUMNS) -> int:
     return int.from_bytes(hashlib.blake2b(tag.encode(), digest_size=8).digest(), "big") % columns
 
 
-def tag_targets(tag_sets: Sequence[set[str]], columns: int = TAG_COLUMNS) -> torch.Tensor:
-    """Multi-hot targets (images, columns) of hashed tags."""
-    out = torch.zeros(len(tag_sets), columns)
-    for i, tags in enumerate(tag_sets):
-        out[i, [column(t, columns) for t in tags]] = 1.0
+YES_NO = {"yes": "no", "no": "yes"}
+
+
+def tag_targets(tag_sets: Sequence[set[str]], columns: int = TAG_COLUMNS, loss: str = "bce") -> torch.Tensor:
+    """Targets of ``tag_loss``. ``bce``: multi-hot (images, columns) of hashed tags. ``yes-no``: per image
+    the (answer's column, other answer's column) of each of its yes/no tags, (images, pairs, 2), padded
+    with -1; a loss of ``yes-no`` over tags none of which is yes or no is an error."""
+    _check_loss(loss)
+    if loss == "bce":
+        out = torch.zeros(len(tag_sets), columns)
+        for i, tags in enumerate(tag_sets):
+            out[i, [column(t, columns) for t in tags]] = 1.0
+        return out
+    pairs: list[list[tuple[int, int]]] = []
+    unused: set[str] = set()
+    for tags in tag_sets:
+        mine = []
+        for tag in sorted(tags):
+            kind, _, answer = tag.rpartition("=")
+            if answer in YES_NO:
+                mine.append((column(tag, columns), column(f"{kind}={YES_NO[answer]}", columns)))
+            else:
+                unused.add(kind)
+        pairs.append(mine)
+    width = max((len(p) for p in pairs), default=0)
+    if width == 0:
+        raise ValueError(f"tag_loss yes-no reads yes/no answers, and none of the {len(tag_sets)} images has one "
+                         f"(question types seen: {sorted(unused) or 'none'}): give the tags stage yes/no question "
+                         "types (federation.stages.N.qtypes) or use tag_loss: bce")
+    if unused:
+        log.info("tag_loss yes-no: answers of %s are not yes or no and are not used in this stage", sorted(unused))
+    out = torch.full((len(tag_sets), width, 2), -1, dtype=torch.long)
+    for i, mine in enumerate(pairs):
+        if mine:
+            out[i, :len(mine)] = torch.tensor(mine)
     return out
+
+
+def _check_loss(loss: str) -> None:
+    if loss not in TAG_LOSSES:
+        raise ValueError(f"tag loss {loss!r}: use one of {list(TAG_LOSSES)}")
 
 
 class TagHead(nn.Module):
     """A linear head on the layer-normed *mean* of the fusion's output tokens: the mean is what the
     language model's attention reads without first learning a route to one token."""
 
-    def __init__(self, width: int, columns: int = TAG_COLUMNS):
+    def __init__(self, width: int, columns: int = TAG_COLUMNS, loss: str = "bce"):
         super().__init__()
+        _check_loss(loss)
         self.proj = nn.Linear(width, columns)
+        self.loss = loss                     # what it is trained with (tag_targets / tag_loss); not a weight
 
     @property
     def columns(self) -> int:
@@ -112,18 +157,27 @@ def fusion_width(fusion: nn.Module, patch_tokens: torch.Tensor) -> int:
     return int(fusion(patch_tokens[:1].to(device).float()).shape[-1])
 
 
-def tag_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per image: the mean binary cross-entropy over the tag columns."""
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
+def tag_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str = "bce") -> torch.Tensor:
+    """Per image (one DP record: nothing here mixes images). ``bce``: the mean binary cross-entropy over
+    the tag columns. ``yes-no``: the sum over the image's yes/no tags of the two-way cross-entropy between
+    the answer's column and the other answer's, ``softplus(other - answer)``."""
+    _check_loss(loss)
+    if loss == "bce":
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
+    given = targets[..., 0] >= 0                                   # (images, pairs): padding is -1
+    answer = logits.gather(1, targets[..., 0].clamp(min=0))
+    other = logits.gather(1, targets[..., 1].clamp(min=0))
+    return (F.softplus(other - answer) * given).sum(1)
 
 
-def load_head(state_dir: str | Path, width: int, *, seed: int = 0) -> TagHead:
-    """This hospital's tag head from its state directory, or a fresh one (seeded) on its first round."""
+def load_head(state_dir: str | Path, width: int, *, seed: int = 0, loss: str = "bce") -> TagHead:
+    """This hospital's tag head from its state directory, or a fresh one (seeded) on its first round;
+    ``loss``: what the stage trains it with (the weights are the same shape either way)."""
     from safetensors.torch import load_file
 
     path = Path(state_dir) / HEAD_FILE
     torch.manual_seed(seed)
-    head = TagHead(width)
+    head = TagHead(width, loss=loss)
     if path.is_file():
         try:
             state = load_file(str(path))

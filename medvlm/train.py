@@ -167,7 +167,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
         tags.to(device).train()
         tags.requires_grad_(True)
         module = Tagger(model.fusion, tags)
-        dataset = TensorDataset(encoded.pixels, tag_targets(image_tags(encoded), tags.columns))
+        dataset = TensorDataset(encoded.pixels, tag_targets(image_tags(encoded), tags.columns, tags.loss))
     else:
         dataset = VQADataset(encoded, model.tokenizer, model.cfg.max_text_len)
     sample_rate, steps = planned_steps(len(dataset), train)
@@ -252,7 +252,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
         if len(tokens) == 0:
             _noise_only_grads(params)
         else:
-            per_example = tag_loss(net(tokens.to(device)), targets.to(device))
+            per_example = tag_loss(net(tokens.to(device)), targets.to(device), tags.loss)
             per_example.mean().backward()
             totals["loss"] += per_example.sum().item()
             totals["seen"] += len(tokens)

@@ -1,6 +1,6 @@
 import pytest
 
-from medvlm.config import ExperimentConfig, available_presets, load_config
+from medvlm.config import ExperimentConfig, available_presets, load_config, stages
 
 
 @pytest.mark.parametrize("preset", available_presets())
@@ -76,3 +76,14 @@ def test_an_override_names_a_list_entry_by_its_index():
         load_config("tiny-consortium-tags", ["federation.stages.0.budget=abc"])
     whole = load_config("tiny-consortium-tags", ["federation.stages=[{name: a, rounds: 2}]"])
     assert [s.name for s in whole.federation.stages] == ["a"]   # a whole list is replaced
+
+
+def test_a_tags_stage_s_loss_is_checked_and_named_when_wrong():
+    cfg = load_config("tiny-consortium-tags")
+    first = stages(cfg)[0]
+    assert (first.task, first.tag_loss, first.qtypes) == ("tags", "yes-no", ("pneumothorax", "device"))
+    assert stages(cfg)[1].tag_loss == "bce"                 # the default, unused by a vqa stage
+    with pytest.raises(ValueError, match=r"federation\.stages\[tags\]\.tag_loss.*'focal'.*yes-no"):
+        load_config("tiny-consortium-tags", ["federation.stages.0.tag_loss=focal"])
+    with pytest.raises(ValueError, match=r"federation\.stages\[vqa\]\.tag_loss.*tags stage only"):
+        load_config("tiny-consortium-tags", ["federation.stages.1.tag_loss=yes-no"])

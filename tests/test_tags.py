@@ -5,22 +5,24 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medvlm.build import build_medvlm
 from medvlm.config import PrivacyConfig, TrainConfig, load_config
 from medvlm.data.dataset import VQARows
-from medvlm.tags import (TAG_COLUMNS, TagHead, column, image_tags, load_head, save_head, tag_of, tag_targets)
+from medvlm.tags import (TAG_COLUMNS, TagHead, column, image_tags, load_head, save_head, tag_loss, tag_of,
+                         tag_targets)
 from medvlm.train import dp_records, planned_steps, train_local
 from tests.conftest import TINY_OVERRIDES
 
 TAGS = TrainConfig(epochs=1, batch_size=8, physical_batch_size=8, lr=1e-2, trainable=["fusion"])
 
 
-def _head(model, data) -> TagHead:
+def _head(model, data, loss: str = "bce") -> TagHead:
     with torch.no_grad():
         width = model.fusion(model.encode_images(data.pixels[:1])).shape[-1]
     torch.manual_seed(0)
-    return TagHead(width)
+    return TagHead(width, loss=loss)
 
 
 def test_tags_are_each_image_s_answers_hashed_into_fixed_columns():
@@ -38,6 +40,31 @@ def test_tags_are_each_image_s_answers_hashed_into_fixed_columns():
     assert tag_targets([{"a=b"}]).shape[1] == tag_targets([{f"x={i}" for i in range(50)}]).shape[1]
     with pytest.raises(ValueError, match="image_index 7"):
         image_tags(VQARows(torch.zeros(3, 4, 8), [{"image_index": 7, "question": "q", "answer": "a"}], tokens=True))
+
+
+def test_the_yes_no_loss_is_a_two_way_choice_per_yes_no_answer_of_each_image_alone():
+    sets = [{"pneumothorax=yes", "device=no", "modality=ct"}, {"device=yes"}, {"modality=mri"}]
+    y = tag_targets(sets, loss="yes-no")
+    assert y.shape == (3, 2, 2) and y.dtype == torch.long
+    assert sorted(map(tuple, y[0].tolist())) == sorted([(column("pneumothorax=yes"), column("pneumothorax=no")),
+                                                        (column("device=no"), column("device=yes"))])
+    assert y[1, 1].tolist() == [-1, -1] and (y[2] == -1).all()            # padding: no pair
+    torch.manual_seed(0)
+    logits = torch.randn(3, TAG_COLUMNS, requires_grad=True)
+    loss = tag_loss(logits, y, "yes-no")
+    pair = lambda i, no, yes, k: F.cross_entropy(logits[i, [column(no), column(yes)]][None], torch.tensor([k]))  # noqa: E731
+    assert loss[0].item() == pytest.approx((pair(0, "pneumothorax=no", "pneumothorax=yes", 1)
+                                            + pair(0, "device=no", "device=yes", 0)).item(), rel=1e-6)
+    assert loss[1].item() == pytest.approx(pair(1, "device=no", "device=yes", 1).item(), rel=1e-6)
+    assert loss[2].item() == 0.0                                           # no yes/no answer: nothing learnt
+    loss[0].backward()      # the gradient reaches the image's own pairs' columns and nothing else
+    touched = set(logits.grad.nonzero()[:, 1].tolist())
+    assert set(logits.grad.nonzero()[:, 0].tolist()) == {0}
+    assert touched == {column(t) for t in ("pneumothorax=yes", "pneumothorax=no", "device=yes", "device=no")}
+    with pytest.raises(ValueError, match=r"none of the 2 images.*\['count', 'modality'\].*qtypes"):
+        tag_targets([{"modality=ct"}, {"count=2"}], loss="yes-no")
+    with pytest.raises(ValueError, match="'softmax'.*bce"):
+        TagHead(8, loss="softmax")
 
 
 def test_a_tags_step_trains_the_fusion_and_the_head_never_lora(tiny_cfg, tiny_splits):
@@ -62,15 +89,15 @@ def test_a_tags_step_trains_the_fusion_and_the_head_never_lora(tiny_cfg, tiny_sp
                     max_steps=1, progress=False, tags=head)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
-def test_a_dp_tags_step_equals_a_plain_one_without_noise_or_clipping(tiny_cfg, tiny_splits, mode):
+@pytest.mark.parametrize("mode, loss", [("hooks", "bce"), ("functorch", "bce"), ("hooks", "yes-no")])
+def test_a_dp_tags_step_equals_a_plain_one_without_noise_or_clipping(tiny_cfg, tiny_splits, mode, loss):
     data = tiny_splits["train"]
     train = replace(TAGS, batch_size=len(data.pixels), physical_batch_size=len(data.pixels), optimizer="sgd", lr=0.5)
     states, heads = [], []
     for privacy in (PrivacyConfig(enabled=False),
                     PrivacyConfig(target_epsilon=None, noise_multiplier=0.0, max_grad_norm=1e9, grad_sample_mode=mode)):
         model = build_medvlm(tiny_cfg.model, seed=0)
-        head = _head(model, data)
+        head = _head(model, data, loss)
         states.append(train_local(model, data, train=train, privacy=privacy, max_steps=1, progress=False,
                                   tags=head).state)
         heads.append(head.state_dict())
@@ -91,22 +118,55 @@ def test_a_dp_tags_stage_samples_images_and_its_spending_is_recorded(tiny_cfg, t
     assert 0 < result.privacy.epsilon < float("inf")
 
 
-def test_the_tags_stage_learns_a_finding_the_fusion_did_not_carry():
+@pytest.mark.parametrize("loss, qtypes", [("bce", []), ("yes-no", ["pneumothorax", "device"])])
+def test_the_tags_stage_learns_a_finding_the_fusion_did_not_carry(loss, qtypes):
     """Without DP, a few hundred steps on one hospital's images teach the fusion + head to read a
-    hospital-only finding (pneumothorax) the random fusion's mean output does not separate."""
-    cfg = load_config("tiny", TINY_OVERRIDES + ["data.images_per_hospital=120", "data.hospital_only=true"])
+    hospital-only finding (pneumothorax) the random fusion's mean output does not separate. With the
+    yes-no loss, the images' own answers are learnt, not only how often each is given."""
+    import math
+
+    from medvlm.tags import Tagger
+
+    cfg = load_config("tiny", TINY_OVERRIDES + ["data.images_per_hospital=120", "data.hospital_only=true",
+                                                f"data.qtypes=[{','.join(qtypes)}]"])
     from medvlm.build import vision_encoder
     from medvlm.data.dataset import load_splits
 
     data = load_splits(cfg.data, vision_encoder(cfg.model.vision).preprocess, hospitals=["general"])["train"]
     model = build_medvlm(cfg.model, seed=0)
-    head = _head(model, data)
-    train = replace(TAGS, epochs=60, batch_size=32, physical_batch_size=32, lr=3e-3)
-    first = train_local(model, data, train=replace(train, epochs=0.01), privacy=PrivacyConfig(enabled=False),
-                        progress=False, tags=head).metrics["train_loss"]
-    last = train_local(model, data, train=train, privacy=PrivacyConfig(enabled=False), progress=False,
-                       tags=head).metrics["train_loss"]
+    head = _head(model, data, loss)
+    tags = image_tags(data)
+    targets = tag_targets(tags, loss=loss)
+
+    def scored() -> float:
+        with torch.no_grad():
+            logits = Tagger(model.fusion, head)(model.encode_images(data.pixels))
+            return tag_loss(logits, targets, loss).mean().item()
+
+    first = scored()
+    train_local(model, data, train=replace(TAGS, epochs=60, batch_size=32, physical_batch_size=32, lr=3e-3),
+                privacy=PrivacyConfig(enabled=False), progress=False, tags=head)
+    last = scored()
     assert last < 0.5 * first
+    if loss == "yes-no":   # below the loss of answering every image by the answers' base rates
+        rates = [sum(f"{q}=yes" in t for t in tags) / len(tags) for q in qtypes]
+        assert all(0 < p < 1 for p in rates)
+        assert last < 0.5 * sum(-p * math.log(p) - (1 - p) * math.log(1 - p) for p in rates)
+
+
+def test_a_hospital_loads_its_head_for_the_loss_its_stage_names(tmp_path, tiny_splits):
+    from types import SimpleNamespace
+
+    from client.app import _tag_head
+    from medvlm.config import stages
+
+    cfg = load_config("tiny-consortium-tags", TINY_OVERRIDES)
+    model = build_medvlm(cfg.model, seed=0)
+    with torch.no_grad():
+        tokens = model.encode_images(tiny_splits["train"].pixels[:1])    # what a site trains on: patch tokens
+    for stage in stages(cfg)[:1] + [replace(stages(cfg)[0], tag_loss="bce")]:
+        site = SimpleNamespace(state_dir=tmp_path, model=model, stage=stage, train=SimpleNamespace(pixels=tokens))
+        assert _tag_head(site, cfg).loss == stage.tag_loss
 
 
 def test_a_hospital_s_head_round_trips_and_a_broken_one_is_named(tmp_path):
@@ -122,7 +182,8 @@ def test_a_hospital_s_head_round_trips_and_a_broken_one_is_named(tmp_path):
         load_head(tmp_path, 16)
 
 
-TAG_STAGES = "federation.stages=[{name: tags, rounds: 1, task: tags, trainable: [fusion], lr: 0.003}, " \
+TAG_STAGES = "federation.stages=[{name: tags, rounds: 1, task: tags, tag_loss: yes-no, trainable: [fusion], " \
+             "lr: 0.003}, " \
              "{name: vqa, rounds: 1, local_epochs: 1}]"
 
 
