@@ -79,9 +79,24 @@ def column(tag: str, columns: int = TAG_COLUMNS) -> int:
 YES_NO = {"yes": "no", "no": "yes"}
 
 
+def yes_no_columns(kind: str, columns: int = TAG_COLUMNS) -> dict[str, int]:
+    """The two columns of a yes/no question kind under ``tag_loss: yes-no``: ``kind=yes``'s and
+    ``kind=no``'s own columns, unless the two hash to the same one (1 kind in ``columns``; a data set
+    whose kinds are its question texts has hundreds): then ``no`` moves to the first column a salted
+    hash gives that differs, so the two-way choice never compares a column with itself (it would be a
+    constant log 2 and learn nothing). Stable on every machine, like :func:`column`."""
+    yes, no = column(f"{kind}=yes", columns), column(f"{kind}=no", columns)
+    salt = 0
+    while no == yes:
+        salt += 1
+        no = column(f"{kind}=no#{salt}", columns)
+    return {"yes": yes, "no": no}
+
+
 def tag_targets(tag_sets: Sequence[set[str]], columns: int = TAG_COLUMNS, loss: str = "bce") -> torch.Tensor:
     """Targets of ``tag_loss``. ``bce``: multi-hot (images, columns) of hashed tags. ``yes-no``: per image
-    the (answer's column, other answer's column) of each of its yes/no tags, (images, pairs, 2), padded
+    the (answer's column, other answer's column) of each of its yes/no tags (:func:`yes_no_columns`),
+    (images, pairs, 2), padded
     with -1; a loss of ``yes-no`` over tags none of which is yes or no is an error."""
     _check_loss(loss)
     if loss == "bce":
@@ -96,7 +111,8 @@ def tag_targets(tag_sets: Sequence[set[str]], columns: int = TAG_COLUMNS, loss: 
         for tag in sorted(tags):
             kind, _, answer = tag.rpartition("=")
             if answer in YES_NO:
-                mine.append((column(tag, columns), column(f"{kind}={YES_NO[answer]}", columns)))
+                both = yes_no_columns(kind, columns)
+                mine.append((both[answer], both[YES_NO[answer]]))
             else:
                 unused.add(kind)
         pairs.append(mine)

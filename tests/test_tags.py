@@ -11,7 +11,7 @@ from medvlm.build import build_medvlm
 from medvlm.config import PrivacyConfig, TrainConfig, load_config
 from medvlm.data.dataset import VQARows
 from medvlm.tags import (TAG_COLUMNS, TagHead, column, image_tags, load_head, save_head, tag_loss, tag_of,
-                         tag_targets)
+                         tag_targets, yes_no_columns)
 from medvlm.train import dp_records, planned_steps, train_local
 from tests.conftest import TINY_OVERRIDES
 
@@ -65,6 +65,26 @@ def test_the_yes_no_loss_is_a_two_way_choice_per_yes_no_answer_of_each_image_alo
         tag_targets([{"modality=ct"}, {"count=2"}], loss="yes-no")
     with pytest.raises(ValueError, match="'softmax'.*bce"):
         TagHead(8, loss="softmax")
+
+
+def test_a_yes_no_kind_whose_two_answers_hash_to_one_column_still_learns():
+    """1 kind in TAG_COLUMNS hashes ``=yes`` and ``=no`` to one column (a data set whose kinds are its
+    question texts has hundreds of kinds): its two-way choice must not compare a column with itself."""
+    kind = next(k for k in (f"is there finding {i}?" for i in range(100_000))
+                if column(f"{k}=yes") == column(f"{k}=no"))
+    both = yes_no_columns(kind)
+    assert both["yes"] == column(f"{kind}=yes") and both["no"] != both["yes"]
+    assert both == yes_no_columns(kind)                                    # stable
+    assert yes_no_columns("pneumothorax") == {"yes": column("pneumothorax=yes"), "no": column("pneumothorax=no")}
+    y = tag_targets([{f"{kind}=yes"}, {f"{kind}=no"}], loss="yes-no")
+    assert y[0, 0].tolist() == [both["yes"], both["no"]] and y[1, 0].tolist() == [both["no"], both["yes"]]
+    logits = torch.zeros(2, TAG_COLUMNS, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(20):
+        opt.zero_grad()
+        tag_loss(logits, y, "yes-no").sum().backward()
+        opt.step()
+    assert tag_loss(logits, y, "yes-no").max().item() < 0.1                # not stuck at log 2
 
 
 def test_a_tags_step_trains_the_fusion_and_the_head_never_lora(tiny_cfg, tiny_splits):
