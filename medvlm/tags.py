@@ -96,8 +96,8 @@ def yes_no_columns(kind: str, columns: int = TAG_COLUMNS) -> dict[str, int]:
 def tag_targets(tag_sets: Sequence[set[str]], columns: int = TAG_COLUMNS, loss: str = "bce") -> torch.Tensor:
     """Targets of ``tag_loss``. ``bce``: multi-hot (images, columns) of hashed tags. ``yes-no``: per image
     the (answer's column, other answer's column) of each of its yes/no tags (:func:`yes_no_columns`),
-    (images, pairs, 2), padded
-    with -1; a loss of ``yes-no`` over tags none of which is yes or no is an error."""
+    (images, pairs, 2), padded with -1; a loss of ``yes-no`` over tags none of which is yes or no is an
+    error."""
     _check_loss(loss)
     if loss == "bce":
         out = torch.zeros(len(tag_sets), columns)
