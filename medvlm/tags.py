@@ -85,6 +85,8 @@ def yes_no_columns(kind: str, columns: int = TAG_COLUMNS) -> dict[str, int]:
     whose kinds are its question texts has hundreds): then ``no`` moves to the first column a salted
     hash gives that differs, so the two-way choice never compares a column with itself (it would be a
     constant log 2 and learn nothing). Stable on every machine, like :func:`column`."""
+    if columns < 2:
+        raise ValueError(f"tag_loss yes-no needs at least 2 tag columns to tell yes from no, got {columns}")
     yes, no = column(f"{kind}=yes", columns), column(f"{kind}=no", columns)
     salt = 0
     while no == yes:
