@@ -94,7 +94,8 @@ def trained(cfg, train, *, dp: bool):
         head = None
         if stage.task == "tags":
             torch.manual_seed(cfg.train.seed)
-            head = TagHead(fusion_width(model.fusion, data.pixels), loss=stage.tag_loss)
+            head = TagHead(fusion_width(model.fusion, data.pixels), loss=stage.tag_loss,
+                           fixed=stage.tag_head == "fixed")
         target = None if budget is None else budget * stage.budget_end
         privacy = calibrated(replace(cfg.privacy, enabled=dp, target_epsilon=target),
                              dp_records(data, tags=head is not None), schedule, accountant_state=state)

@@ -164,7 +164,7 @@ def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transpor
         ledger.record(history=result.accountant_state["history"], server_round=server_round, key=key)
         ledger.save(site.state_dir)  # charged before anything is released
         metrics.update(_ledger_metrics(ledger))
-    if head is not None:
+    if head is not None and not head.fixed:
         # the hospital's own, kept in its state dir and never in a reply. Saved only once the round is
         # charged: a head trained in a round that a crash left uncharged would carry uncharged steps
         # into every later (released) fusion update
@@ -181,7 +181,7 @@ def _tag_head(site, cfg):
     from medvlm.tags import fusion_width, load_head
 
     return load_head(site.state_dir, fusion_width(site.model.fusion, site.train.pixels), seed=cfg.train.seed,
-                     loss=site.stage.tag_loss)
+                     loss=site.stage.tag_loss, fixed=site.stage.tag_head == "fixed")
 
 
 def _status(site, status: str, ledger: Ledger | None = None, **extra: str) -> dict[str, str]:

@@ -123,6 +123,7 @@ STAGE_TASKS = (*TASKS, "tags")
 # a tags stage's loss (medvlm.tags): bce (every answer a sigmoid of its own over the hashed columns) |
 # yes-no (each yes/no answer a two-way choice between its two columns; other answers unused)
 TAG_LOSSES = ("bce", "yes-no")
+TAG_HEADS = ("local", "fixed")    # a tags stage's head: trained at each hospital | fixed (FedBABU)
 
 
 @dataclass
@@ -298,6 +299,9 @@ class StageConfig:
     # left in proportion to their rounds); the hospital's own budget still caps the whole run
     budget: Optional[float] = None
     tag_loss: str = "bce"             # a tags stage's loss: bce | yes-no (TAG_LOSSES)
+    # a tags stage's head: local (trained at each hospital, kept there) | fixed (the same seeded random
+    # head everywhere, never trained: every hospital's fusion learns towards one head; FedBABU)
+    tag_head: str = "local"
 
     def __post_init__(self) -> None:
         key = f"federation.stages[{self.name}]"
@@ -312,6 +316,9 @@ class StageConfig:
         _check(self.tag_loss in TAG_LOSSES, f"{key}.tag_loss", self.tag_loss, f"use one of {list(TAG_LOSSES)}")
         _check(self.task == "tags" or self.tag_loss == "bce", f"{key}.tag_loss", self.tag_loss,
                f"a {self.task} stage has no tag head: tag_loss applies to a tags stage only")
+        _check(self.tag_head in TAG_HEADS, f"{key}.tag_head", self.tag_head, f"use one of {list(TAG_HEADS)}")
+        _check(self.task == "tags" or self.tag_head == "local", f"{key}.tag_head", self.tag_head,
+               f"a {self.task} stage has no tag head: tag_head applies to a tags stage only")
         _check(self.lr is None or self.lr > 0, f"{key}.lr", self.lr, "must be > 0")
         _check(self.local_epochs is None or self.local_epochs > 0, f"{key}.local_epochs", self.local_epochs,
                "must be > 0")
@@ -437,6 +444,7 @@ class Stage:
     local_epochs: float
     budget_end: float                 # share of each hospital's budget spent by the end of this stage
     tag_loss: str = "bce"             # a tags stage's loss (TAG_LOSSES)
+    tag_head: str = "local"           # a tags stage's head (TAG_HEADS)
 
 
 def stages(cfg: ExperimentConfig) -> list[Stage]:
@@ -455,7 +463,7 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
         out.append(Stage(s.name, first, last, s.task, tuple(s.qtypes), tuple(s.trainable),
                          s.lr if s.lr is not None else lr,
                          s.local_epochs if s.local_epochs is not None else fed.local_epochs,
-                         1.0 if s is given[-1] else end, s.tag_loss))
+                         1.0 if s is given[-1] else end, s.tag_loss, s.tag_head))
         first = last + 1
     return out
 

@@ -20,7 +20,10 @@ reads). Two losses (a stage's ``tag_loss``):
 Two choices keep this a hospital's own and its DP guarantee intact:
 
 * the head **never leaves the hospital** (FedRep's split: the coordinator averages the fusion, each
-  hospital keeps its head in its state directory); no label list has to be agreed;
+  hospital keeps its head in its state directory); no label list has to be agreed. With a stage's
+  ``tag_head: fixed`` (FedBABU's split) the head is not trained at all: every hospital builds the same
+  random head from ``train.seed``, so each fusion learns towards one head instead of towards a head of
+  its own that the average then no longer fits;
 * tags are **hashed into a fixed number of columns**: the head's shape does not depend on which
   answers the data holds (a label list read from the data would make the model's shape itself a
   release of what the data contains).
@@ -141,11 +144,13 @@ class TagHead(nn.Module):
     """A linear head on the layer-normed *mean* of the fusion's output tokens: the mean is what the
     language model's attention reads without first learning a route to one token."""
 
-    def __init__(self, width: int, columns: int = TAG_COLUMNS, loss: str = "bce"):
+    def __init__(self, width: int, columns: int = TAG_COLUMNS, loss: str = "bce", fixed: bool = False):
         super().__init__()
         _check_loss(loss)
         self.proj = nn.Linear(width, columns)
         self.loss = loss                     # what it is trained with (tag_targets / tag_loss); not a weight
+        self.fixed = fixed                   # never trained: the fusion learns towards it (tag_head: fixed)
+        self.proj.requires_grad_(not fixed)
 
     @property
     def columns(self) -> int:
@@ -188,15 +193,17 @@ def tag_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str = "bce") -> 
     return (F.softplus(other - answer) * given).sum(1)
 
 
-def load_head(state_dir: str | Path, width: int, *, seed: int = 0, loss: str = "bce") -> TagHead:
+def load_head(state_dir: str | Path, width: int, *, seed: int = 0, loss: str = "bce",
+              fixed: bool = False) -> TagHead:
     """This hospital's tag head from its state directory, or a fresh one (seeded) on its first round;
-    ``loss``: what the stage trains it with (the weights are the same shape either way)."""
+    ``loss``: what the stage trains it with (the weights are the same shape either way). ``fixed``
+    (``tag_head: fixed``): the seeded head itself, every round, never read from or written to disk."""
     from safetensors.torch import load_file
 
     path = Path(state_dir) / HEAD_FILE
     torch.manual_seed(seed)
-    head = TagHead(width, loss=loss)
-    if path.is_file():
+    head = TagHead(width, loss=loss, fixed=fixed)
+    if path.is_file() and not fixed:
         try:
             state = load_file(str(path))
             head.load_state_dict(state)

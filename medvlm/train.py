@@ -138,7 +138,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     ``lr_window``: the piece of the warm-up + cosine curve these steps follow (:func:`lr_factor`).
     ``tags``: a hospital's stage 1 (:mod:`medvlm.tags`): the fusion and this head learn each image's
     tags instead of the answers' text; one image is one DP record, and the head is trained in place
-    (the caller keeps it; it is never part of the returned state)."""
+    unless it is ``fixed`` (the caller keeps it; it is never part of the returned state)."""
     if len(data) == 0:
         raise ValueError("no training examples: the data set is empty")
     if tags is not None and set(train.trainable) != {"fusion"}:
@@ -165,7 +165,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
         from medvlm.tags import Tagger, image_tags, tag_targets
 
         tags.to(device).train()
-        tags.requires_grad_(True)
+        tags.requires_grad_(not tags.fixed)
         module = Tagger(model.fusion, tags)
         dataset = TensorDataset(encoded.pixels, tag_targets(image_tags(encoded), tags.columns, tags.loss))
     else:
@@ -174,7 +174,7 @@ def train_local(model: MedVLM, data: VQARows, *, train: TrainConfig, privacy: Pr
     steps = min(steps, max_steps) if max_steps else steps
     named = {n: p for n, p in model.trainable_parameters().items() if p.requires_grad}
     if tags is not None:   # the head clips with the fusion (one record's whole gradient), canaries included
-        named.update({f"tags.{n}": p for n, p in tags.named_parameters()})
+        named.update({f"tags.{n}": p for n, p in tags.named_parameters() if p.requires_grad})
     params = list(named.values())
     if canaries is not None and privacy.enabled and privacy.grad_sample_mode == "ghost":
         raise ValueError("gradient canaries need per-example gradients: use privacy.grad_sample_mode=hooks, "

@@ -78,7 +78,7 @@ def test_an_override_names_a_list_entry_by_its_index():
     assert [s.name for s in whole.federation.stages] == ["a"]   # a whole list is replaced
 
 
-def test_a_tags_stage_s_loss_is_checked_and_named_when_wrong():
+def test_a_tags_stage_s_loss_and_head_are_checked_and_named_when_wrong():
     cfg = load_config("tiny-consortium-tags")
     first = stages(cfg)[0]
     assert (first.task, first.tag_loss, first.qtypes) == ("tags", "yes-no", ("pneumothorax", "device"))
@@ -87,3 +87,8 @@ def test_a_tags_stage_s_loss_is_checked_and_named_when_wrong():
         load_config("tiny-consortium-tags", ["federation.stages.0.tag_loss=focal"])
     with pytest.raises(ValueError, match=r"federation\.stages\[vqa\]\.tag_loss.*tags stage only"):
         load_config("tiny-consortium-tags", ["federation.stages.1.tag_loss=yes-no"])
+    assert stages(load_config("tiny-consortium-tags", ["federation.stages.0.tag_head=fixed"]))[0].tag_head == "fixed"
+    with pytest.raises(ValueError, match=r"federation\.stages\[tags\]\.tag_head.*'shared'.*fixed"):
+        load_config("tiny-consortium-tags", ["federation.stages.0.tag_head=shared"])
+    with pytest.raises(ValueError, match=r"federation\.stages\[vqa\]\.tag_head.*tags stage only"):
+        load_config("tiny-consortium-tags", ["federation.stages.1.tag_head=fixed"])

@@ -18,11 +18,11 @@ from tests.conftest import TINY_OVERRIDES
 TAGS = TrainConfig(epochs=1, batch_size=8, physical_batch_size=8, lr=1e-2, trainable=["fusion"])
 
 
-def _head(model, data, loss: str = "bce") -> TagHead:
+def _head(model, data, loss: str = "bce", fixed: bool = False) -> TagHead:
     with torch.no_grad():
         width = model.fusion(model.encode_images(data.pixels[:1])).shape[-1]
     torch.manual_seed(0)
-    return TagHead(width, loss=loss)
+    return TagHead(width, loss=loss, fixed=fixed)
 
 
 def test_tags_are_each_image_s_answers_hashed_into_fixed_columns():
@@ -109,6 +109,40 @@ def test_a_tags_step_trains_the_fusion_and_the_head_never_lora(tiny_cfg, tiny_sp
                     max_steps=1, progress=False, tags=head)
 
 
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_fixed_head_is_never_trained_and_the_fusion_learns_towards_it(tiny_cfg, tiny_splits, tmp_path, dp):
+    """``tag_head: fixed`` (FedBABU): the head every hospital builds from the seed stays as it is, under DP
+    too (it takes no share of the clipped gradient and gets no noise); only the fusion moves, and the
+    yes/no loss still falls."""
+    from medvlm.tags import Tagger
+
+    model = build_medvlm(tiny_cfg.model, seed=0)
+    data = tiny_splits["train"]
+    head = _head(model, data, "bce", fixed=True)
+    head_before = {k: v.clone() for k, v in head.state_dict().items()}
+    before = model.trainable_state()
+    targets = tag_targets(image_tags(data))
+
+    def scored() -> float:
+        with torch.no_grad():
+            return tag_loss(Tagger(model.fusion, head)(model.encode_images(data.pixels)), targets).mean().item()
+
+    first = scored()
+    privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=0.3) if dp else PrivacyConfig(enabled=False)
+    result = train_local(model, data, train=replace(TAGS, epochs=5), privacy=privacy, progress=False, tags=head)
+    assert all(torch.equal(v, head_before[k]) for k, v in head.state_dict().items())
+    assert not any(p.requires_grad for p in head.parameters())
+    moved = {k for k in before if not torch.equal(result.state[k], before[k])}
+    assert moved and all(k.startswith("fusion.") for k in moved)
+    model.load_trainable_state(result.state)
+    assert scored() < first
+    # a hospital's fixed head is the seeded one in every round: a head file in its state dir is not read
+    width = head.proj.in_features
+    save_head(TagHead(width), tmp_path)
+    again = load_head(tmp_path, width, seed=0, fixed=True)
+    assert again.fixed and torch.equal(again.proj.weight, head_before["proj.weight"])
+
+
 @pytest.mark.parametrize("mode, loss", [("hooks", "bce"), ("functorch", "bce"), ("hooks", "yes-no")])
 def test_a_dp_tags_step_equals_a_plain_one_without_noise_or_clipping(tiny_cfg, tiny_splits, mode, loss):
     data = tiny_splits["train"]
@@ -184,9 +218,10 @@ def test_a_hospital_loads_its_head_for_the_loss_its_stage_names(tmp_path, tiny_s
     model = build_medvlm(cfg.model, seed=0)
     with torch.no_grad():
         tokens = model.encode_images(tiny_splits["train"].pixels[:1])    # what a site trains on: patch tokens
-    for stage in stages(cfg)[:1] + [replace(stages(cfg)[0], tag_loss="bce")]:
+    for stage in stages(cfg)[:1] + [replace(stages(cfg)[0], tag_loss="bce", tag_head="fixed")]:
         site = SimpleNamespace(state_dir=tmp_path, model=model, stage=stage, train=SimpleNamespace(pixels=tokens))
-        assert _tag_head(site, cfg).loss == stage.tag_loss
+        head = _tag_head(site, cfg)
+        assert (head.loss, head.fixed) == (stage.tag_loss, stage.tag_head == "fixed")
 
 
 def test_a_hospital_s_head_round_trips_and_a_broken_one_is_named(tmp_path):
