@@ -113,7 +113,7 @@ def test_a_tags_step_trains_the_fusion_and_the_head_never_lora(tiny_cfg, tiny_sp
 def test_a_fixed_head_is_never_trained_and_the_fusion_learns_towards_it(tiny_cfg, tiny_splits, tmp_path, dp):
     """``tag_head: fixed`` (FedBABU): the head every hospital builds from the seed stays as it is, under DP
     too (it takes no share of the clipped gradient and gets no noise); only the fusion moves, and the
-    yes/no loss still falls."""
+    tag loss still falls."""
     from medvlm.tags import Tagger
 
     model = build_medvlm(tiny_cfg.model, seed=0)
