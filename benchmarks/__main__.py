@@ -22,6 +22,7 @@ BENCHMARKS = {
     "utility": ("benchmarks.utility", []),
     "scale": ("benchmarks.scale", []),
     "wire": ("benchmarks.wire", []),
+    "probe": ("benchmarks.probe", []),
 }
 
 

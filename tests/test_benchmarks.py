@@ -103,3 +103,51 @@ def test_utility_out_keeps_every_finished_seed_when_a_later_one_dies(tmp_path, m
     utility.main(["--seeds", "0", "--models", "federated", "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "utility.png").stat().st_size > 5_000
     assert "device *" in capsys.readouterr().out
+
+
+def test_probe_fits_a_separable_finding_and_reads_nothing_from_noise():
+    import torch
+
+    from benchmarks.probe import fit_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g)
+    y = (x[:, 3] - 0.5 * x[:, 7] > 0).double()
+    predict = fit_probe(x[:300], y[:300])
+    assert (predict(x[300:]).double() == y[300:]).double().mean() >= 0.95
+    noise = fit_probe(torch.randn(300, 16, generator=g), y[:300])   # features that carry nothing
+    assert (noise(x[300:]).double() == y[300:]).double().mean() < 0.8
+    with pytest.raises(ValueError, match="no training images"):
+        fit_probe(x[:0], y[:0])
+
+
+def test_probe_labels_only_the_images_asked_yes_or_no():
+    from benchmarks.probe import yes_no_kinds, yes_no_labels
+
+    tags = [{"device=yes", "modality=x-ray"}, {"count=2"}, {"device=no", "count=0"}, {"device=no"}]
+    index, y = yes_no_labels(tags, "device")
+    assert index == [0, 2, 3] and y.tolist() == [1.0, 0.0, 0.0]
+    assert yes_no_kinds(tags) == ["device"]
+
+
+def test_probe_scores_the_consortium_findings_against_their_majority():
+    from benchmarks.probe import probe
+    from medvlm.build import build_medvlm
+    from medvlm.config import load_config
+    from medvlm.data.dataset import load_splits
+    from medvlm.features import with_frozen_features
+    from medvlm.tags import image_tags
+
+    cfg = load_config("tiny-consortium", [*TINY_OVERRIDES, "data.images_per_hospital=40"])
+    model = build_medvlm(cfg.model, seed=0)
+    splits = load_splits(cfg.data, model.vision.preprocess)
+    train, val = (with_frozen_features(model, splits[k]) for k in ("train", "val"))
+    result = probe(model, train, val, ["device", "pneumothorax"])
+    assert set(result) == {"device", "pneumothorax"}
+    for kind, r in result.items():
+        asked = [t for t in image_tags(val) if f"{kind}=yes" in t or f"{kind}=no" in t]
+        yes = sum(f"{kind}=yes" in t for t in asked) / len(asked)
+        assert r["val_images"] == len(asked) and r["majority"] == pytest.approx(max(yes, 1 - yes))
+        assert 0.0 <= r["probe"] <= 1.0 and r["train_images"] > 0
+    with pytest.raises(ValueError, match="not yes/no question types"):
+        probe(model, train, val, ["count"])
