@@ -97,13 +97,16 @@ def main(argv=None) -> None:
     parser.add_argument("--qtypes", help="comma-separated yes/no question types (default: every one)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    model = build_medvlm(cfg.model, seed=cfg.federation.seed)
-    if args.init:
-        load_trainable(model, args.init)
-    splits = load_splits(cfg.data, model.vision.preprocess)
-    train, val = (with_frozen_features(model, splits[k]) for k in ("train", "val"))
-    result = probe(model, train, val, args.qtypes.split(",") if args.qtypes else None)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        model = build_medvlm(cfg.model, seed=cfg.federation.seed)
+        if args.init:
+            load_trainable(model, args.init)
+        splits = load_splits(cfg.data, model.vision.preprocess)
+        train, val = (with_frozen_features(model, splits[k]) for k in ("train", "val"))
+        result = probe(model, train, val, args.qtypes.split(",") if args.qtypes else None)
+    except (ValueError, FileNotFoundError) as err:   # a bad preset, override, --init folder or --qtypes
+        parser.exit(2, f"benchmarks.probe: {err}\n")
     print(f"linear probe on the fusion's token mean ({args.init or 'the config start'}; {args.config} "
           f"{' '.join(args.overrides)}): accuracy (%) on every hospital's validation images")
     print(f"{'question type':20s} {'probe':>6s} {'majority':>9s} {'train img':>10s} {'val img':>8s}")

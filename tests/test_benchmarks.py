@@ -151,3 +151,12 @@ def test_probe_scores_the_consortium_findings_against_their_majority():
         assert 0.0 <= r["probe"] <= 1.0 and r["train_images"] > 0
     with pytest.raises(ValueError, match="not yes/no question types"):
         probe(model, train, val, ["count"])
+
+
+def test_probe_cli_names_a_question_type_it_cannot_probe(capsys):
+    from benchmarks.probe import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "tiny-consortium", "--qtypes", "count", *TINY_OVERRIDES])
+    assert exit_.value.code == 2
+    assert "['count'] are not yes/no question types" in capsys.readouterr().err
