@@ -1,9 +1,9 @@
 """Does the fusion carry a finding? A linear probe on what the fusion hands the language model.
 
 For each yes/no question type of the data (``--qtypes`` to choose), a linear classifier (ridge
-regression on the answers as +1 / -1, closed form) on the layer-normed mean of the fusion's output tokens (what a ``tags`` stage's head reads,
-medvlm.tags.TagHead) is fitted to the training images' answers and scored on the validation images',
-every hospital's together, against the validation majority. A probe above the majority while the
+regression on the answers as +1 / -1, closed form) on the layer-normed mean of the fusion's output
+tokens (what a ``tags`` stage's head reads: medvlm.tags.token_summary) is fitted to the training images'
+answers and scored on the validation images', every hospital's together, against the validation majority. A probe above the majority while the
 model's own answers sit at it places the loss in the language model's reading, not in what the fusion
 sees (docs/benchmarks.md, "Where the pacemaker is lost"). The trainable state probed is the config's
 start (``model.init``: the public start by default) or an exported folder, e.g. a federation's
@@ -19,7 +19,6 @@ import argparse
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 def yes_no_labels(tag_sets: Sequence[set[str]], kind: str) -> tuple[list[int], torch.Tensor]:
@@ -52,12 +51,12 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1.0):
 
 @torch.no_grad()
 def fusion_summary(model, tokens: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """The layer-normed mean of the fusion's output tokens for frozen patch tokens (N, P, D)."""
+    """What a tag head reads of the fusion's output for frozen patch tokens (N, P, D)."""
+    from medvlm.tags import token_summary
+
     device = next(model.fusion.parameters()).device
-    chunks = [model.fusion(tokens[i:i + batch_size].to(device).float()).mean(1).cpu()
-              for i in range(0, len(tokens), batch_size)]
-    mean = torch.cat(chunks)
-    return F.layer_norm(mean, mean.shape[1:])
+    return torch.cat([token_summary(model.fusion(tokens[i:i + batch_size].to(device).float())).cpu()
+                      for i in range(0, len(tokens), batch_size)])
 
 
 def probe(model, train, val, qtypes: Sequence[str] | None = None) -> dict[str, dict]:
@@ -66,11 +65,12 @@ def probe(model, train, val, qtypes: Sequence[str] | None = None) -> dict[str, d
     from medvlm.tags import image_tags
 
     tags = {"train": image_tags(train), "val": image_tags(val)}
-    kinds = list(qtypes) if qtypes else yes_no_kinds(tags["train"])
-    unknown = [k for k in kinds if k not in yes_no_kinds(tags["train"])]
+    known = yes_no_kinds(tags["train"])
+    kinds = list(qtypes) if qtypes else known
+    unknown = [k for k in kinds if k not in known]
     if unknown:
         raise ValueError(f"probe: {unknown} are not yes/no question types of the training images "
-                         f"(yes/no types here: {yes_no_kinds(tags['train'])})")
+                         f"(yes/no types here: {known})")
     features = {"train": fusion_summary(model, train.pixels), "val": fusion_summary(model, val.pixels)}
     out = {}
     for kind in kinds:

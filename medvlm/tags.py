@@ -157,8 +157,14 @@ class TagHead(nn.Module):
         return self.proj.out_features
 
     def forward(self, visual_tokens: torch.Tensor) -> torch.Tensor:
-        mean = visual_tokens.mean(1)                           # (B, Dl)
-        return self.proj(F.layer_norm(mean, mean.shape[1:]))   # scale-free: the fusion's output scale is fixed
+        return self.proj(token_summary(visual_tokens))
+
+
+def token_summary(visual_tokens: torch.Tensor) -> torch.Tensor:
+    """What a tag head reads of the fusion's output tokens (B, T, D): their mean, layer-normed (B, D),
+    scale-free since the fusion's output scale is fixed."""
+    mean = visual_tokens.mean(1)
+    return F.layer_norm(mean, mean.shape[1:])
 
 
 class Tagger(nn.Module):
