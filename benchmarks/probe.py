@@ -3,9 +3,9 @@
 For each yes/no question type of the data (``--qtypes`` to choose), a linear classifier (ridge
 regression on the answers as +1 / -1, closed form) on the layer-normed mean of the fusion's output
 tokens (what a ``tags`` stage's head reads: medvlm.tags.token_summary) is fitted to the training images'
-answers and scored on the validation images', every hospital's together, against the validation majority. A probe above the majority while the
-model's own answers sit at it places the loss in the language model's reading, not in what the fusion
-sees (docs/benchmarks.md, "Where the pacemaker is lost"). The trainable state probed is the config's
+answers and scored on the validation images', every hospital's together, against the validation
+majority. A probe above the majority while the model's own answers sit at it places the loss in the
+language model's reading, not in what the fusion sees (docs/benchmarks.md, "Where the pacemaker is lost"). The trainable state probed is the config's
 start (``model.init``: the public start by default) or an exported folder, e.g. a federation's
 ``global/``:
 
@@ -79,7 +79,7 @@ def probe(model, train, val, qtypes: Sequence[str] | None = None) -> dict[str, d
             raise ValueError(f"probe: no validation image is asked {kind!r}")
         predict = fit_probe(features["train"][i_tr], y_tr)
         yes = y_va.mean().item()
-        out[kind] = {"probe": (predict(features["val"][i_va]).double() == y_va.double()).double().mean().item(),
+        out[kind] = {"probe": (predict(features["val"][i_va]) == y_va.bool()).double().mean().item(),
                      "majority": max(yes, 1 - yes), "train_images": len(i_tr), "val_images": len(i_va)}
     return out
 
