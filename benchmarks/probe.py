@@ -34,7 +34,9 @@ def yes_no_kinds(tag_sets: Sequence[set[str]]) -> list[str]:
         for tag in tags:
             kind, _, answer = tag.rpartition("=")
             answers.setdefault(kind, set()).add(answer)
-    return sorted(k for k, a in answers.items() if a <= {"yes", "no"})
+    from medvlm.tags import YES_NO
+
+    return sorted(k for k, a in answers.items() if a <= YES_NO.keys())
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1.0):
