@@ -25,8 +25,16 @@ each model learned and which it answers with the majority. ``--out DIR`` also wr
 Each model's scores are also printed the moment it is scored (``benchmarks.utility: seed S: <model>:
 ...``), so a run of several seeds that dies or is stopped keeps what it finished.
 
-    python -m benchmarks.utility [--config tiny-consortium] [--seeds 0,1,2] [--variants fp32,bf16,int8,ffa] [--out DIR]
-        [overrides ...]
+A DP model's score moves from run to run of one seed (two runs of the federation's lead differ by about
+1.4 points), so ``--draws N`` trains each seed's DP models N times (fresh DP draws; the models without
+DP are deterministic per seed and trained once) and reports each seed's mean over its draws, the best
+hospital alone being the one with the best mean, beside every draw's own lead. ``--merge FILE ...``
+trains nothing: it reads ``utility.json`` files that runs of the same config and overrides wrote and
+reports them together, each file's runs of a seed as more draws of it.
+
+    python -m benchmarks.utility [--config tiny-consortium] [--seeds 0,1,2] [--draws 1] [--variants fp32,bf16,int8,ffa]
+        [--out DIR] [overrides ...]
+    python -m benchmarks.utility --merge A/utility.json B/utility.json [--out DIR]
 """
 
 from __future__ import annotations
@@ -253,62 +261,161 @@ def plot_by_type(runs: dict[int, dict[str, dict]], path: Path) -> Path:
     return path
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="preset (tiny-consortium: with hospital-only findings)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (data, federation and training)")
-    parser.add_argument("--variants", default="fp32", help=f"federated DP variants among {list(VARIANTS)}")
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"which models to train besides the start, among {list(MODELS)} (all but alone-no-dp by "
-                        "default; the summary lines need alone, federated and pooled)")
-    parser.add_argument("--out", type=Path, help="a folder for utility.json (every seed's scores, per question "
-                        "type too) and utility.png (accuracy by question type, a heat map)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+DP_MODELS = ("alone", "federated", "pooled-dp")   # trained again in every draw: their DP noise is fresh
 
-    seeds = [int(s) for s in args.seeds.split(",")]
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        parser.error(f"--models {', '.join(unknown)}: use some of {', '.join(MODELS)}")
-    runs: dict[int, dict[str, dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            extra = [f"data.seed={seed}", f"federation.seed={seed}", f"train.seed={seed}"]
-            runs[seed] = one_seed(args.config, list(args.overrides) + extra, args.variants.split(","),
-                                  Path(tmp) / f"seed-{seed}", models)
-            if args.out:   # after every seed: a run that dies later keeps the seeds it finished
-                args.out.mkdir(parents=True, exist_ok=True)
-                (args.out / "utility.json").write_text(json.dumps(
-                    {"config": args.config, "overrides": list(args.overrides), "models": list(models),
-                     "seeds": {str(s): r for s, r in runs.items()}}, indent=1))
+
+def mean_result(results: list[dict]) -> dict:
+    """One model's scores over several draws of a seed: each score's mean (over the draws that have it),
+    the largest epsilon, and every draw's overall accuracy (``acc_draws``)."""
+    def mean_of(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    out = dict(results[0])
+    for key in ("acc", "only", "rest", "base", "base_only", "own", "s"):
+        if any(key in r for r in results):
+            out[key] = mean_of(r.get(key) for r in results)
+    if any(r.get("eps") is not None for r in results):
+        out["eps"] = max(r["eps"] for r in results if r.get("eps") is not None)
+    for key in ("types", "base_types"):
+        qtypes = sorted({q for r in results for q in r.get(key, {})})
+        if qtypes:
+            out[key] = {q: mean_of(r.get(key, {}).get(q) for r in results) for q in qtypes}
+    out["acc_draws"] = [r["acc"] for r in results]
+    return out
+
+
+def over_draws(draws: list[dict[str, dict]]) -> dict[str, dict]:
+    """A seed's draws as one run: each model's mean over the draws that trained it (in the first
+    draw's order; a model without DP is in the first draw only)."""
+    names = list(dict.fromkeys(n for d in draws for n in d))
+    return {n: mean_result([d[n] for d in draws if n in d]) for n in names}
+
+
+def lead_over_alone(run: dict[str, dict]) -> float | None:
+    """Federated DP minus the best hospital alone with DP, or None where a run lacks either."""
+    alone = [r["acc"] for n, r in run.items() if n.endswith("alone (DP)")]
+    return run["federated DP"]["acc"] - max(alone) if alone and "federated DP" in run else None
+
+
+def read_runs(paths: list[Path]) -> tuple[dict, dict[int, list[dict[str, dict]]]]:
+    """The draws that ``--out`` files hold, by seed, and what they were run with. Files of another
+    config, other overrides or other models are refused, naming the file and the key."""
+    head, draws = None, {}
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"benchmarks.utility --merge: cannot read {path}: {e}") from None
+        if not isinstance(saved, dict) or not ("draws" in saved or "seeds" in saved):
+            raise SystemExit(f"benchmarks.utility --merge: {path} is not a utility.json (no 'draws' or 'seeds'); "
+                             "give the files that --out wrote")
+        this = {k: saved.get(k) for k in ("config", "overrides", "models")}
+        head = head or (this, path)
+        for key in this:
+            if this[key] != head[0][key]:
+                raise SystemExit(f"benchmarks.utility --merge: {path} has {key} {this[key]!r} but {head[1]} has "
+                                 f"{head[0][key]!r}; merge only runs of the same config, overrides and models")
+        per_seed = saved.get("draws") or {s: [r] for s, r in saved["seeds"].items()}
+        for seed, runs in per_seed.items():
+            draws.setdefault(int(seed), []).extend(runs)
+    return head[0], draws
+
+
+def write_out(out: Path, head: dict, draws: dict[int, list[dict[str, dict]]]) -> Path:
+    """utility.json: each seed's mean over its draws (``seeds``) and every draw (``draws``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "utility.json"
+    path.write_text(json.dumps({**head, "seeds": {str(s): over_draws(d) for s, d in draws.items()},
+                                "draws": {str(s): d for s, d in draws.items()}}, indent=1))
+    return path
+
+
+def report(head: dict, draws: dict[int, list[dict[str, dict]]]) -> dict[int, dict[str, dict]]:
+    """The tables and the goal lines for every seed's draws; returns each seed's mean over its draws."""
+    seeds = sorted(draws)
+    runs = {s: over_draws(draws[s]) for s in seeds}
+    counts = sorted({len(draws[s]) for s in seeds})
+    several = counts[-1] > 1
+    over = f"; each seed the mean over its {'/'.join(map(str, counts))} draws" if several else ""
     names = list(runs[seeds[0]])
-    print(f"utility ({args.config} {' '.join(args.overrides)}): accuracy (%) on every hospital's validation "
-          f"questions, pooled; mean over seeds {seeds} (spread: max - min)")
+    print(f"utility ({head['config']} {' '.join(head['overrides'])}): accuracy (%) on every hospital's validation "
+          f"questions, pooled; mean over seeds {seeds} (spread: max - min){over}")
     print(f"{'model':26s}{'overall':>9s}{'spread':>8s}{'h-only':>8s}{'rest':>7s}{'own val':>9s}{'majority':>9s}"
           f"{'maj h-only':>11s}{'epsilon':>9s}{'seconds':>9s}")
     mean = lambda vals: statistics.mean(vals) if vals else None  # noqa: E731
     for name in names:
-        rows = [runs[s][name] for s in seeds]
+        rows = [runs[s][name] for s in seeds if name in runs[s]]
         col = lambda key: mean([r[key] for r in rows if r.get(key) is not None])  # noqa: E731
         accs = [r["acc"] for r in rows]
         print(f"{name:26s}{_fmt(col('acc')):>9s}{_fmt(max(accs) - min(accs)):>8s}{_fmt(col('only')):>8s}"
               f"{_fmt(col('rest')):>7s}{_fmt(col('own')):>9s}{_fmt(col('base')):>9s}{_fmt(col('base_only')):>11s}"
               f"{_fmt(col('eps'), pct=False):>9s}{_fmt(col('s'), pct=False, digits=0):>9s}")
+    models = head["models"]
     if "alone" in models and "federated" in models:
-        gains = [runs[s]["federated DP"]["acc"] - max(r["acc"] for n, r in runs[s].items()
-                                                      if n.endswith("alone (DP)")) for s in seeds]
+        gains = [lead_over_alone(runs[s]) for s in seeds]
         print(f"federated DP - best hospital alone (DP): {100 * mean(gains):+.1f} points "
               f"(per seed {', '.join(f'{100 * g:+.1f}' for g in gains)}; goal >= +5 on every seed: "
               f"{'met' if all(g >= 0.05 for g in gains) else 'not met'})")
+        if several:
+            each = {s: [g for g in map(lead_over_alone, draws[s]) if g is not None] for s in seeds}
+            print("  every draw's own lead (its federation against its best hospital alone): "
+                  + "; ".join(f"seed {s}: {', '.join(f'{100 * g:+.1f}' for g in each[s])}" for s in seeds)
+                  + f"; >= +5 in {sum(g >= 0.05 for g in sum(each.values(), []))} of "
+                  f"{sum(len(v) for v in each.values())} draws")
     if "federated" in models and "pooled" in models:
         ratios = [runs[s]["federated DP"]["acc"] / runs[s]["pooled no DP"]["acc"] if runs[s]["pooled no DP"]["acc"]
                   else float("nan") for s in seeds]
         print(f"federated DP / pooled no DP: {mean(ratios):.2f} (per seed {', '.join(f'{r:.2f}' for r in ratios)}; "
               f"goal >= 0.9 on every seed: {'met' if all(r >= 0.9 for r in ratios) else 'not met'})")
     print_by_type(runs)
+    return runs
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", help="preset (tiny-consortium: with hospital-only findings)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (data, federation and training)")
+    parser.add_argument("--draws", type=int, default=1, help="train each seed's DP models this many times (fresh "
+                        "DP noise) and report each seed's mean over them")
+    parser.add_argument("--variants", default="fp32", help=f"federated DP variants among {list(VARIANTS)}")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"which models to train besides the start, among {list(MODELS)} (all but alone-no-dp by "
+                        "default; the summary lines need alone, federated and pooled)")
+    parser.add_argument("--out", type=Path, help="a folder for utility.json (every seed's scores, per question "
+                        "type too) and utility.png (accuracy by question type, a heat map)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="FILE", help="train nothing: report utility.json "
+                        "files of runs with the same config, overrides and models together (more draws of a seed)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    if args.merge:
+        head, draws = read_runs(args.merge)
+    else:
+        if args.draws < 1:
+            parser.error(f"--draws {args.draws}: give 1 or more")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        unknown = sorted(set(models) - set(MODELS))
+        if unknown:
+            parser.error(f"--models {', '.join(unknown)}: use some of {', '.join(MODELS)}")
+        head = {"config": args.config, "overrides": list(args.overrides), "models": list(models)}
+        draws: dict[int, list[dict[str, dict]]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in seeds:
+                extra = [f"data.seed={seed}", f"federation.seed={seed}", f"train.seed={seed}"]
+                for d in range(args.draws):
+                    these = models if d == 0 else tuple(m for m in models if m in DP_MODELS)
+                    if not these:
+                        break
+                    draws.setdefault(seed, []).append(one_seed(
+                        args.config, list(args.overrides) + extra, args.variants.split(","),
+                        Path(tmp) / f"seed-{seed}-draw-{d}", these))
+                    if args.out:   # after every draw: a run that dies later keeps what it finished
+                        write_out(args.out, head, draws)
+    runs = report(head, draws)
     if args.out:
-        print(f"wrote {args.out / 'utility.json'} and {plot_by_type(runs, args.out / 'utility.png')}")
+        print(f"wrote {write_out(args.out, head, draws)} and {plot_by_type(runs, args.out / 'utility.png')}")
 
 
 if __name__ == "__main__":

@@ -160,3 +160,67 @@ def test_probe_cli_names_a_question_type_it_cannot_probe(capsys):
         main(["--config", "tiny-consortium", "--qtypes", "count", *TINY_OVERRIDES])
     assert exit_.value.code == 2
     assert "['count'] are not yes/no question types" in capsys.readouterr().err
+
+
+def _seed_run(fed: float, alone: dict[str, float], device: float = 0.9) -> dict:
+    base = {"effusion": 0.6, "device": 0.8, "modality": 0.4}
+    return {"start": _typed(0.5, 0.0, base), **{f"{h} alone (DP)": {**_typed(a, device), "eps": 7.9 + a / 100}
+                                                  for h, a in alone.items()},
+            "federated DP": {**_typed(fed, device), "eps": 7.99}}
+
+
+def test_utility_draws_train_only_the_dp_models_again_and_report_each_seeds_mean(tmp_path, monkeypatch, capsys):
+    import json
+
+    import benchmarks.utility as utility
+
+    asked, draws = [], iter([_seed_run(0.80, {"general": 0.76, "cardiac": 0.70}),
+                             _seed_run(0.78, {"general": 0.72, "cardiac": 0.74})])
+
+    def one_seed(preset, overrides, variants, tmp, models):
+        asked.append(models)
+        return next(draws)
+
+    monkeypatch.setattr(utility, "one_seed", one_seed)
+    utility.main(["--seeds", "0", "--draws", "2", "--models", "alone,federated-no-dp,federated",
+                  "--out", str(tmp_path)])
+    assert asked == [("alone", "federated-no-dp", "federated"), ("alone", "federated")]
+    out = capsys.readouterr().out
+    # the best hospital alone is the best mean (general 74.0 against cardiac 72.0), not each draw's best:
+    # the federation's mean 79.0 leads it by 5.0; the draws' own leads are +4.0 (0.80 - 0.76) and +4.0 (0.78 - 0.74)
+    assert "federated DP - best hospital alone (DP): +5.0 points (per seed +5.0; goal >= +5 on every seed: met)" in out
+    assert "seed 0: +4.0, +4.0; >= +5 in 0 of 2 draws" in out
+    saved = json.loads((tmp_path / "utility.json").read_text())
+    assert saved["seeds"]["0"]["federated DP"]["acc"] == pytest.approx(0.79)
+    assert saved["seeds"]["0"]["federated DP"]["acc_draws"] == [0.80, 0.78]
+    assert saved["seeds"]["0"]["cardiac alone (DP)"]["eps"] == pytest.approx(7.9 + 0.74 / 100)   # the largest
+    assert len(saved["draws"]["0"]) == 2
+
+
+def test_utility_merge_reads_runs_as_draws_and_refuses_another_config(tmp_path, capsys):
+    import json
+
+    from benchmarks.utility import main
+
+    head = {"config": "tiny-consortium-tags", "overrides": ["data.images_per_hospital=2400"],
+            "models": ["federated", "alone"]}
+    old = tmp_path / "a.json"      # a file written before --draws: one run per seed
+    old.write_text(json.dumps({**head, "seeds": {"0": _seed_run(0.80, {"general": 0.75}),
+                                                 "1": _seed_run(0.70, {"general": 0.66})}}))
+    new = tmp_path / "b.json"
+    new.write_text(json.dumps({**head, "draws": {"0": [_seed_run(0.82, {"general": 0.75})]}}))
+    main(["--merge", str(old), str(new), "--out", str(tmp_path / "m")])
+    out = capsys.readouterr().out
+    assert "per seed +6.0, +4.0; goal >= +5 on every seed: not met" in out
+    assert "seed 0: +5.0, +7.0; seed 1: +4.0; >= +5 in 2 of 3 draws" in out
+    assert json.loads((tmp_path / "m" / "utility.json").read_text())["seeds"]["0"]["federated DP"]["acc"] == \
+        pytest.approx(0.81)
+
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps({**head, "overrides": [], "seeds": {"0": _seed_run(0.9, {"general": 0.7})}}))
+    with pytest.raises(SystemExit, match=r"c\.json has overrides \[\] but .*a\.json has \['data\.images_per_hospital"):
+        main(["--merge", str(old), str(other)])
+    broken = tmp_path / "d.json"
+    broken.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"cannot read .*d\.json"):
+        main(["--merge", str(broken)])
