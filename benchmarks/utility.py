@@ -181,6 +181,12 @@ def finished_line(seed: int, name: str, result: dict) -> str:
     return f"benchmarks.utility: seed {seed}: {name}: " + ", ".join(parts)
 
 
+def _mean_known(values) -> float | None:
+    """The mean of the values that are not None (a seed or draw without a score is left out); None if none."""
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
 def _short(name: str) -> str:
     """A model's column heading in the per-type table: the hospital's name for one alone with DP."""
     return (name.replace(" alone (DP)", "").replace(" alone (no DP)", " no DP")
@@ -205,13 +211,9 @@ def by_type(runs: dict[int, dict[str, dict]]) -> tuple[list[str], dict[str, dict
     present = {q for r in runs.values() for m in r.values() for q in m.get("types", {})}
     qtypes = sorted(present - set(HOSPITAL_ONLY_QTYPES)) + [q for q in HOSPITAL_ONLY_QTYPES if q in present]
 
-    def mean_of(values):
-        values = [v for v in values if v is not None]
-        return statistics.mean(values) if values else None
-
-    table = {n: {q: mean_of(runs[s][n].get("types", {}).get(q) for s in seeds if n in runs[s]) for q in qtypes}
+    table = {n: {q: _mean_known(runs[s][n].get("types", {}).get(q) for s in seeds if n in runs[s]) for q in qtypes}
              for n in names}
-    majority = {q: mean_of(runs[s]["start"].get("base_types", {}).get(q) for s in seeds) for q in qtypes}
+    majority = {q: _mean_known(runs[s]["start"].get("base_types", {}).get(q) for s in seeds) for q in qtypes}
     return qtypes, table, majority
 
 
@@ -267,20 +269,16 @@ DP_MODELS = ("alone", "federated", "pooled-dp")   # trained again in every draw:
 def mean_result(results: list[dict]) -> dict:
     """One model's scores over several draws of a seed: each score's mean (over the draws that have it),
     the largest epsilon, and every draw's overall accuracy (``acc_draws``)."""
-    def mean_of(values):
-        values = [v for v in values if v is not None]
-        return statistics.mean(values) if values else None
-
     out = dict(results[0])
     for key in ("acc", "only", "rest", "base", "base_only", "own", "s"):
         if any(key in r for r in results):
-            out[key] = mean_of(r.get(key) for r in results)
+            out[key] = _mean_known(r.get(key) for r in results)
     if any(r.get("eps") is not None for r in results):
         out["eps"] = max(r["eps"] for r in results if r.get("eps") is not None)
     for key in ("types", "base_types"):
         qtypes = sorted({q for r in results for q in r.get(key, {})})
         if qtypes:
-            out[key] = {q: mean_of(r.get(key, {}).get(q) for r in results) for q in qtypes}
+            out[key] = {q: _mean_known(r.get(key, {}).get(q) for r in results) for q in qtypes}
     out["acc_draws"] = [r["acc"] for r in results]
     return out
 
