@@ -8,6 +8,11 @@ everything but them):
     <h> alone (DP)    one hospital trained alone with DP-SGD at the configured epsilon, the same
                       plan as in the federation: each curriculum stage's epochs (rounds x local
                       epochs), learning rate, trainable parts and share of the budget
+    <h> alone without tags (DP)
+                      the same on the VQA stages alone, its whole budget there (``--models
+                      alone-no-tags``, for a curriculum with a tags stage): a lone hospital's other
+                      plan, since the tags stage costs a hospital alone the old question types; with
+                      it the goal line takes the better of the two plans as the best hospital alone
     <h> alone (no DP) the same without DP (``--models alone-no-dp``, not in the default run): what DP
                       costs a hospital alone, against what it costs the federation
     federated DP      the configured federation (DP-SGD at each hospital)
@@ -30,7 +35,8 @@ A DP model's score moves from run to run of one seed (two runs of the federation
 DP are deterministic per seed and trained once) and reports each seed's mean over its draws, the best
 hospital alone being the one with the best mean, beside every draw's own lead. ``--merge FILE ...``
 trains nothing: it reads ``utility.json`` files that runs of the same config and overrides wrote and
-reports them together, each file's runs of a seed as more draws of it.
+reports them together, each file's runs of a seed as more draws of it (files that trained different
+models line up: each model's draws fill the seed's draws in order).
 
     python -m benchmarks.utility [--config tiny-consortium] [--seeds 0,1,2] [--draws 1] [--variants fp32,bf16,int8,ffa]
         [--out DIR] [overrides ...]
@@ -78,6 +84,19 @@ def score(model, val, train_rows, cfg) -> dict:
             "questions": {q: counts[f"qtype/{q}_total"] for q in sorted(qtypes)}}
 
 
+def without_tags(cfg):
+    """The configuration with the curriculum's ``tags`` stages left out: the VQA stages alone, sharing
+    the whole budget in proportion to their rounds (a lone hospital's other plan). Refused for a plan
+    with no tags stage, or with nothing but tags stages."""
+    kept = [replace(s, budget=None) for s in cfg.federation.stages if s.task != "tags"]
+    if len(kept) == len(cfg.federation.stages) or not kept:
+        tasks = [s.task for s in cfg.federation.stages]
+        raise SystemExit(f"benchmarks.utility: --models alone-no-tags needs a curriculum with a tags stage and "
+                         f"another stage; federation.stages has tasks {tasks}"
+                         + ("" if tasks else " (no curriculum: one stage of data.task)"))
+    return replace(cfg, federation=replace(cfg.federation, stages=kept))
+
+
 def trained(cfg, train, *, dp: bool):
     """A fresh model (the configured start) trained on ``train`` with the federation's plan: each
     curriculum stage's epochs (its rounds x local epochs), learning rate, trainable parts and task
@@ -113,8 +132,10 @@ def trained(cfg, train, *, dp: bool):
     return model, spent
 
 
-MODELS = ("alone", "alone-no-dp", "federated", "federated-no-dp", "pooled", "pooled-dp")
-DEFAULT_MODELS = tuple(m for m in MODELS if m != "alone-no-dp")   # what a run trains unless --models says
+MODELS = ("alone", "alone-no-tags", "alone-no-dp", "federated", "federated-no-dp", "pooled", "pooled-dp")
+# what a run trains unless --models says
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("alone-no-dp", "alone-no-tags"))
+ALONE = {"alone": " alone (DP)", "alone-no-tags": " alone without tags (DP)", "alone-no-dp": " alone (no DP)"}
 
 
 def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
@@ -137,12 +158,13 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
         print(finished_line(cfg.data.seed, name, result), flush=True)
 
     done("start", score(start, val, rows, cfg))
-    for dp in [dp for dp, m in ((True, "alone"), (False, "alone-no-dp")) if m in models]:
+    for kind in [m for m in ALONE if m in models]:
+        plan = without_tags(cfg) if kind == "alone-no-tags" else cfg
         for h, split in sites.items():
-            name = f"{h} alone ({'DP' if dp else 'no DP'})"
+            name = h + ALONE[kind]
             print(f"benchmarks.utility: training {name}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            model, eps = trained(cfg, split["train"], dp=dp)
+            model, eps = trained(plan, split["train"], dp=kind != "alone-no-dp")
             done(name, {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0,
                         "own": score(model, split["val"], split["train"].rows, cfg)["acc"]})
     federations = [(f"federated DP ({v})" if v != "fp32" else "federated DP", VARIANTS[v])
@@ -190,6 +212,7 @@ def _mean_known(values) -> float | None:
 def _short(name: str) -> str:
     """A model's column heading in the per-type table: the hospital's name for one alone with DP."""
     return (name.replace(" alone (DP)", "").replace(" alone (no DP)", " no DP")
+            .replace(" alone without tags (DP)", " no tags")
             .replace("federated", "fed").replace("pooled no DP", "pooled"))
 
 
@@ -233,9 +256,10 @@ def print_by_type(runs: dict[int, dict[str, dict]]) -> None:
               + f"{round(statistics.mean(known)) if known else '-':>11}")
 
 
-def plot_by_type(runs: dict[int, dict[str, dict]], path: Path) -> Path:
+def plot_by_type(runs: dict[int, dict[str, dict]], path: Path, draws: int = 1) -> Path:
     """The per-type table as a heat map (question types by models, each cell's accuracy written in it,
-    the majority in the last column): where each model learned, where it answers the majority."""
+    the majority in the last column): where each model learned, where it answers the majority. ``draws``:
+    the most draws a seed's DP model averages (named in the title when more than one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,7 +279,8 @@ def plot_by_type(runs: dict[int, dict[str, dict]], path: Path) -> Path:
     ax.set_xticks(range(len(columns)), [_short(c) for c in columns], rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(qtypes)), [_type_label(q) for q in qtypes], fontsize=8)
     ax.axvline(len(columns) - 1.5, color="white", linewidth=2)
-    ax.set_title(f"accuracy (%) by question type, seeds {list(runs)} (* hospital-only)", fontsize=9)
+    over = f", DP models the mean of up to {draws} draws" if draws > 1 else ""
+    ax.set_title(f"accuracy (%) by question type, seeds {list(runs)}{over} (* hospital-only)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -263,7 +288,7 @@ def plot_by_type(runs: dict[int, dict[str, dict]], path: Path) -> Path:
     return path
 
 
-DP_MODELS = ("alone", "federated", "pooled-dp")   # trained again in every draw: their DP noise is fresh
+DP_MODELS = ("alone", "alone-no-tags", "federated", "pooled-dp")   # trained again in every draw: their DP noise is fresh
 
 
 def mean_result(results: list[dict]) -> dict:
@@ -290,9 +315,10 @@ def over_draws(draws: list[dict[str, dict]]) -> dict[str, dict]:
     return {n: mean_result([d[n] for d in draws if n in d]) for n in names}
 
 
-def lead_over_alone(run: dict[str, dict]) -> float | None:
-    """Federated DP minus the best hospital alone with DP, or None where a run lacks either."""
-    alone = [r["acc"] for n, r in run.items() if n.endswith("alone (DP)")]
+def lead_over_alone(run: dict[str, dict], plans: tuple[str, ...] = ("alone",)) -> float | None:
+    """Federated DP minus the best hospital alone with DP on any of ``plans`` (keys of ``ALONE``: the
+    federation's plan, or ``alone-no-tags``), or None where a run lacks either."""
+    alone = [r["acc"] for n, r in run.items() if n.endswith(tuple(ALONE[p] for p in plans))]
     return run["federated DP"]["acc"] - max(alone) if alone and "federated DP" in run else None
 
 
@@ -308,16 +334,37 @@ def read_runs(paths: list[Path]) -> tuple[dict, dict[int, list[dict[str, dict]]]
         if not isinstance(saved, dict) or not ("draws" in saved or "seeds" in saved):
             raise SystemExit(f"benchmarks.utility --merge: {path} is not a utility.json (no 'draws' or 'seeds'); "
                              "give the files that --out wrote")
-        this = {k: saved.get(k) for k in ("config", "overrides", "models")}
-        head = head or (this, path)
+        this = {k: saved.get(k) for k in ("config", "overrides")}
+        head = head or ({**this, "models": []}, path)
         for key in this:
             if this[key] != head[0][key]:
                 raise SystemExit(f"benchmarks.utility --merge: {path} has {key} {this[key]!r} but {head[1]} has "
-                                 f"{head[0][key]!r}; merge only runs of the same config, overrides and models")
+                                 f"{head[0][key]!r}; merge only runs of the same config and overrides")
+        head[0]["models"] = [m for m in MODELS if m in head[0]["models"] or m in (saved.get("models") or [])]
         per_seed = saved.get("draws") or {s: [r] for s, r in saved["seeds"].items()}
         for seed, runs in per_seed.items():
-            draws.setdefault(int(seed), []).extend(runs)
+            for run in runs:
+                _add_draw(draws.setdefault(int(seed), []), run)
     return head[0], draws
+
+
+def _add_draw(draws: list[dict[str, dict]], run: dict[str, dict]) -> None:
+    """One run's models into a seed's draws: a DP model's result fills the first draw that lacks that
+    model (so files that trained different models line up as the same draws), a model without DP
+    noise (deterministic per seed: the start, the models without DP) is kept from the first file only."""
+    for name, result in run.items():
+        if any(name in d for d in draws) and not _is_dp(name):
+            continue
+        slot = next((d for d in draws if name not in d), None)
+        if slot is None:
+            draws.append(slot := {})
+        slot[name] = result
+
+
+def _is_dp(name: str) -> bool:
+    """Whether a result's model (its name in a run) trains with DP noise, fresh in every draw."""
+    return name.startswith("federated DP") or name == "pooled DP" or name.endswith(
+        (ALONE["alone"], ALONE["alone-no-tags"]))
 
 
 def write_out(out: Path, head: dict, draws: dict[int, list[dict[str, dict]]]) -> Path:
@@ -333,10 +380,11 @@ def report(head: dict, draws: dict[int, list[dict[str, dict]]]) -> dict[int, dic
     """The tables and the goal lines for every seed's draws; returns each seed's mean over its draws."""
     seeds = sorted(draws)
     runs = {s: over_draws(draws[s]) for s in seeds}
-    counts = sorted({len(draws[s]) for s in seeds})
-    several = counts[-1] > 1
-    over = f"; each seed the mean over its {'/'.join(map(str, counts))} draws" if several else ""
-    names = list(runs[seeds[0]])
+    names = list(dict.fromkeys(n for s in seeds for n in runs[s]))
+    counts = {n: sorted({sum(n in d for d in draws[s]) for s in seeds if n in runs[s]}) for n in names}
+    several = max(c[-1] for c in counts.values()) > 1
+    over = ("; each seed the mean over its draws of the model (" + ", ".join(
+        f"{n} {'/'.join(map(str, counts[n]))}" for n in names if _is_dp(n)) + ")") if several else ""
     print(f"utility ({head['config']} {' '.join(head['overrides'])}): accuracy (%) on every hospital's validation "
           f"questions, pooled; mean over seeds {seeds} (spread: max - min){over}")
     print(f"{'model':26s}{'overall':>9s}{'spread':>8s}{'h-only':>8s}{'rest':>7s}{'own val':>9s}{'majority':>9s}"
@@ -350,13 +398,23 @@ def report(head: dict, draws: dict[int, list[dict[str, dict]]]) -> dict[int, dic
               f"{_fmt(col('rest')):>7s}{_fmt(col('own')):>9s}{_fmt(col('base')):>9s}{_fmt(col('base_only')):>11s}"
               f"{_fmt(col('eps'), pct=False):>9s}{_fmt(col('s'), pct=False, digits=0):>9s}")
     models = head["models"]
-    if "alone" in models and "federated" in models:
-        gains = [lead_over_alone(runs[s]) for s in seeds]
-        print(f"federated DP - best hospital alone (DP): {100 * mean(gains):+.1f} points "
+    plans = tuple(p for p in ("alone", "alone-no-tags") if p in models)
+    if plans and "federated" in models:
+        if len(plans) > 1:   # the federation's plan alone, for comparison; the goal is judged on the better plan
+            gains = [lead_over_alone(runs[s]) for s in seeds]
+            print(f"federated DP - best hospital alone (DP) on the federation's plan: {100 * mean(gains):+.1f} "
+                  f"points (per seed {', '.join(f'{100 * g:+.1f}' for g in gains)})")
+        gains = [lead_over_alone(runs[s], plans) for s in seeds]
+        which = " on either plan (the federation's, or without its tags stages)" if len(plans) > 1 else (
+            " without the tags stages" if plans == ("alone-no-tags",) else "")
+        print(f"federated DP - best hospital alone (DP){which}: {100 * mean(gains):+.1f} points "
               f"(per seed {', '.join(f'{100 * g:+.1f}' for g in gains)}; goal >= +5 on every seed: "
               f"{'met' if all(g >= 0.05 for g in gains) else 'not met'})")
         if several:
-            each = {s: [g for g in map(lead_over_alone, draws[s]) if g is not None] for s in seeds}
+            # a draw's own lead only where it has the federation and every plan's hospitals alone
+            full = lambda d: all(any(n.endswith(ALONE[p]) for n in d) for p in plans)  # noqa: E731
+            each = {s: [g for g in (lead_over_alone(d, plans) for d in draws[s] if full(d)) if g is not None]
+                    for s in seeds}
             print("  every draw's own lead (its federation against its best hospital alone): "
                   + "; ".join(f"seed {s}: {', '.join(f'{100 * g:+.1f}' for g in each[s])}" for s in seeds)
                   + f"; >= +5 in {sum(g >= 0.05 for g in sum(each.values(), []))} of "
@@ -413,7 +471,8 @@ def main(argv=None) -> None:
                         write_out(args.out, head, draws)
     runs = report(head, draws)
     if args.out:
-        print(f"wrote {write_out(args.out, head, draws)} and {plot_by_type(runs, args.out / 'utility.png')}")
+        most = max(len(d) for d in draws.values())
+        print(f"wrote {write_out(args.out, head, draws)} and {plot_by_type(runs, args.out / 'utility.png', most)}")
 
 
 if __name__ == "__main__":

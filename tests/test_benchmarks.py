@@ -49,6 +49,28 @@ def test_utility_trains_each_hospital_alone_without_dp_when_asked(tmp_path, monk
     assert "training general alone (no DP)" in capsys.readouterr().err
 
 
+def test_utility_trains_each_hospital_alone_without_the_tags_stage_on_the_whole_budget(tmp_path, monkeypatch,
+                                                                                       capsys):
+    import benchmarks.utility as utility
+    from medvlm.config import stages
+
+    plans = []
+
+    def trained(cfg, train, *, dp):
+        plans.append((dp, [(s.task, s.first_round, s.last_round, s.budget_end) for s in stages(cfg)]))
+        raise RuntimeError("stop after the first hospital")
+
+    monkeypatch.setattr(utility, "trained", trained)
+    with pytest.raises(RuntimeError, match="stop after"):
+        utility.one_seed("tiny-consortium-tags", [*TINY_OVERRIDES, "data.seed=3"], ["fp32"], tmp_path,
+                         ("alone-no-tags",))
+    # the tags stage (5 rounds, a third of the budget) gone: the 10 VQA rounds spend all of it
+    assert plans == [(True, [("vqa", 1, 10, 1.0)])]
+    assert "training general alone without tags (DP)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"alone-no-tags needs a curriculum with a tags stage.*tasks \[\]"):
+        utility.one_seed("tiny-consortium", [*TINY_OVERRIDES, "data.seed=3"], ["fp32"], tmp_path, ("alone-no-tags",))
+
+
 def _typed(acc: float, device: float | None, base: dict | None = None) -> dict:
     return {"acc": acc, "types": {"effusion": acc, "device": device, "modality": 1.0},
             **({"base_types": base, "questions": {"effusion": 40, "device": 30, "modality": 50}} if base else {})}
@@ -224,3 +246,31 @@ def test_utility_merge_reads_runs_as_draws_and_refuses_another_config(tmp_path, 
     broken.write_text("{not json")
     with pytest.raises(SystemExit, match=r"cannot read .*d\.json"):
         main(["--merge", str(broken)])
+
+
+def test_utility_merge_lines_up_files_of_other_models_and_judges_the_better_plan_alone(tmp_path, capsys):
+    import json
+
+    from benchmarks.utility import main
+
+    head = {"config": "tiny-consortium-tags", "overrides": ["data.images_per_hospital=2400"]}
+    fed = tmp_path / "fed.json"     # two draws of the federation and the hospitals on its plan
+    fed.write_text(json.dumps({**head, "models": ["federated", "alone"], "draws": {"0": [
+        _seed_run(0.80, {"general": 0.74}), _seed_run(0.82, {"general": 0.76})]}}))
+    no_tags = tmp_path / "no-tags.json"   # one draw of the hospitals alone without the tags stage
+    run = _seed_run(0.0, {})
+    del run["federated DP"]
+    run["general alone without tags (DP)"] = {**_typed(0.78, 0.9), "eps": 7.99}
+    no_tags.write_text(json.dumps({**head, "models": ["alone-no-tags"], "draws": {"0": [run]}}))
+    main(["--merge", str(fed), str(no_tags), "--out", str(tmp_path / "m")])
+    out = capsys.readouterr().out
+    assert "federated DP - best hospital alone (DP) on the federation's plan: +6.0 points (per seed +6.0)" in out
+    # the better plan alone (78.0 without tags against 75.0) is the baseline the goal is judged on
+    assert ("federated DP - best hospital alone (DP) on either plan (the federation's, or without its tags "
+            "stages): +3.0 points (per seed +3.0; goal >= +5 on every seed: not met)") in out
+    assert "seed 0: +2.0; >= +5 in 0 of 1 draws" in out   # only the draw that has both plans
+    saved = json.loads((tmp_path / "m" / "utility.json").read_text())
+    assert saved["models"] == ["alone", "alone-no-tags", "federated"]
+    assert len(saved["draws"]["0"]) == 2   # the second file's start is not a third draw
+    assert saved["seeds"]["0"]["general alone without tags (DP)"]["acc_draws"] == [0.78]
+    assert (tmp_path / "m" / "utility.png").stat().st_size > 0
