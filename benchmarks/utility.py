@@ -387,14 +387,15 @@ def report(head: dict, draws: dict[int, list[dict[str, dict]]]) -> dict[int, dic
         f"{n} {'/'.join(map(str, counts[n]))}" for n in names if _is_dp(n)) + ")") if several else ""
     print(f"utility ({head['config']} {' '.join(head['overrides'])}): accuracy (%) on every hospital's validation "
           f"questions, pooled; mean over seeds {seeds} (spread: max - min){over}")
-    print(f"{'model':26s}{'overall':>9s}{'spread':>8s}{'h-only':>8s}{'rest':>7s}{'own val':>9s}{'majority':>9s}"
+    wide = max(26, *(len(n) + 2 for n in names))
+    print(f"{'model':{wide}s}{'overall':>9s}{'spread':>8s}{'h-only':>8s}{'rest':>7s}{'own val':>9s}{'majority':>9s}"
           f"{'maj h-only':>11s}{'epsilon':>9s}{'seconds':>9s}")
     mean = lambda vals: statistics.mean(vals) if vals else None  # noqa: E731
     for name in names:
         rows = [runs[s][name] for s in seeds if name in runs[s]]
         col = lambda key: mean([r[key] for r in rows if r.get(key) is not None])  # noqa: E731
         accs = [r["acc"] for r in rows]
-        print(f"{name:26s}{_fmt(col('acc')):>9s}{_fmt(max(accs) - min(accs)):>8s}{_fmt(col('only')):>8s}"
+        print(f"{name:{wide}s}{_fmt(col('acc')):>9s}{_fmt(max(accs) - min(accs)):>8s}{_fmt(col('only')):>8s}"
               f"{_fmt(col('rest')):>7s}{_fmt(col('own')):>9s}{_fmt(col('base')):>9s}{_fmt(col('base_only')):>11s}"
               f"{_fmt(col('eps'), pct=False):>9s}{_fmt(col('s'), pct=False, digits=0):>9s}")
     models = head["models"]
