@@ -288,7 +288,8 @@ def plot_by_type(runs: dict[int, dict[str, dict]], path: Path, draws: int = 1) -
     return path
 
 
-DP_MODELS = ("alone", "alone-no-tags", "federated", "pooled-dp")   # trained again in every draw: their DP noise is fresh
+# trained again in every draw: their DP noise is fresh
+DP_MODELS = ("alone", "alone-no-tags", "federated", "pooled-dp")
 
 
 def mean_result(results: list[dict]) -> dict:
