@@ -362,10 +362,17 @@ def _add_draw(draws: list[dict[str, dict]], run: dict[str, dict]) -> None:
         slot[name] = result
 
 
+def _model_of(name: str) -> str:
+    """The ``--models`` key a result's name (in a run) comes from: ``general alone (DP)`` is ``alone``,
+    ``federated DP (bf16)`` is ``federated``; the start is ``start``."""
+    alone = next((key for key, suffix in ALONE.items() if name.endswith(suffix)), None)
+    return alone or {"federated DP": "federated", "federated no DP": "federated-no-dp", "pooled no DP": "pooled",
+                     "pooled DP": "pooled-dp"}.get(name.split(" (")[0], name)
+
+
 def _is_dp(name: str) -> bool:
     """Whether a result's model (its name in a run) trains with DP noise, fresh in every draw."""
-    return name.startswith("federated DP") or name == "pooled DP" or name.endswith(
-        (ALONE["alone"], ALONE["alone-no-tags"]))
+    return _model_of(name) in DP_MODELS
 
 
 def write_out(out: Path, head: dict, draws: dict[int, list[dict[str, dict]]]) -> Path:
@@ -414,7 +421,7 @@ def report(head: dict, draws: dict[int, list[dict[str, dict]]]) -> dict[int, dic
               f"{'met' if all(g >= 0.05 for g in gains) else 'not met'})")
         if several:
             # a draw's own lead only where it has the federation and every plan's hospitals alone
-            full = lambda d: all(any(n.endswith(ALONE[p]) for n in d) for p in plans)  # noqa: E731
+            full = lambda d: set(plans) <= {_model_of(n) for n in d}  # noqa: E731
             each = {s: [g for g in (lead_over_alone(d, plans) for d in draws[s] if full(d)) if g is not None]
                     for s in seeds}
             print("  every draw's own lead (its federation against its best hospital alone): "
