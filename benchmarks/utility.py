@@ -26,7 +26,9 @@ The summary lines give the issue's targets: federated DP - best hospital alone (
 / pooled no DP, mean and spread over seeds. A last table gives every model's accuracy per question
 type (the hospital-only types last, marked *) beside the per-question majority's: which questions
 each model learned and which it answers with the majority. ``--out DIR`` also writes ``utility.json``
-(every seed's scores, rewritten after each seed) and ``utility.png`` (that table as a heat map).
+(every seed's scores, rewritten after each seed), ``utility.png`` (that table as a heat map) and, where
+the run has the federation and a hospital alone, ``goal.png`` (each seed's best hospital alone on each
+plan, the federation and pooling as bars, every DP draw as a dot, the goal's line at the best alone + 5).
 Each model's scores are also printed the moment it is scored (``benchmarks.utility: seed S: <model>:
 ...``), so a run of several seeds that dies or is stopped keeps what it finished.
 
@@ -316,11 +318,86 @@ def over_draws(draws: list[dict[str, dict]]) -> dict[str, dict]:
     return {n: mean_result([d[n] for d in draws if n in d]) for n in names}
 
 
+def best_alone(run: dict[str, dict], plans: tuple[str, ...] = ("alone",)) -> str | None:
+    """The name (in ``run``) of the best hospital alone with DP on any of ``plans`` (keys of ``ALONE``:
+    the federation's plan, or ``alone-no-tags``), or None where the run has none."""
+    alone = [n for n in run if n.endswith(tuple(ALONE[p] for p in plans))]
+    return max(alone, key=lambda n: run[n]["acc"]) if alone else None
+
+
 def lead_over_alone(run: dict[str, dict], plans: tuple[str, ...] = ("alone",)) -> float | None:
-    """Federated DP minus the best hospital alone with DP on any of ``plans`` (keys of ``ALONE``: the
-    federation's plan, or ``alone-no-tags``), or None where a run lacks either."""
-    alone = [r["acc"] for n, r in run.items() if n.endswith(tuple(ALONE[p] for p in plans))]
-    return run["federated DP"]["acc"] - max(alone) if alone and "federated DP" in run else None
+    """Federated DP minus the best hospital alone with DP on any of ``plans``, or None where a run lacks either."""
+    best = best_alone(run, plans)
+    return run["federated DP"]["acc"] - run[best]["acc"] if best and "federated DP" in run else None
+
+
+# the models the goal plot shows beside the best hospital alone, in its order
+GOAL_MODELS = ("federated DP", "federated no DP", "pooled DP", "pooled no DP")
+
+
+def goal_bars(runs: dict[int, dict[str, dict]], plans: tuple[str, ...]) -> dict[int, dict]:
+    """Per seed, what the goal plot draws: ``bars`` (label -> (mean accuracy, every draw's)) for the best
+    hospital alone on each of ``plans`` and the models of ``GOAL_MODELS`` the run has, and ``goal``
+    (the best hospital alone on any plan + 5 points; None without one)."""
+    out = {}
+    for seed, run in runs.items():
+        bars = {}
+        for plan in plans:
+            best = best_alone(run, (plan,))
+            if best:
+                where = " without tags" if plan == "alone-no-tags" else ""
+                bars[f"best alone{where}: {best.split(' alone')[0]}"] = (run[best]["acc"], run[best].get("acc_draws", []))
+        for name in GOAL_MODELS:
+            if name in run:
+                draws = run[name].get("acc_draws", []) if _is_dp(name) else []
+                bars[name] = (run[name]["acc"], draws)
+        best = best_alone(run, plans)
+        out[seed] = {"bars": bars, "goal": run[best]["acc"] + 0.05 if best else None}
+    return out
+
+
+def plot_goal(runs: dict[int, dict[str, dict]], plans: tuple[str, ...], path: Path) -> Path:
+    """Each seed's overall accuracy as bars (the best hospital alone on each plan, the federation
+    and pooling with and without DP; each DP draw a dot on its bar) and the goal as a red line across the seed:
+    the best hospital alone + 5 points, which federated DP must reach on every seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_seed = goal_bars(runs, plans)
+    kinds = list(dict.fromkeys(label.split(":")[0] for s in per_seed.values() for label in s["bars"]))
+    colours = dict(zip(kinds, plt.get_cmap("tab10").colors))
+    width = 0.8 / max(1, len(kinds))
+    fig, ax = plt.subplots(figsize=(4.5 + 0.6 * len(per_seed) * max(2, len(kinds)), 4.4))
+    values = [100 * v for s in per_seed.values() for v in [*(a for a, _ in s["bars"].values()), s["goal"]]
+              if v is not None]
+    bottom, top = max(0.0, min(values, default=0.0) - 6), min(100.0, max(values, default=96.0) + 4)
+    for i, (seed, s) in enumerate(per_seed.items()):
+        for label, (acc, draws) in s["bars"].items():
+            kind = label.split(":")[0]
+            x = i + (kinds.index(kind) - (len(kinds) - 1) / 2) * width
+            ax.bar(x, 100 * acc, width * 0.9, color=colours[kind], label=kind if i == 0 else None)
+            ax.plot([x] * len(draws), [100 * d for d in draws], "k.", markersize=4)
+            hospital = f" {label.split(': ')[1]}" if ":" in label else ""   # which hospital is the best alone
+            ax.text(x, bottom + 0.4, f"{100 * acc:.1f}{hospital}", ha="center", va="bottom", fontsize=7,
+                    rotation=90, color="white")
+        if s["goal"] is not None:
+            ax.hlines(100 * s["goal"], i - 0.45, i + 0.45, colors="red", linestyles="--",
+                      label="goal: best alone + 5" if i == 0 else None)
+    fed = [s["bars"].get("federated DP", (None,))[0] for s in per_seed.values()]
+    met = [f is not None and s["goal"] is not None and f >= s["goal"] for f, s in zip(fed, per_seed.values())]
+    verdict = "met" if met and all(met) else f"met on {sum(met)} of {len(met)} seeds"
+    ax.set_xticks(range(len(per_seed)), [f"seed {s}" for s in per_seed])
+    ax.set_ylim(bottom, top)
+    ax.set_ylabel("accuracy (%), every hospital's validation questions")
+    ax.set_title(f"goal: federated DP >= best hospital alone (DP) + 5 points on every seed: {verdict}\n"
+                 "bars: each seed's mean over its draws; dots: each draw", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def read_runs(paths: list[Path]) -> tuple[dict, dict[int, list[dict[str, dict]]]]:
@@ -384,6 +461,11 @@ def write_out(out: Path, head: dict, draws: dict[int, list[dict[str, dict]]]) ->
     return path
 
 
+def lone_plans(models) -> tuple[str, ...]:
+    """The plans of a hospital alone with DP among ``models`` (``--models`` keys) that the goal is judged on."""
+    return tuple(p for p in ("alone", "alone-no-tags") if p in models)
+
+
 def report(head: dict, draws: dict[int, list[dict[str, dict]]]) -> dict[int, dict[str, dict]]:
     """The tables and the goal lines for every seed's draws; returns each seed's mean over its draws."""
     seeds = sorted(draws)
@@ -407,7 +489,7 @@ def report(head: dict, draws: dict[int, list[dict[str, dict]]]) -> dict[int, dic
               f"{_fmt(col('rest')):>7s}{_fmt(col('own')):>9s}{_fmt(col('base')):>9s}{_fmt(col('base_only')):>11s}"
               f"{_fmt(col('eps'), pct=False):>9s}{_fmt(col('s'), pct=False, digits=0):>9s}")
     models = head["models"]
-    plans = tuple(p for p in ("alone", "alone-no-tags") if p in models)
+    plans = lone_plans(models)
     if plans and "federated" in models:
         if len(plans) > 1:   # the federation's plan alone, for comparison; the goal is judged on the better plan
             gains = [lead_over_alone(runs[s]) for s in seeds]
@@ -448,7 +530,8 @@ def main(argv=None) -> None:
                         help=f"which models to train besides the start, among {list(MODELS)} (all but alone-no-dp by "
                         "default; the summary lines need alone, federated and pooled)")
     parser.add_argument("--out", type=Path, help="a folder for utility.json (every seed's scores, per question "
-                        "type too) and utility.png (accuracy by question type, a heat map)")
+                        "type too), utility.png (accuracy by question type, a heat map) and goal.png (the goal's "
+                        "picture: each seed's best hospital alone, the federation, pooling)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="FILE", help="train nothing: report utility.json "
                         "files of runs with the same config, overrides and models together (more draws of a seed)")
     parser.add_argument("overrides", nargs="*")
@@ -481,7 +564,10 @@ def main(argv=None) -> None:
     runs = report(head, draws)
     if args.out:
         most = max(len(d) for d in draws.values())
-        print(f"wrote {write_out(args.out, head, draws)} and {plot_by_type(runs, args.out / 'utility.png', most)}")
+        written = [write_out(args.out, head, draws), plot_by_type(runs, args.out / "utility.png", most)]
+        if lone_plans(head["models"]) and "federated" in head["models"]:
+            written.append(plot_goal(runs, lone_plans(head["models"]), args.out / "goal.png"))
+        print(f"wrote {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

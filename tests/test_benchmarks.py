@@ -274,3 +274,25 @@ def test_utility_merge_lines_up_files_of_other_models_and_judges_the_better_plan
     assert len(saved["draws"]["0"]) == 2   # the second file's start is not a third draw
     assert saved["seeds"]["0"]["general alone without tags (DP)"]["acc_draws"] == [0.78]
     assert (tmp_path / "m" / "utility.png").stat().st_size > 0
+    assert (tmp_path / "m" / "goal.png").stat().st_size > 5_000   # the goal as a picture: alone and federated
+
+
+def test_utility_goal_plot_draws_the_better_lone_plan_plus_five_and_each_draw(tmp_path):
+    from benchmarks.utility import goal_bars, over_draws, plot_goal
+
+    first, second = _seed_run(0.80, {"general": 0.74, "cardiac": 0.76}), _seed_run(0.84, {"general": 0.75})
+    first["oncology alone without tags (DP)"] = {**_typed(0.78, 0.9), "eps": 8.0}
+    first["pooled no DP"] = _typed(0.86, 0.95)
+    runs = {0: over_draws([first, second]), 1: over_draws([_seed_run(0.81, {"general": 0.70})])}
+
+    bars = goal_bars(runs, ("alone", "alone-no-tags"))
+    # seed 0: cardiac's one draw (0.76) beats general's mean (0.745); the plan without tags is better still
+    assert list(bars[0]["bars"]) == ["best alone: cardiac", "best alone without tags: oncology", "federated DP",
+                                     "pooled no DP"]
+    assert bars[0]["goal"] == pytest.approx(0.83)
+    assert bars[0]["bars"]["federated DP"] == (pytest.approx(0.82), [0.80, 0.84])   # the mean and each draw
+    assert bars[0]["bars"]["pooled no DP"][1] == []          # no DP noise: no draws to dot
+    assert bars[1]["goal"] == pytest.approx(0.75) and "best alone without tags: oncology" not in bars[1]["bars"]
+
+    path = plot_goal(runs, ("alone", "alone-no-tags"), tmp_path / "goal.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
