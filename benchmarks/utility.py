@@ -345,8 +345,8 @@ def goal_bars(runs: dict[int, dict[str, dict]], plans: tuple[str, ...]) -> dict[
         for plan in plans:
             best = best_alone(run, (plan,))
             if best:
-                where = " without tags" if plan == "alone-no-tags" else ""
-                bars[f"best alone{where}: {best.split(' alone')[0]}"] = (run[best]["acc"], run[best].get("acc_draws", []))
+                label = f"best alone{' without tags' if plan == 'alone-no-tags' else ''}: {best.split(' alone')[0]}"
+                bars[label] = (run[best]["acc"], run[best].get("acc_draws", []))
         for name in GOAL_MODELS:
             if name in run:
                 draws = run[name].get("acc_draws", []) if _is_dp(name) else []
