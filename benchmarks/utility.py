@@ -369,7 +369,7 @@ def plot_goal(runs: dict[int, dict[str, dict]], plans: tuple[str, ...], path: Pa
     import matplotlib.pyplot as plt
 
     per_seed = goal_bars(runs, plans)
-    kinds = list(dict.fromkeys(label.split(":")[0] for s in per_seed.values() for label in s["bars"]))
+    kinds = list(dict.fromkeys(label.partition(": ")[0] for s in per_seed.values() for label in s["bars"]))
     colours = dict(zip(kinds, plt.get_cmap("tab10").colors))
     width = 0.8 / max(1, len(kinds))
     fig, ax = plt.subplots(figsize=(4.5 + 0.6 * len(per_seed) * max(2, len(kinds)), 4.4))
@@ -378,12 +378,11 @@ def plot_goal(runs: dict[int, dict[str, dict]], plans: tuple[str, ...], path: Pa
     bottom, top = max(0.0, min(values, default=0.0) - 6), min(100.0, max(values, default=96.0) + 4)
     for i, (seed, s) in enumerate(per_seed.items()):
         for label, (acc, draws) in s["bars"].items():
-            kind = label.split(":")[0]
+            kind, _, hospital = label.partition(": ")   # a hospital alone's bar names the hospital
             x = i + (kinds.index(kind) - (len(kinds) - 1) / 2) * width
             ax.bar(x, 100 * acc, width * 0.9, color=colours[kind], label=kind if i == 0 else None)
             ax.plot([x] * len(draws), [100 * d for d in draws], "k.", markersize=4)
-            hospital = f" {label.split(': ')[1]}" if ":" in label else ""   # which hospital is the best alone
-            ax.text(x, bottom + 0.4, f"{100 * acc:.1f}{hospital}", ha="center", va="bottom", fontsize=7,
+            ax.text(x, bottom + 0.4, f"{100 * acc:.1f} {hospital}".strip(), ha="center", va="bottom", fontsize=7,
                     rotation=90, color="white")
         if s["goal"] is not None:
             ax.hlines(100 * s["goal"], i - 0.45, i + 0.45, colors="red", linestyles="--",
@@ -567,8 +566,9 @@ def main(argv=None) -> None:
     if args.out:
         most = max(len(d) for d in draws.values())
         written = [write_out(args.out, head, draws), plot_by_type(runs, args.out / "utility.png", most)]
-        if lone_plans(head["models"]) and "federated" in head["models"]:
-            written.append(plot_goal(runs, lone_plans(head["models"]), args.out / "goal.png"))
+        plans = lone_plans(head["models"])
+        if plans and "federated" in head["models"]:
+            written.append(plot_goal(runs, plans, args.out / "goal.png"))
         print(f"wrote {', '.join(map(str, written))}")
 
 
