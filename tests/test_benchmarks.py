@@ -277,6 +277,24 @@ def test_utility_merge_lines_up_files_of_other_models_and_judges_the_better_plan
     assert (tmp_path / "m" / "goal.png").stat().st_size > 5_000   # the goal as a picture: alone and federated
 
 
+def test_utility_merge_judges_the_ratio_to_pooled_per_seed_to_three_places(tmp_path, capsys):
+    import json
+
+    from benchmarks.utility import main
+
+    head = {"config": "tiny-consortium-tags", "overrides": ["data.images_per_hospital=2400"]}
+    fed = tmp_path / "fed.json"
+    fed.write_text(json.dumps({**head, "models": ["federated", "alone"], "draws": {
+        "0": [_seed_run(0.79, {"general": 0.74})], "1": [_seed_run(0.7895, {"general": 0.74})]}}))
+    pooled = tmp_path / "pooled.json"   # pooled without DP, trained in another run
+    pooled.write_text(json.dumps({**head, "models": ["pooled"], "draws": {
+        s: [{"start": _typed(0.5, 0.0), "pooled no DP": _typed(acc, 0.95)}] for s, acc in (("0", 0.85), ("1", 0.88))}}))
+    main(["--merge", str(fed), str(pooled)])
+    # seed 1: 0.7895 / 0.88 = 0.897, under the goal although two places would print 0.90
+    assert "federated DP / pooled no DP: 0.91 (per seed 0.929, 0.897; goal >= 0.9 on every seed: not met)" \
+        in capsys.readouterr().out
+
+
 def test_utility_goal_plot_draws_the_better_lone_plan_plus_five_and_each_draw(tmp_path):
     from benchmarks.utility import goal_bars, over_draws, plot_goal
 
