@@ -293,6 +293,12 @@ def test_utility_merge_judges_the_ratio_to_pooled_per_seed_to_three_places(tmp_p
     # seed 1: 0.7895 / 0.88 = 0.897, under the goal although two places would print 0.90
     assert "federated DP / pooled no DP: 0.91 (per seed 0.929, 0.897; goal >= 0.9 on every seed: not met)" \
         in capsys.readouterr().out
+    only_0 = tmp_path / "pooled-0.json"   # pooling for seed 0 alone: seed 1 is named, not judged (nor a crash)
+    only_0.write_text(json.dumps({**head, "models": ["pooled"], "draws": {
+        "0": [{"start": _typed(0.5, 0.0), "pooled no DP": _typed(0.78, 0.95)}]}}))
+    main(["--merge", str(fed), str(only_0)])
+    assert ("federated DP / pooled no DP: 1.01 (per seed 0: 1.013; seeds 1 lack one of the two; goal >= 0.9 on "
+            "every seed: not met)") in capsys.readouterr().out
 
 
 def test_utility_goal_plot_draws_the_better_lone_plan_plus_five_and_each_draw(tmp_path):
