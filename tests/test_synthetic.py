@@ -102,3 +102,19 @@ def test_no_hospital_holds_most_of_the_hospital_only_cases():
                                          if pick(f) and f.modality == "x-ray"])
     general = sites["general"]                                                       # never stored inverted
     assert saturated(general, lambda f: f.device) > saturated(general, lambda f: not f.device) + 15   # metal shows
+
+
+def test_a_collapsed_lung_never_hides_a_nodule_or_fluid_the_labels_name():
+    """The hospital-only findings are drawn under the nodules and the fluid: a nodule in the lung with the
+    pneumothorax shows as nodule-bright pixels there, fluid as fluid-bright ones (both were erased before)."""
+    ds = generate_hospital("general", 1200, seed=0, hospital_only=True)             # x-ray mostly, never inverted
+    side_half = lambda i, side: (ds.images[i][:, :32] if side == "right" else ds.images[i][:, 32:])  # noqa: E731
+    ptx = [i for i, f in enumerate(ds.findings) if f.modality == "x-ray" and f.pneumothorax != "none"
+           and not f.device]
+    nodule_px = lambda pick: np.mean([(side_half(i, ds.findings[i].pneumothorax) >= 235).sum()  # noqa: E731
+                                      for i in ptx if pick(ds.findings[i])])
+    assert nodule_px(lambda f: f.nodules and f.nodule_side == f.pneumothorax) > nodule_px(lambda f: not f.nodules) + 20
+    lower = lambda i: side_half(i, ds.findings[i].pneumothorax)[40:]                # noqa: E731
+    fluid_px = lambda pick: np.mean([((lower(i) >= 190) & (lower(i) < 235)).sum()  # noqa: E731
+                                     for i in ptx if pick(ds.findings[i]) and not ds.findings[i].cardiomegaly])
+    assert fluid_px(lambda f: f.effusion == f.pneumothorax) > fluid_px(lambda f: f.effusion == "none") + 40

@@ -198,7 +198,7 @@ def test_the_tags_stage_learns_a_finding_the_fusion_did_not_carry(loss, qtypes):
             return tag_loss(logits, targets, loss).mean().item()
 
     first = scored()
-    train_local(model, data, train=replace(TAGS, epochs=60, batch_size=32, physical_batch_size=32, lr=3e-3),
+    train_local(model, data, train=replace(TAGS, epochs=100, batch_size=32, physical_batch_size=32, lr=3e-3),
                 privacy=PrivacyConfig(enabled=False), progress=False, tags=head)
     last = scored()
     assert last < 0.5 * first

@@ -154,6 +154,29 @@ def render(findings: Findings, rng: np.random.Generator, profile: HospitalProfil
     hy = cy + (s * 0.12 if style == "x-ray" else -s * 0.12)
     hx = cx + s * 0.05
     img[_ellipse(yy, xx, hy, hx, hr * 0.9, hr)] = heart_t
+    # The hospital-only findings are drawn before the effusion and the nodules, which are drawn over them:
+    # a collapsed lung or a pacemaker never hides a finding its labels name (until December 6 they were
+    # drawn last and erased the nodules and the fluid of the lung they lay on).
+    if findings.pneumothorax != "none":   # the lung collapses towards the hilum: air rim, pleural line
+        ly, lx = lung_centres[findings.pneumothorax]
+        towards = -1.0 if findings.pneumothorax == "right" else 1.0     # lateral side of that lung
+        shrink = rng.uniform(0.5, 0.65)
+        cy2, cx2 = ly + lung_ry * (1 - shrink) * 0.5, lx - towards * lung_rx * (1 - shrink) * 0.6
+        collapsed = _ellipse(yy, xx, cy2, cx2, lung_ry * shrink, lung_rx * shrink)
+        rim = lung_masks[findings.pneumothorax] & ~collapsed
+        img[rim] = bg
+        line = _ellipse(yy, xx, cy2, cx2, lung_ry * shrink + 1.0, lung_rx * shrink + 1.0) & ~collapsed
+        img[line & lung_masks[findings.pneumothorax]] = 0.75
+        img[collapsed & lung_masks[findings.pneumothorax]] = min(1.0, lung_t + 0.25)
+    if findings.device:                    # pacemaker below the patient's left clavicle, lead to the heart
+        dy, dx = cy - s * (0.3 if style == "x-ray" else 0.32), cx + s * 0.27
+        box_h, box_w = s * 0.045, s * 0.07
+        box = (np.abs(yy - dy) <= box_h) & (np.abs(xx - dx) <= box_w)
+        img[box] = 1.0
+        for t in np.linspace(0.0, 1.0, 40):
+            y, x = int(round(dy + t * (hy - dy))), int(round(dx + t * (hx - dx)))
+            if 0 <= y < size and 0 <= x < size:
+                img[y, x] = 0.95
     # pleural effusion: fluid filling the dependent part of one lung
     if findings.effusion != "none":
         ly, lx = lung_centres[findings.effusion]
@@ -168,30 +191,13 @@ def render(findings: Findings, rng: np.random.Generator, profile: HospitalProfil
             for _attempt in range(50):
                 ny = ly + rng.uniform(-0.75, 0.15) * lung_ry
                 nx = lx + rng.uniform(-0.45, 0.45) * lung_rx
-                if all((ny - py) ** 2 + (nx - px) ** 2 > (s * 0.15) ** 2 for py, px in placed):
+                clear_of_device = not findings.device or (abs(ny - dy) > box_h + s * 0.075
+                                                          or abs(nx - dx) > box_w + s * 0.075)
+                if clear_of_device and all((ny - py) ** 2 + (nx - px) ** 2 > (s * 0.15) ** 2 for py, px in placed):
                     break
             placed.append((ny, nx))
             r = s * rng.uniform(0.055, 0.075)
             img[_ellipse(yy, xx, ny, nx, r, r)] = nod_t
-    if findings.pneumothorax != "none":   # the lung collapses towards the hilum: air rim, pleural line
-        ly, lx = lung_centres[findings.pneumothorax]
-        towards = -1.0 if findings.pneumothorax == "right" else 1.0     # lateral side of that lung
-        shrink = rng.uniform(0.5, 0.65)
-        cy2, cx2 = ly + lung_ry * (1 - shrink) * 0.5, lx - towards * lung_rx * (1 - shrink) * 0.6
-        collapsed = _ellipse(yy, xx, cy2, cx2, lung_ry * shrink, lung_rx * shrink)
-        rim = lung_masks[findings.pneumothorax] & ~collapsed
-        img[rim] = bg
-        line = _ellipse(yy, xx, cy2, cx2, lung_ry * shrink + 1.0, lung_rx * shrink + 1.0) & ~collapsed
-        img[line & lung_masks[findings.pneumothorax]] = 0.75
-        img[collapsed & lung_masks[findings.pneumothorax]] = min(1.0, lung_t + 0.25)
-    if findings.device:                    # pacemaker below the patient's left clavicle, lead to the heart
-        dy, dx = cy - s * (0.3 if style == "x-ray" else 0.32), cx + s * 0.27
-        box = (np.abs(yy - dy) <= s * 0.045) & (np.abs(xx - dx) <= s * 0.07)
-        img[box] = 1.0
-        for t in np.linspace(0.0, 1.0, 40):
-            y, x = int(round(dy + t * (hy - dy))), int(round(dx + t * (hx - dx)))
-            if 0 <= y < size and 0 <= x < size:
-                img[y, x] = 0.95
     # scanner: contrast curve, inversion, noise
     img = np.clip(img, 0.0, 1.0) ** profile.contrast
     if rng.random() < profile.p_invert:
