@@ -521,10 +521,10 @@ def report(head: dict, draws: dict[int, list[dict[str, dict]]]) -> dict[int, dic
         missing = [s for s in seeds if s not in both]
         met = not missing and all(r >= GOAL_RATIO for r in ratios)
         # per seed to three places: at two a seed at 0.897 would read 0.90 beside "not met"
-        print(f"federated DP / pooled no DP: {mean(ratios) if ratios else float('nan'):.2f} (per seed "
-              f"{', '.join(f'{s}: {r:.3f}' if len(both) < len(seeds) else f'{r:.3f}' for s, r in zip(both, ratios))}"
-              f"{'; seeds ' + ', '.join(map(str, missing)) + ' lack one of the two' if missing else ''}; "
-              f"goal >= {GOAL_RATIO} on every seed: {'met' if met else 'not met'})")
+        per_seed = ", ".join(f"{s}: {r:.3f}" if missing else f"{r:.3f}" for s, r in zip(both, ratios))
+        lacking = f"; seeds {', '.join(map(str, missing))} lack one of the two" if missing else ""
+        print(f"federated DP / pooled no DP: {mean(ratios) if ratios else float('nan'):.2f} (per seed {per_seed}"
+              f"{lacking}; goal >= {GOAL_RATIO} on every seed: {'met' if met else 'not met'})")
     print_by_type(runs)
     return runs
 

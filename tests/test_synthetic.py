@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from medvlm.data.synthetic import PROFILES, generate_hospital, split_images, write_manifest
+from medvlm.data.synthetic import IMAGE_SIZE, PROFILES, generate_hospital, split_images, write_manifest
 
 
 def test_deterministic():
@@ -108,13 +108,14 @@ def test_a_collapsed_lung_never_hides_a_nodule_or_fluid_the_labels_name():
     """The hospital-only findings are drawn under the nodules and the fluid: a nodule in the lung with the
     pneumothorax shows as nodule-bright pixels there, fluid as fluid-bright ones (both were erased before)."""
     ds = generate_hospital("general", 1200, seed=0, hospital_only=True)             # x-ray mostly, never inverted
-    side_half = lambda i, side: (ds.images[i][:, :32] if side == "right" else ds.images[i][:, 32:])  # noqa: E731
+    half = IMAGE_SIZE // 2                                                           # patient's right: image left
+    side_half = lambda i, side: ds.images[i][:, :half] if side == "right" else ds.images[i][:, half:]  # noqa: E731
     ptx = [i for i, f in enumerate(ds.findings) if f.modality == "x-ray" and f.pneumothorax != "none"
            and not f.device]
     nodule_px = lambda pick: np.mean([(side_half(i, ds.findings[i].pneumothorax) >= 235).sum()  # noqa: E731
                                       for i in ptx if pick(ds.findings[i])])
     assert nodule_px(lambda f: f.nodules and f.nodule_side == f.pneumothorax) > nodule_px(lambda f: not f.nodules) + 20
-    lower = lambda i: side_half(i, ds.findings[i].pneumothorax)[40:]                # noqa: E731
+    lower = lambda i: side_half(i, ds.findings[i].pneumothorax)[IMAGE_SIZE * 5 // 8:]  # the base  # noqa: E731
     fluid_px = lambda pick: np.mean([((lower(i) >= 190) & (lower(i) < 235)).sum()  # noqa: E731
                                      for i in ptx if pick(ds.findings[i]) and not ds.findings[i].cardiomegaly])
     assert fluid_px(lambda f: f.effusion == f.pneumothorax) > fluid_px(lambda f: f.effusion == "none") + 40

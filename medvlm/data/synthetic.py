@@ -187,16 +187,17 @@ def render(findings: Findings, rng: np.random.Generator, profile: HospitalProfil
     if findings.nodules:
         ly, lx = lung_centres[findings.nodule_side]
         placed: list[tuple[float, float]] = []
+        nodule_r_max = s * 0.075
         for _ in range(findings.nodules):
             for _attempt in range(50):
                 ny = ly + rng.uniform(-0.75, 0.15) * lung_ry
                 nx = lx + rng.uniform(-0.45, 0.45) * lung_rx
-                clear_of_device = not findings.device or (abs(ny - dy) > box_h + s * 0.075
-                                                          or abs(nx - dx) > box_w + s * 0.075)
+                clear_of_device = not findings.device or (abs(ny - dy) > box_h + nodule_r_max
+                                                          or abs(nx - dx) > box_w + nodule_r_max)
                 if clear_of_device and all((ny - py) ** 2 + (nx - px) ** 2 > (s * 0.15) ** 2 for py, px in placed):
                     break
             placed.append((ny, nx))
-            r = s * rng.uniform(0.055, 0.075)
+            r = s * rng.uniform(0.055, 0.075)   # at most nodule_r_max
             img[_ellipse(yy, xx, ny, nx, r, r)] = nod_t
     # scanner: contrast curve, inversion, noise
     img = np.clip(img, 0.0, 1.0) ** profile.contrast
