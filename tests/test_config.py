@@ -92,3 +92,18 @@ def test_a_tags_stage_s_loss_and_head_are_checked_and_named_when_wrong():
         load_config("tiny-consortium-tags", ["federation.stages.0.tag_head=shared"])
     with pytest.raises(ValueError, match=r"federation\.stages\[vqa\]\.tag_head.*tags stage only"):
         load_config("tiny-consortium-tags", ["federation.stages.1.tag_head=fixed"])
+
+
+def test_the_large_consortium_preset_is_the_tags_preset_s_vqa_rounds_alone():
+    """docs/benchmarks.md compares the two presets as the same VQA rounds with and without the tags stage
+    before them: the large preset's one stage must be the tags preset's VQA stage, on the same data and
+    batches, at the size the tags preset was measured at."""
+    from dataclasses import replace
+
+    large, tags = load_config("tiny-consortium-large"), load_config("tiny-consortium-tags")
+    (only,), (first, vqa) = stages(large), stages(tags)
+    assert first.task == "tags" and only.task == "vqa"
+    assert replace(only, name=vqa.name, first_round=vqa.first_round, last_round=vqa.last_round) == vqa
+    assert only.last_round - only.first_round == vqa.last_round - vqa.first_round    # as many rounds
+    assert large.data.hospital_only and large.data.images_per_hospital == 2400
+    assert (large.train, large.privacy, large.model) == (tags.train, tags.privacy, tags.model)
