@@ -105,5 +105,5 @@ def test_the_large_consortium_preset_is_the_tags_preset_s_vqa_rounds_alone():
     assert first.task == "tags" and only.task == "vqa"
     assert replace(only, name=vqa.name, first_round=vqa.first_round, last_round=vqa.last_round) == vqa
     assert only.last_round - only.first_round == vqa.last_round - vqa.first_round    # as many rounds
-    assert large.data.hospital_only and large.data.images_per_hospital == 2400
+    assert large.data == replace(tags.data, images_per_hospital=2400) and large.data.hospital_only
     assert (large.train, large.privacy, large.model) == (tags.train, tags.privacy, tags.model)
