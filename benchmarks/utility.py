@@ -394,11 +394,11 @@ def plot_goal(runs: dict[int, dict[str, dict]], plans: tuple[str, ...], path: Pa
     ax.set_xticks(range(len(per_seed)), [f"seed {s}" for s in per_seed])
     ax.set_ylim(bottom, top)
     ax.set_ylabel("accuracy (%), every hospital's validation questions")
-    ax.set_title(f"goal: federated DP >= best hospital alone (DP) + 5 points on every seed: {verdict}\n"
+    ax.set_title(f"goal: federated DP >= best hospital alone (DP) + 5\npoints on every seed: {verdict}\n"
                  "bars: each seed's mean over its draws; dots: each draw", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")   # title and legend whole, one seed or many
     plt.close(fig)
     return path
 
