@@ -114,8 +114,9 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
         on_bad_row = str(node_config.get("on-bad-row", "error"))
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"node config on-bad-row={on_bad_row!r}: use error or skip")
+        # a site's own folder is never dealt out: data.partition is the synthetic simulation's
         data_cfg = replace(cfg.data, source=str(path), format=str(node_config.get("data-format", cfg.data.format)),
-                           on_bad_row=on_bad_row)
+                           on_bad_row=on_bad_row, partition="own")
     elif cfg.data.source == "synthetic" and name not in cfg.data.hospitals:
         raise ValueError(f"hospital {name!r} has no data-path and is not a synthetic profile in data.hospitals "
                          f"{cfg.data.hospitals}")

@@ -117,6 +117,10 @@ class ModelConfig:
 
 DATA_FORMATS = ("auto", "jsonl", "vqa-rad", "slake", "pmc-vqa", "mimic-cxr", "r2gen")
 TASKS = ("vqa", "report")
+# synthetic: who holds which images. own: each hospital its own profile's images (non-IID, the default);
+# iid: the same images, each split pooled across data.hospitals and dealt out at random in the same shares
+# (a research control: what the non-IID split costs a federation; medvlm.data.dataset.load_splits)
+PARTITIONS = ("own", "iid")
 # A curriculum stage may also be ``tags``: stage 1 at the hospitals (medvlm.tags), the fusion learns
 # each image's answers as tags through a head that stays at the hospital; it reads the VQA rows.
 STAGE_TASKS = (*TASKS, "tags")
@@ -177,6 +181,8 @@ class DataConfig:
     # synthetic: hospitals also hold findings the public corpus lacks (pneumothorax, pacemaker) and
     # are asked about them (question types in medvlm.data.synthetic.HOSPITAL_ONLY_QTYPES)
     hospital_only: bool = False
+    # synthetic: own (each hospital its profile's images) | iid (the same images dealt out at random; PARTITIONS)
+    partition: str = "own"
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0
@@ -205,6 +211,10 @@ class DataConfig:
                "use dataset or redraw")
         _check(self.format in DATA_FORMATS, "data.format", self.format, f"use one of {list(DATA_FORMATS)}")
         _check(self.task in TASKS, "data.task", self.task, f"use one of {list(TASKS)}")
+        _check(self.partition in PARTITIONS, "data.partition", self.partition, f"use one of {list(PARTITIONS)}")
+        _check(self.partition == "own" or self.source == "synthetic", "data.partition", self.partition,
+               f"iid deals out the synthetic hospitals' images; data.source={self.source!r} is a site's own "
+               "data, not dealt out: use data.partition=own")
         _check(self.labeler == "synthetic" or ":" in self.labeler, "data.labeler", self.labeler,
                "use synthetic or package.module:function")
 

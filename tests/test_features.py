@@ -93,6 +93,8 @@ def test_a_hospital_caches_in_its_state_dir(dicom_folder, tmp_path):
     assert len(entries) == 5 and site.train.pixels.dim() == 3
     again = build_site(run_config, node)       # the next round's process: same features, read back
     assert torch.equal(again.train.pixels, site.train.pixels)
+    dealt = build_site({**run_config, "overrides": shlex.join([*TINY_OVERRIDES, "data.partition=iid"])}, node)
+    assert torch.equal(dealt.train.pixels, site.train.pixels)   # a site's own folder is never dealt out
     assert cached_encoder(site.model, None, DataConfig()) is None
     assert DicomConfig().frame == "middle"
 

@@ -235,14 +235,45 @@ def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[st
                          ", ".join(f"{k} {len(v)} rows" for k, v in published.items()))
                 return published
         return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    merged: dict[str, list[VQARows]] = {"train": [], "val": [], "test": []}
-    for name in hospitals or cfg.hospitals:
-        hospital = generate_hospital(name, cfg.images_per_hospital, seed=cfg.seed, hospital_only=cfg.hospital_only)
-        data = from_synthetic(hospital, preprocess, task=cfg.task, qtypes=cfg.qtypes)
-        for split, part in split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                                      seed=cfg.seed).items():
-            merged[split].append(part)
-    return {split: concat(parts) for split, parts in merged.items()}
+    names = list(hospitals or cfg.hospitals)
+    held = _iid_partition(cfg, preprocess, names) if cfg.partition == "iid" else {
+        name: _own_splits(cfg, name, preprocess) for name in names}
+    return {split: concat([held[name][split] for name in names]) for split in SPLITS}
+
+
+SPLITS = ("train", "val", "test")
+
+
+def _own_splits(cfg: DataConfig, name: str, preprocess: Callable) -> dict[str, VQARows]:
+    """One synthetic hospital's own images (its profile's), split by image."""
+    hospital = generate_hospital(name, cfg.images_per_hospital, seed=cfg.seed, hospital_only=cfg.hospital_only)
+    data = from_synthetic(hospital, preprocess, task=cfg.task, qtypes=cfg.qtypes)
+    return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+
+
+def _iid_partition(cfg: DataConfig, preprocess: Callable, names: Sequence[str]) -> dict[str, dict[str, VQARows]]:
+    """``data.partition=iid``: the consortium's images (every hospital in ``data.hospitals``, each split as
+    its own hospital splits them) pooled per split and dealt out at random, each hospital getting as many
+    images of each split as it holds of its own. The pooled train / val / test sets are the same images as
+    with ``own``; only who holds which changes, so a federation on both isolates what the non-IID split costs."""
+    unknown = [n for n in names if n not in cfg.hospitals]
+    if unknown:
+        raise ValueError(f"data.partition=iid deals out the images of data.hospitals {list(cfg.hospitals)}: "
+                         f"{unknown} is not one of them; add it there or use data.partition=own")
+    own = {name: _own_splits(cfg, name, preprocess) for name in cfg.hospitals}
+    dealt: dict[str, dict[str, VQARows]] = {name: {} for name in cfg.hospitals}
+    for k, split in enumerate(SPLITS):
+        pooled = concat([own[name][split] for name in cfg.hospitals])
+        order = np.random.default_rng([cfg.seed, IID_STREAM, k]).permutation(len(pooled.pixels)).tolist()
+        start = 0
+        for name in cfg.hospitals:
+            share = set(order[start:start + len(own[name][split].pixels)])
+            start += len(own[name][split].pixels)
+            dealt[name][split] = _subset(pooled, [r for r in pooled.rows if r["image_index"] in share])
+    return dealt
+
+
+IID_STREAM = 1_000_003   # the iid deal's seed stream: disjoint from the generator's and the splits'
 
 
 def concat(parts: Sequence[VQARows]) -> VQARows:
