@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 REPORT_QUESTION = "write the findings report."   # what a report row's "question" says (logs, manifests)
 MIN_PROMPT_TOKENS = 4                             # a long answer (a report) leaves this much for the prompt
+SPLITS = ("train", "val", "test")
+IID_STREAM = 1_000_003   # data.partition=iid's seed stream: disjoint from the generator's and the splits'
 
 
 def prompt_text(question: str) -> str:
@@ -241,9 +243,6 @@ def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[st
     return {split: concat([held[name][split] for name in names]) for split in SPLITS}
 
 
-SPLITS = ("train", "val", "test")
-
-
 def _own_splits(cfg: DataConfig, name: str, preprocess: Callable) -> dict[str, VQARows]:
     """One synthetic hospital's own images (its profile's), split by image."""
     hospital = generate_hospital(name, cfg.images_per_hospital, seed=cfg.seed, hospital_only=cfg.hospital_only)
@@ -267,13 +266,10 @@ def _iid_partition(cfg: DataConfig, preprocess: Callable, names: Sequence[str]) 
         order = np.random.default_rng([cfg.seed, IID_STREAM, k]).permutation(len(pooled.pixels)).tolist()
         start = 0
         for name in cfg.hospitals:
-            share = set(order[start:start + len(own[name][split].pixels)])
-            start += len(own[name][split].pixels)
+            end = start + len(own[name][split].pixels)
+            share, start = set(order[start:end]), end
             dealt[name][split] = _subset(pooled, [r for r in pooled.rows if r["image_index"] in share])
     return dealt
-
-
-IID_STREAM = 1_000_003   # the iid deal's seed stream: disjoint from the generator's and the splits'
 
 
 def concat(parts: Sequence[VQARows]) -> VQARows:
