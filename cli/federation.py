@@ -130,7 +130,8 @@ def _supernode(args: argparse.Namespace) -> int:
                             ca=args.ca, key=args.key,
                             port=args.port, device=args.device, epsilon=args.epsilon, delta=args.delta,
                             insecure=args.insecure, stage_data=stage_data, labeler=args.labeler, dp=not args.no_dp,
-                            max_grad_norm=args.max_grad_norm, accountant=args.accountant, min_noise=args.min_noise)
+                            max_grad_norm=args.max_grad_norm, accountant=args.accountant, min_noise=args.min_noise,
+                            evaluate=args.evaluate)
     with tempfile.TemporaryDirectory(prefix="medvlm-pin-") as pin_dir:
         task = task_command(cmd, hospital=args.hospital, pin_dir=Path(pin_dir), app_digest=args.app_digest,
                             sandbox=not args.no_sandbox, read=args.read or (), key=args.key)
@@ -247,6 +248,9 @@ def add_federation_commands(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping bound (default 1.0)")
     p.add_argument("--accountant", default="rdp", choices=["rdp", "prv", "gdp"], help="default rdp")
     p.add_argument("--min-noise", type=float, default=0.0, help="floor on the noise multiplier (default 0)")
+    p.add_argument("--evaluate", default="counts", choices=["counts", "off"],
+                   help="counts: score each global state the coordinator sends on the validation split and reply "
+                        "exact correct/total counts (not DP; default); off: never score, reply why")
     p.add_argument("--no-dp", action="store_true", help="this hospital decides to train WITHOUT differential privacy")
     p.add_argument("--labeler", help="report finding labeler, package.module:function (default: synthetic); the "
                                      "run config's data.labeler is never used at a deployed site")

@@ -200,10 +200,17 @@ def _status(site, status: str, ledger: Ledger | None = None, **extra: str) -> di
 
 def evaluate(msg: Message, context: Context, defaults: Mapping = NO_DEFAULTS) -> Message:
     """Score the global state on the local validation split (the round's stage's task); reply with
-    counts only (VQA correct/total, or report BLEU / ROUGE-L / finding statistics)."""
+    counts only (VQA correct/total, or report BLEU / ROUGE-L / finding statistics). A site whose
+    policy says ``evaluate = "off"`` scores nothing and replies why."""
     from medvlm.evaluate import predict
 
     site = _site(msg, context, defaults)
+    if site.policy.evaluate == "off":   # checked before the state is even loaded: nothing is scored
+        reason = (f"this site does not score coordinator-sent states on its validation data (its policy: "
+                  f"evaluate=off, {site.policy.source})")
+        log.info("%s: round %s: evaluation refused: %s", site.name, _received(msg)[1].get("server-round"), reason)
+        return Message(reply_content(kind="evaluate", metrics={}, spec=site.spec, status={
+            "hospital": site.name, "status": "not-evaluated", "reason": reason}), reply_to=msg)
     _load_global(site, msg)
     started = time.perf_counter()
     labeler = load_labeler(site.cfg.data.labeler)

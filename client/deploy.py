@@ -56,7 +56,7 @@ def check_site(*, data_path: str | Path, state_dir: str | Path, data_format: str
 
 
 def site_policy(*, dp: bool = True, epsilon: Optional[float], delta: float = 1e-5, max_grad_norm: float = 1.0,
-                accountant: str = "rdp", min_noise: float = 0.0) -> dict[str, object]:
+                accountant: str = "rdp", min_noise: float = 0.0, evaluate: str = "counts") -> dict[str, object]:
     """The hospital's privacy policy as node-config keys (validated: a SuperNode without a budget is
     refused here, before it connects)."""
     from client.policy import SitePolicy
@@ -66,9 +66,10 @@ def site_policy(*, dp: bool = True, epsilon: Optional[float], delta: float = 1e-
                          "coordinator's run config cannot set or raise it. (--no-dp only if this hospital "
                          "decides to train without differential privacy.)")
     SitePolicy(dp=dp, epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm, accountant=accountant,
-               min_noise=min_noise, source="medvlm-fl supernode")
+               min_noise=min_noise, evaluate=evaluate, source="medvlm-fl supernode")
     return {"dp": "on" if dp else "off", "epsilon": epsilon, "delta": delta, "max-grad-norm": max_grad_norm,
-            "accountant": accountant, "min-noise": min_noise or None}
+            "accountant": accountant, "min-noise": min_noise or None,
+            "evaluate": None if evaluate == "counts" else evaluate}
 
 
 def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, state_dir: str | Path,

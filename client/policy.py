@@ -11,6 +11,8 @@ coordinator sends:
     accountant     = "rdp"     rdp | prv | gdp (Opacus); one per ledger
     min-noise      = 0.0       a floor on the noise multiplier: a round plan that would calibrate
                                less noise trains at the floor (and spends less than the budget)
+    evaluate       = "counts"  "off": the site never scores a coordinator-sent state on its validation
+                               split (evaluation replies are exact counts, not DP: docs/security.md)
 
 The run config's ``privacy.*`` is only a proposal. A site trains at its own settings whatever the
 proposal says and says so, in its log and in the status of its reply, whenever the proposal
@@ -30,7 +32,8 @@ from typing import Mapping, Optional
 from medvlm.config import PrivacyConfig
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
-POLICY_KEYS = ("dp", "epsilon", "delta", "max-grad-norm", "accountant", "min-noise")
+POLICY_KEYS = ("dp", "epsilon", "delta", "max-grad-norm", "accountant", "min-noise", "evaluate")
+EVALUATE = ("counts", "off")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class SitePolicy:
     max_grad_norm: float
     accountant: str
     min_noise: float = 0.0
+    evaluate: str = "counts"          # counts | off: whether the site scores coordinator-sent states
     source: str = "node config"       # where the settings came from (said in logs and replies)
 
     def __post_init__(self) -> None:
@@ -58,6 +62,8 @@ class SitePolicy:
             raise bad("accountant", self.accountant, f"use one of {list(ACCOUNTANTS)}")
         if not (math.isfinite(self.min_noise) and self.min_noise >= 0):
             raise bad("min-noise", self.min_noise, "must be >= 0")
+        if self.evaluate not in EVALUATE:
+            raise bad("evaluate", self.evaluate, f"use one of {list(EVALUATE)} (medvlm-fl supernode --evaluate off)")
 
     # ------------------------------------------------------------------------------ reading
     @classmethod
@@ -70,6 +76,7 @@ class SitePolicy:
                        delta=float(node_config.get("delta", proposal.delta)), max_grad_norm=proposal.max_grad_norm,
                        accountant=proposal.accountant,
                        min_noise=float(node_config.get("min-noise", 0.0)),
+                       evaluate=str(node_config.get("evaluate", "counts")),
                        source="run config (simulation: the researcher is every site)")
         dp = str(node_config.get("dp", "on")).strip().lower()
         if dp not in ("on", "off"):
@@ -79,7 +86,8 @@ class SitePolicy:
                    delta=float(node_config.get("delta", 1e-5)),
                    max_grad_norm=float(node_config.get("max-grad-norm", 1.0)),
                    accountant=str(node_config.get("accountant", "rdp")),
-                   min_noise=float(node_config.get("min-noise", 0.0)))
+                   min_noise=float(node_config.get("min-noise", 0.0)),
+                   evaluate=str(node_config.get("evaluate", "counts")))
 
     # ------------------------------------------------------------------------------ applying
     def govern(self, proposal: PrivacyConfig) -> tuple[PrivacyConfig, list[str]]:

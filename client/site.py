@@ -12,7 +12,7 @@ Node config keys (``flower-supernode --node-config '...'``; strings quoted):
                                       in the log); default "error": refuse. The site's choice, never the run's
     state-dir  = "/var/lib/medvlm"    where the privacy ledger persists (must survive restarts)
     device     = "cuda:0"             overrides train.device
-    dp, epsilon, delta, max-grad-norm, accountant, min-noise
+    dp, epsilon, delta, max-grad-norm, accountant, min-noise, evaluate
                                       the hospital's privacy policy (client/policy.py): in a
                                       deployment the run config's privacy.* is never applied
     labeler    = "synthetic"          the report finding labeler (deployment: never data.labeler)

@@ -44,7 +44,7 @@ EVAL_METRIC_PATTERN = re.compile(
     r"(baseline/)?((closed|open)_(correct|total)|open_recall_sum|qtype/[A-Za-z0-9_.-]{1,40}_(correct|total)|"
     r"report_total|bleu_(correct|total)_[1-4]|bleu_(sys|ref)_len|rouge_l_sum|finding/[A-Za-z0-9_:=. -]{1,40}_(tp|fp|fn)))$")
 # A hospital's status line: a closed vocabulary plus its name and a human-readable reason.
-STATUSES = frozenset({"trained", "budget-exhausted", "evaluated"})
+STATUSES = frozenset({"trained", "budget-exhausted", "evaluated", "not-evaluated"})
 STATUS_KEYS = frozenset({"hospital", "status", "reason", "accountant", "privacy", "resent", "ledger"})
 # "ledger": the hospital's DP mechanisms as JSON, [{stage, noise_multiplier, sample_rate, steps}, ...]
 MECHANISM_KEYS = frozenset({"stage", "noise_multiplier", "sample_rate", "steps"})

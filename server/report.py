@@ -243,6 +243,7 @@ def round_record(server_round: int, report: RoundReport, train: Optional[MetricR
         "examples": {name: h.get("num-examples") for name, h in report.hospitals.items()},
         "hospitals": report.hospitals, "rejected": report.rejected, "failed": report.failed,
         "evaluated_hospitals": sorted(report.evaluation), "evaluation_asked": report.evaluation_asked,
+        "not_evaluated": dict(report.not_evaluated),   # hospitals whose own policy refuses to score
         "bytes_up": sum(h.get("bytes_up", 0) for h in report.hospitals.values()),
         "bytes_down": report.bytes_down, "bytes_down_evaluate": report.bytes_down_evaluate, "seconds": seconds,
     })

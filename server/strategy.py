@@ -59,6 +59,7 @@ class RoundReport:
     bytes_down_evaluate: int = 0                              # evaluate messages
     evaluation: dict[str, dict] = field(default_factory=dict)  # name -> summed counts
     evaluation_asked: int = 0                                 # hospitals asked to evaluate
+    not_evaluated: dict[str, str] = field(default_factory=dict)   # name -> why the site refused to evaluate
 
 
 # Flower's error codes (flwr.common.constant.ErrorCode) as the reason a hospital's reply is missing
@@ -317,6 +318,11 @@ class Screened:
             name, node = self.origins(msg)
             if msg.has_error():
                 self.fail(server_round, name, node, failure_reason(msg.error), "evaluate")
+                continue
+            status = dict(msg.content.config_records.get("status", {}))
+            if status.get("status") == "not-evaluated":   # the site's own policy: said, not an error
+                log.warning("round %d: %s does not evaluate: %s", server_round, name, status.get("reason", ""))
+                self.report.not_evaluated[name] = str(status.get("reason", ""))
                 continue
             try:
                 metrics = dict(msg.content.metric_records["metrics"])

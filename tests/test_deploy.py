@@ -90,6 +90,8 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
     common["epsilon"] = 4.0
     named = supernode_command(key=private, data_format="jsonl", **{**common, "data_path": manifest.parent})
     assert parse_config_args([named[named.index("--node-config") + 1]])["data-format"] == "jsonl"
+    quiet = supernode_command(key=private, evaluate="off", **common)       # scores no coordinator-sent state
+    assert parse_config_args([quiet[quiet.index("--node-config") + 1]])["evaluate"] == "off"
     staged = supernode_command(key=private, stage_data={"align": str(manifest.parent)}, **common)
     assert parse_config_args([staged[staged.index("--node-config") + 1]])["data-path-align"] == \
         str(manifest.parent.resolve())                                # a curriculum stage's own folder

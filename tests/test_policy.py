@@ -3,6 +3,7 @@ run config the coordinator sends; the ledger's budget is never raised by a run; 
 refused. (The same attacks against real SuperLink/SuperNode processes: tests/test_deploy_e2e.py.)"""
 
 import json
+import logging
 import shlex
 
 import pytest
@@ -124,3 +125,50 @@ def test_a_deployed_site_keeps_its_own_report_labeler(deployed, tmp_path):
     assert site.cfg.data.labeler == "synthetic"
     assert "data.labeler=shlex:split proposed, synthetic applied" in site.policy_notes
     assert build_site(run_config, {**node, "labeler": "shlex:split"}).cfg.data.labeler == "shlex:split"   # its own
+
+
+def test_a_site_that_does_not_evaluate_scores_nothing_and_says_why(deployed, tmp_path, tiny_model, monkeypatch,
+                                                                  caplog):
+    """Evaluation replies are exact counts on the validation split for whatever state the coordinator
+    sends (a crafted model can answer right only on one patient's image). ``evaluate = "off"`` in the
+    site's node config refuses before the state is loaded; the coordinator logs it and scores the rest."""
+    from client.policy import SitePolicy
+    from medvlm.tensors import spec_of
+    from server.strategy import MedFedAvg
+
+    caplog.set_level(logging.INFO)
+    _, state = deployed
+    node = {"hospital": "st-mary", "data-path": str(tmp_path / "data" / "manifest.jsonl"), "state-dir": str(state),
+            "epsilon": 2.0}
+    run_config = {"preset": "tiny", "overrides": shlex.join(TINY_OVERRIDES)}
+    arrays = ArrayRecord({k: Array(v) for k, v in to_wire(tiny_model.trainable_state()).items()})
+
+    def evaluate(node_config: dict) -> Message:
+        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 3})}), dst_node_id=7,
+                      message_type="evaluate")
+        return client_app.evaluate(msg, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                                                run_config=run_config))
+
+    counted = evaluate(node)                                                  # the default: exact counts
+    assert dict(counted.content.config_records["status"])["status"] == "evaluated"
+
+    def scored(*_, **__):
+        raise AssertionError("a site with evaluate=off scored a coordinator-sent state")
+
+    monkeypatch.setattr(client_app, "_load_global", scored)
+    monkeypatch.setattr("medvlm.evaluate.predict", scored)
+    refused = evaluate({**node, "hospital": "st-anne", "evaluate": "off"})
+    status = dict(refused.content.config_records["status"])
+    assert status["status"] == "not-evaluated" and "evaluate=off" in status["reason"]
+    assert dict(refused.content.metric_records["metrics"]) == {} and not refused.content.array_records
+    assert "evaluation refused" in caplog.text
+
+    strategy = MedFedAvg(spec=spec_of(tiny_model.trainable_state()), num_rounds=1, local_epochs=1, lr=1e-3,
+                         max_update_bytes=10_000_000, min_available_nodes=1, min_train_nodes=1)
+    total = strategy.aggregate_evaluate(3, [counted, refused])
+    assert total["closed_total"] == dict(counted.content.metric_records["metrics"])["closed_total"]
+    assert sorted(strategy.report.evaluation) == ["st-mary"]
+    assert "evaluate=off" in strategy.report.not_evaluated["st-anne"]
+    assert "st-anne does not evaluate" in caplog.text
+    with pytest.raises(ValueError, match="evaluate='sometimes'.*--evaluate off"):
+        SitePolicy.for_site({**node, "evaluate": "sometimes"}, PrivacyConfig())
