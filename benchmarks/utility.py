@@ -19,6 +19,13 @@ everything but them):
     federated no DP   the same without DP
     pooled no DP      one model on all hospitals' training data together, the same epochs
     pooled DP         the same with DP-SGD at the configured epsilon
+    pooled DP at the federation's noise
+                      the same with sqrt(K) times the noise that epsilon calibrates (K hospitals;
+                      ``--models pooled-dp-fed-noise``, not in the default run): K hospitals that
+                      each run DP-SGD at that epsilon and sample rate and sum their noisy batches
+                      every step carry sqrt(K) times one curator's noise on the same sum, so this is
+                      what a federation of local DP can reach at best with this plan (its epsilon,
+                      for one curator, is lower)
 
 Columns: accuracy overall, on the hospital-only question types (``data.hospital_only``: findings
 the public corpus lacks) and on the rest, the per-question majority of the training answers, epsilon.
@@ -49,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -99,11 +107,12 @@ def without_tags(cfg):
     return replace(cfg, federation=replace(cfg.federation, stages=kept))
 
 
-def trained(cfg, train, *, dp: bool):
+def trained(cfg, train, *, dp: bool, noise_scale: float = 1.0):
     """A fresh model (the configured start) trained on ``train`` with the federation's plan: each
     curriculum stage's epochs (its rounds x local epochs), learning rate, trainable parts and task
     (a ``tags`` stage with a head of its own), and under DP its share of the budget on one
-    accountant history, as a hospital's ledger plans it. Returns (model, epsilon spent)."""
+    accountant history, as a hospital's ledger plans it, the calibrated noise times ``noise_scale``.
+    Returns (model, epsilon spent)."""
     from medvlm.build import build_medvlm
     from medvlm.config import stages
     from medvlm.features import with_frozen_features
@@ -128,15 +137,20 @@ def trained(cfg, train, *, dp: bool):
         target = None if budget is None else budget * stage.budget_end
         privacy = calibrated(replace(cfg.privacy, enabled=dp, target_epsilon=target),
                              dp_records(data, tags=head is not None), schedule, accountant_state=state)
+        if dp and noise_scale != 1.0:
+            privacy = replace(privacy, noise_multiplier=privacy.noise_multiplier * noise_scale)
         result = train_local(model, data, train=schedule, privacy=privacy, accountant_state=state,
                              tags=head)
         state, spent = result.accountant_state, (result.privacy.epsilon if result.privacy else None)
     return model, spent
 
 
-MODELS = ("alone", "alone-no-tags", "alone-no-dp", "federated", "federated-no-dp", "pooled", "pooled-dp")
+MODELS = ("alone", "alone-no-tags", "alone-no-dp", "federated", "federated-no-dp", "pooled", "pooled-dp",
+          "pooled-dp-fed-noise")
 # what a run trains unless --models says
-DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("alone-no-dp", "alone-no-tags"))
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("alone-no-dp", "alone-no-tags", "pooled-dp-fed-noise"))
+POOLED = {"pooled": "pooled no DP", "pooled-dp": "pooled DP",
+          "pooled-dp-fed-noise": "pooled DP at the federation's noise"}
 ALONE = {"alone": " alone (DP)", "alone-no-tags": " alone without tags (DP)", "alone-no-dp": " alone (no DP)"}
 
 
@@ -181,12 +195,12 @@ def one_seed(preset: str, overrides: list[str], variants: list[str], tmp: Path,
         done(name, {**score(model, val, rows, cfg), "s": time.perf_counter() - t0,
                     "eps": max(s["epsilon"].values()) if s.get("epsilon") else None,
                     "bytes": s["bytes_sent_per_round"]})
-    for dp in [dp for dp, m in ((False, "pooled"), (True, "pooled-dp")) if m in models]:
-        print(f"benchmarks.utility: training pooled {'with' if dp else 'without'} DP", file=sys.stderr, flush=True)
+    for kind in [m for m in POOLED if m in models]:
+        print(f"benchmarks.utility: training {POOLED[kind]}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        model, eps = trained(cfg, pooled["train"], dp=dp)
-        done("pooled DP" if dp else "pooled no DP", {**score(model, val, rows, cfg), "eps": eps,
-                                                     "s": time.perf_counter() - t0})
+        scale = math.sqrt(len(cfg.data.hospitals)) if kind == "pooled-dp-fed-noise" else 1.0
+        model, eps = trained(cfg, pooled["train"], dp=kind != "pooled", noise_scale=scale)
+        done(POOLED[kind], {**score(model, val, rows, cfg), "eps": eps, "s": time.perf_counter() - t0})
     return out
 
 
@@ -215,7 +229,8 @@ def _short(name: str) -> str:
     """A model's column heading in the per-type table: the hospital's name for one alone with DP."""
     return (name.replace(" alone (DP)", "").replace(" alone (no DP)", " no DP")
             .replace(" alone without tags (DP)", " no tags")
-            .replace("federated", "fed").replace("pooled no DP", "pooled"))
+            .replace("federated", "fed").replace("pooled no DP", "pooled")
+            .replace("pooled DP at the federation's noise", "pooled fed-noise"))
 
 
 def _type_label(qtype: str) -> str:
@@ -291,7 +306,7 @@ def plot_by_type(runs: dict[int, dict[str, dict]], path: Path, draws: int = 1) -
 
 
 # trained again in every draw: their DP noise is fresh
-DP_MODELS = ("alone", "alone-no-tags", "federated", "pooled-dp")
+DP_MODELS = ("alone", "alone-no-tags", "federated", "pooled-dp", "pooled-dp-fed-noise")
 
 
 def mean_result(results: list[dict]) -> dict:
@@ -446,8 +461,8 @@ def _model_of(name: str) -> str:
     """The ``--models`` key a result's name (in a run) comes from: ``general alone (DP)`` is ``alone``,
     ``federated DP (bf16)`` is ``federated``; the start is ``start``."""
     alone = next((key for key, suffix in ALONE.items() if name.endswith(suffix)), None)
-    return alone or {"federated DP": "federated", "federated no DP": "federated-no-dp", "pooled no DP": "pooled",
-                     "pooled DP": "pooled-dp"}.get(name.split(" (")[0], name)
+    return alone or {"federated DP": "federated", "federated no DP": "federated-no-dp",
+                     **{v: k for k, v in POOLED.items()}}.get(name.split(" (")[0], name)
 
 
 def _is_dp(name: str) -> bool:
@@ -537,8 +552,9 @@ def main(argv=None) -> None:
                         "DP noise) and report each seed's mean over them")
     parser.add_argument("--variants", default="fp32", help=f"federated DP variants among {list(VARIANTS)}")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"which models to train besides the start, among {list(MODELS)} (all but alone-no-dp by "
-                        "default; the summary lines need alone, federated and pooled)")
+                        help=f"which models to train besides the start, among {list(MODELS)} (by default all but "
+                        "alone-no-dp, alone-no-tags and pooled-dp-fed-noise; the summary lines need alone, federated "
+                        "and pooled)")
     parser.add_argument("--out", type=Path, help="a folder for utility.json (every seed's scores, per question "
                         "type too), utility.png (accuracy by question type, a heat map) and goal.png (the goal's "
                         "picture: each seed's best hospital alone, the federation, pooling)")

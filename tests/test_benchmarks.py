@@ -320,3 +320,37 @@ def test_utility_goal_plot_draws_the_better_lone_plan_plus_five_and_each_draw(tm
 
     path = plot_goal(runs, ("alone", "alone-no-tags"), tmp_path / "goal.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+
+
+def test_utility_pools_at_the_federations_noise_with_sqrt_k_times_the_calibrated_noise(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """K hospitals at one epsilon and sample rate, summing their noisy batches every step, carry sqrt(K)
+    times one curator's noise: ``pooled-dp-fed-noise`` trains the pooled data at that noise."""
+    import math
+
+    import benchmarks.utility as utility
+    from medvlm.build import build_medvlm
+    from medvlm.config import load_config
+    from medvlm.data.dataset import load_splits
+
+    real, asked = utility.trained, []
+
+    def trained(cfg, train, *, dp, noise_scale=1.0):
+        asked.append((dp, noise_scale))
+        raise RuntimeError("stop at the pooled model")
+
+    monkeypatch.setattr(utility, "trained", trained)
+    with pytest.raises(RuntimeError, match="stop at"):
+        utility.one_seed("tiny", [*TINY_OVERRIDES, "data.hospitals=[general,oncology,cardiac]"], ["fp32"], tmp_path,
+                         ("pooled-dp-fed-noise",))
+    assert asked == [(True, pytest.approx(math.sqrt(3)))]
+    assert "training pooled DP at the federation's noise" in capsys.readouterr().err
+    assert utility._model_of("pooled DP at the federation's noise") == "pooled-dp-fed-noise"
+    assert utility._is_dp("pooled DP at the federation's noise") and "pooled-dp-fed-noise" not in utility.DEFAULT_MODELS
+
+    cfg = load_config("tiny", TINY_OVERRIDES)
+    train = load_splits(cfg.data, build_medvlm(cfg.model, seed=0).vision.preprocess, hospitals=["general"])["train"]
+    _, at_target = real(cfg, train, dp=True)
+    _, louder = real(cfg, train, dp=True, noise_scale=math.sqrt(3))
+    assert cfg.privacy.target_epsilon - 0.1 < at_target <= cfg.privacy.target_epsilon + 1e-6
+    assert louder < at_target / 1.5          # the same steps at sqrt(3) times the noise spend far less
