@@ -321,8 +321,9 @@ class Screened:
                 continue
             status = dict(msg.content.config_records.get("status", {}))
             if status.get("status") == "not-evaluated":   # the site's own policy: said, not an error
-                log.warning("round %d: %s does not evaluate: %s", server_round, name, status.get("reason", ""))
-                self.report.not_evaluated[name] = str(status.get("reason", ""))
+                reason = str(status.get("reason", ""))[:500]   # a status line's length (medvlm.wire.check_status)
+                log.warning("round %d: %s does not evaluate: %s", server_round, name, reason)
+                self.report.not_evaluated[name] = reason
                 continue
             try:
                 metrics = dict(msg.content.metric_records["metrics"])
