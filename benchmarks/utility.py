@@ -24,8 +24,10 @@ everything but them):
                       ``--models pooled-dp-fed-noise``, not in the default run): K hospitals that
                       each run DP-SGD at that epsilon and sample rate and sum their noisy batches
                       every step carry sqrt(K) times one curator's noise on the same sum, so this is
-                      what a federation of local DP can reach at best with this plan (its epsilon,
-                      for one curator, is lower)
+                      what such a federation can reach at best (its epsilon, for one curator, is
+                      lower). Each hospital then samples at the pooled rate, a batch of B / K; for
+                      a federation whose hospitals take batches of B, pass ``train.batch_size``
+                      K x B (the same sample rate per hospital, and the sum's batch)
 
 Columns: accuracy overall, on the hospital-only question types (``data.hospital_only``: findings
 the public corpus lacks) and on the rest, the per-question majority of the training answers, epsilon.
