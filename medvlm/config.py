@@ -370,12 +370,15 @@ class FederationConfig:
     # the weighted mean update is a pseudo-gradient the coordinator steps along, with momentum
     # (server_momentum: FedAvgM's momentum, Adam's and Yogi's beta_1) and, for Adam and Yogi, a
     # per-coordinate step of about server_lr (which they need set: the size of a round's update, e.g.
-    # 1e-3). FedAvgM's server_lr defaults to 1 (with momentum 0 it is FedAvg). The optimizer's state is
+    # 1e-3). FedAvgM's server_lr defaults to 1 (with momentum 0 it is FedAvg). server_tau is Adam's and
+    # Yogi's tau, the floor added to the root of the second moment (None: Flower's 1e-3): an update
+    # coordinate much smaller than tau moves by less than server_lr. The optimizer's state is
     # checkpointed with every round, so a resumed run carries on with it.
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
     server_lr: Optional[float] = None
     server_momentum: float = 0.9
+    server_tau: Optional[float] = None
     # How the trainable state travels: fp32 (exact) | bf16 (half the bytes) | int8 (a quarter);
     # compact transports send each hospital's change, decoded into float32 for aggregation
     transport: str = "fp32"
@@ -402,6 +405,10 @@ class FederationConfig:
                self.server_lr, f"{self.aggregation} moves every coordinate by about server_lr per round: set it "
                "to the size of a round's update (e.g. federation.server_lr=1e-3)")
         _check(0 <= self.server_momentum < 1, "federation.server_momentum", self.server_momentum, "must be in [0, 1)")
+        _check(self.server_tau is None or self.server_tau > 0, "federation.server_tau", self.server_tau, "must be > 0")
+        _check(self.server_tau is None or self.aggregation in ("fedadam", "fedyogi"), "federation.server_tau",
+               self.server_tau, f"is Adam's and Yogi's floor under the second moment; {self.aggregation} has none: "
+               "leave it unset or use federation.aggregation=fedadam or fedyogi")
         _check(self.lr_schedule in LR_SCHEDULES, "federation.lr_schedule", self.lr_schedule,
                f"must be one of {LR_SCHEDULES}")
         _check(self.transport in TRANSPORTS, "federation.transport", self.transport, f"must be one of {TRANSPORTS}")

@@ -69,7 +69,8 @@ def set_up(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> tuple[Rounds, di
     round_log.rewrite()
     check_transport(spec, fed.transport)
     strategy = make_strategy(fed.aggregation, trim_fraction=fed.trim_fraction, server_lr=fed.server_lr,
-                             server_momentum=fed.server_momentum, spec=spec, num_rounds=fed.rounds,
+                             server_momentum=fed.server_momentum, server_tau=fed.server_tau,
+                             spec=spec, num_rounds=fed.rounds,
                              local_epochs=fed.local_epochs, lr=fed.lr if fed.lr is not None else cfg.train.lr,
                              max_update_bytes=int(fed.max_update_mb * 2**20), fraction_train=fed.fraction_train,
                              fraction_evaluate=fed.fraction_evaluate, min_train_nodes=1, min_evaluate_nodes=1,

@@ -405,10 +405,12 @@ AGGREGATIONS = {"fedavg": MedFedAvg, "median": MedFedMedian, "trimmed-mean": Med
 
 
 def make_strategy(aggregation: str, *, trim_fraction: float = 0.2, server_lr: Optional[float] = None,
-                  server_momentum: float = 0.9, **kwargs) -> Screened:
+                  server_momentum: float = 0.9, server_tau: Optional[float] = None, **kwargs) -> Screened:
     """The strategy ``federation.aggregation`` names, with the screening every one of them gets."""
     # which names exist and which combine with central DP or SecAgg+ is the config's to check
     # (FederationConfig.__post_init__); tests/test_server.py keeps the two lists of names the same
+    if server_tau is not None and aggregation not in ("fedadam", "fedyogi"):
+        raise ValueError(f"federation.server_tau is Adam's and Yogi's; {aggregation} has no second moment")
     if aggregation == "trimmed-mean":
         kwargs["beta"] = trim_fraction
     elif aggregation == "fedavgm":
@@ -417,6 +419,8 @@ def make_strategy(aggregation: str, *, trim_fraction: float = 0.2, server_lr: Op
         if server_lr is None:
             raise ValueError(f"{aggregation} needs federation.server_lr (the size of a round's update, e.g. 1e-3)")
         kwargs.update(eta=server_lr, beta_1=server_momentum)
+        if server_tau is not None:
+            kwargs["tau"] = server_tau
     return AGGREGATIONS[aggregation](**kwargs)
 
 

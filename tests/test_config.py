@@ -50,6 +50,9 @@ def test_bad_values_name_the_key(override, key):
     (["federation.aggregation=fedyogi", "federation.server_lr=0.01", "federation.secure_aggregation=secagg+"],
      "federation.aggregation"),
     (["federation.aggregation=fedavgm", "federation.server_momentum=1"], "federation.server_momentum"),
+    (["federation.server_tau=1e-6"], "federation.server_tau"),         # FedAvg has no second moment to floor
+    (["federation.aggregation=fedadam", "federation.server_lr=0.01", "federation.server_tau=0"],
+     "federation.server_tau"),
 ])
 def test_rules_across_fields_are_the_config_s_and_name_a_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

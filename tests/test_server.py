@@ -443,6 +443,15 @@ def test_server_optimizers_step_along_the_mean_update_from_the_float32_state():
     for aggregation in ("fedadam", "fedyogi"):   # every coordinate moves by about server_lr, the update's way
         _, (value,) = _stepped(aggregation, [(2.0, 4.0)], server_lr=0.01, server_momentum=0.9)
         assert 1.0 + 0.003 < value < 1.0 + 0.011
+    # tau floors the root of the second moment: an update far smaller than tau moves by far less than
+    # server_lr at Flower's 1e-3, by about server_lr once tau is far below it (a round's update here: 1e-5)
+    small = [(1.0 + 1e-5, 1.0 + 1e-5)]
+    for aggregation in ("fedadam", "fedyogi"):
+        _, (damped,) = _stepped(aggregation, small, server_lr=0.01, server_momentum=0.9)
+        _, (free,) = _stepped(aggregation, small, server_lr=0.01, server_momentum=0.9, server_tau=1e-9)
+        assert 0.003 < free - 1.0 < 0.011 and damped - 1.0 < 0.01 * (free - 1.0)
+    with pytest.raises(ValueError, match="server_tau is Adam's and Yogi's; fedavgm"):
+        _stepped("fedavgm", small, server_tau=1e-9)
     # a compact transport sends the state encoded; the optimizer still steps from the float32 state
     from server.strategy import make_strategy
 
