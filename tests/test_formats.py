@@ -383,3 +383,39 @@ def test_a_missing_image_is_one_problem_naming_the_rows_that_use_it(vqa_rad):
     assert len(manifest.problems) == 1
     assert "[3]: image" in manifest.problems[0] and "also used by 3 more row(s)" in manifest.problems[0]
     assert manifest.left_out["bad row, skipped (on_bad_row=skip)"] == 4 and len(manifest.rows) == 3
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_byte_order_mark_is_read_past_in_every_text_format(tmp_path, vqa_rad, pmc_vqa):
+    # Excel and Windows editors start UTF-8 files with a byte-order mark: it is not part of the first column's
+    # name, the first manifest row or the JSON
+    root, _ = vqa_rad
+    json_file = root / "VQA_RAD Dataset Public.json"
+    json_file.write_bytes(BOM + json_file.read_bytes())
+    assert len(read_manifest(root).rows) == 3
+    csv_file = pmc_vqa / "train_2.csv"
+    csv_file.write_bytes(BOM + csv_file.read_bytes().replace(b"\n", b"\r\n"))
+    assert len(read_manifest(pmc_vqa).rows) == 3
+    write_manifest(generate_hospital("general", 3, seed=0), tmp_path / "site")
+    manifest = tmp_path / "site" / "manifest.jsonl"
+    manifest.write_bytes(BOM + manifest.read_bytes())
+    assert len(read_manifest(tmp_path / "site").rows) == len(read_manifest(tmp_path / "site", on_bad_row="skip").rows)
+    assert run_check(tmp_path / "site")[0] == 0
+
+
+def test_bytes_that_are_not_utf8_are_named_by_file_line_and_column(tmp_path, pmc_vqa):
+    write_manifest(generate_hospital("general", 3, seed=0), tmp_path / "site")
+    manifest = tmp_path / "site" / "manifest.jsonl"
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"question": "', b'"question": "caf\xe9 ', 1)     # Latin-1, as a Windows export
+    manifest.write_bytes(b"".join(lines))
+    kept = read_manifest(tmp_path / "site", on_bad_row="skip")      # one bad line is that line's problem
+    assert len(kept.rows) == len(lines) - 1
+    assert any(p.startswith("manifest.jsonl:2: not UTF-8 text (byte 0xe9 at column") and "save the file as UTF-8"
+               in p for p in kept.problems)
+    csv_file = pmc_vqa / "train_2.csv"
+    csv_file.write_bytes(csv_file.read_bytes().replace(b"Which side", b"Quel c\xf4t\xe9"))
+    with pytest.raises(FormatError, match=r"train_2.csv:3: not UTF-8 text \(byte 0xf4 at column 21\)"):
+        read_rows(pmc_vqa)

@@ -30,6 +30,7 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ PMC_IMAGE_DIRS = ("images_2/figures", "images_2", "figures", "images")
 SLAKE_FILES = {"train.json": "train", "validate.json": "val", "test.json": "test"}
 PMC_CSVS = (("train_2.csv", "test_2.csv"), ("train.csv", "test.csv"))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+# Text files are read as UTF-8, a leading byte-order mark (what Excel and Windows editors write) dropped:
+# it is not part of the first column's name or the first row.
+ENCODING = "utf-8-sig"
 
 
 @dataclass
@@ -144,10 +148,26 @@ def _text(value: object) -> str:
     return str(value).strip()
 
 
+def _not_utf8(raw: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
+    """(line, what is wrong) for bytes that are not UTF-8: the line and column a person opens."""
+    line = raw.count(b"\n", 0, err.start) + 1
+    column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+    return line, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}): save the file as UTF-8"
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode(ENCODING)
+    except UnicodeDecodeError as err:
+        line, problem = _not_utf8(raw, err)
+        raise FormatError(f"{path}:{line}: {problem}") from None
+
+
 def _load_json_list(path: Path) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
         raise FormatError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, list):
         raise FormatError(f"{path}: expected a JSON list of questions, found a {type(data).__name__}")
@@ -159,11 +179,16 @@ def read_jsonl(path: Path) -> list[RawRow]:
     path = path / "manifest.jsonl" if path.is_dir() else path
     _need([path] if path.is_file() else [], path.parent, "jsonl", "manifest.jsonl")
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:     # bytes, so that one line that is not UTF-8 is that line's problem
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path.name}:{lineno}"
+            try:
+                line = raw.decode(ENCODING if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                out.append(RawRow(where, None, _not_utf8(raw, err)[1]))
+                continue
             if not line.strip():
                 continue
-            where = f"{path.name}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -250,33 +275,37 @@ def read_pmc_vqa(path: Path) -> list[RawRow]:
     for file in files:
         images = next((file.parent / d for d in PMC_IMAGE_DIRS if (file.parent / d).is_dir()),
                       file.parent / "images")
-        with file.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            need = {"Figure_path", "Question", "Answer"}
-            if not need <= set(reader.fieldnames or []):
-                raise FormatError(f"{file}: PMC-VQA columns {sorted(need)} expected, found {reader.fieldnames}")
-            for item in reader:
-                choices = [_CHOICE_PREFIX.sub("", _text(item.get(f"Choice {c}"))) for c in "ABCD"]
-                where = f"{file.name}:{reader.line_num}"
-                raw = _text(item.get("Answer"))
-                if _LETTER.match(raw):       # v2: the answer is the letter of a choice; the model learns its text
-                    letter = raw.strip()[0].upper()
-                    answer = choices["ABCD".index(letter)]
-                    if not answer:
-                        out.append(RawRow(where, None, f"Answer {raw!r} names choice {letter}, which is empty"))
-                        continue
-                else:
-                    answer = _CHOICE_PREFIX.sub("", raw)
-                split = _text(item.get("split")).lower()
-                out.append(RawRow(where, {
-                    "image": str(images / _text(item["Figure_path"])) if _text(item["Figure_path"]) else "",
-                    "question": _text(item["Question"]), "answer": answer,
-                    # the generative ("blank") setting: the model writes the answer, it does not pick a letter
-                    "answer_type": "open", "choices": [c for c in choices if c] or None,
-                    "split": {"validate": "val", "valid": "val"}.get(split, split) if split in (
-                        "train", "val", "valid", "validate", "test") else
-                    ("test" if file.name.startswith("test") else "train")}))
+        reader = _csv_reader(file, {"Figure_path", "Question", "Answer"}, "PMC-VQA")
+        for item in reader:
+            choices = [_CHOICE_PREFIX.sub("", _text(item.get(f"Choice {c}"))) for c in "ABCD"]
+            where = f"{file.name}:{reader.line_num}"
+            raw = _text(item.get("Answer"))
+            if _LETTER.match(raw):       # v2: the answer is the letter of a choice; the model learns its text
+                letter = raw.strip()[0].upper()
+                answer = choices["ABCD".index(letter)]
+                if not answer:
+                    out.append(RawRow(where, None, f"Answer {raw!r} names choice {letter}, which is empty"))
+                    continue
+            else:
+                answer = _CHOICE_PREFIX.sub("", raw)
+            split = _text(item.get("split")).lower()
+            out.append(RawRow(where, {
+                "image": str(images / _text(item["Figure_path"])) if _text(item["Figure_path"]) else "",
+                "question": _text(item["Question"]), "answer": answer,
+                # the generative ("blank") setting: the model writes the answer, it does not pick a letter
+                "answer_type": "open", "choices": [c for c in choices if c] or None,
+                "split": {"validate": "val", "valid": "val"}.get(split, split) if split in (
+                    "train", "val", "valid", "validate", "test") else
+                ("test" if file.name.startswith("test") else "train")}))
     return out
+
+
+def _csv_reader(file: Path, need: set[str], what: str) -> csv.DictReader:
+    """A reader over a CSV's rows, refused (naming the file) unless it has the ``need`` columns."""
+    reader = csv.DictReader(io.StringIO(_read_text(file), newline=""))
+    if not need <= set(reader.fieldnames or []):
+        raise FormatError(f"{file}: {what} columns {sorted(need)} expected, found {reader.fieldnames}")
+    return reader
 
 
 # ----------------------------------------------------------------------------- R2Gen annotation.json
@@ -287,8 +316,8 @@ def read_r2gen(path: Path) -> list[RawRow]:
     file = path / R2GEN_FILE if path.is_dir() else path
     _need([file] if file.is_file() else [], path, "r2gen", R2GEN_FILE)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(_read_text(file))
+    except json.JSONDecodeError as err:
         raise FormatError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not any(isinstance(data.get(k), list) for k in ("train", "val", "test")):
         raise FormatError(f"{file}: expected R2Gen's {{\"train\": [...], \"val\": [...], \"test\": [...]}}")
@@ -340,8 +369,8 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
     splits = {}
     split_csv = path / "mimic-cxr-2.0.0-split.csv"
     if split_csv.is_file():
-        with split_csv.open(encoding="utf-8", newline="") as fh:
-            splits = {r["dicom_id"]: {"validate": "val"}.get(r["split"], r["split"]) for r in csv.DictReader(fh)}
+        splits = {r["dicom_id"]: {"validate": "val"}.get(r["split"], r["split"])
+                  for r in _csv_reader(split_csv, {"dicom_id", "split"}, "MIMIC-CXR split")}
     out = []
     for study in sorted(p for p in root.glob("p*/p*/s*") if p.is_dir()):
         rel = study.relative_to(root)
@@ -352,7 +381,7 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
         if report is None:
             out.append(RawRow(where, None, f"study has {len(images)} image(s) but no report {study.name}.txt"))
             continue
-        text = report_text(report.read_text(encoding="utf-8", errors="replace"))
+        text = report_text(report.read_text(encoding=ENCODING, errors="replace"))
         if not images:
             out.append(RawRow(where, None, "study has a report but no images"))
         for image in images:
