@@ -28,7 +28,7 @@ from medvlm.model.vlm import MedVLM
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: 16-bit grey PNG / TIFF read over their own range (medvlm.data.images)
 
 
 @torch.no_grad()

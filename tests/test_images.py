@@ -142,3 +142,25 @@ def test_a_full_range_window_gets_the_robust_one_and_monochrome1_stays_inverted(
     assert np.corrcoef(own.ravel().astype(float), auto.ravel().astype(float))[0, 1] > 0.9
     ct = dicom_to_uint8(Path(get_testdata_file("CT_small.dcm")), DicomConfig())
     assert np.array_equal(ct, dicom_to_uint8(Path(get_testdata_file("CT_small.dcm")), DicomConfig(window="file")))
+
+
+def test_a_16_bit_png_or_tiff_is_read_over_its_own_range_not_clipped_to_white(tmp_path):
+    from PIL import Image
+
+    picture = generate_hospital("general", 1, seed=0).images[0]          # 8-bit grey
+    stretched = np.round((picture - picture.min()) / np.ptp(picture) * 255).astype(np.uint8)
+    stored = picture.astype(np.uint16) * 16 + 100                         # a 12-bit X-ray's values in 16 bits
+    Image.fromarray(stored).save(tmp_path / "xray.png")
+    assert Image.open(tmp_path / "xray.png").mode.startswith("I")
+    read = load_image(tmp_path / "xray.png")
+    assert read.mode == "L" and np.array_equal(np.asarray(read), stretched)
+    assert (np.asarray(read.convert("RGB")) == 255).mean() < 0.05      # Pillow's own conversion: mostly white
+    Image.fromarray(stored.astype(np.float32) / 4096).save(tmp_path / "xray.tiff")
+    assert np.abs(grey(tmp_path / "xray.tiff").astype(int) - stretched).max() <= 1
+    broken = stored.astype(np.float32)
+    broken[3, 4] = np.nan
+    Image.fromarray(broken).save(tmp_path / "nan.tiff")
+    with pytest.raises(ValueError, match="nan.tiff: pixel values are not finite"):
+        load_image(tmp_path / "nan.tiff")
+    Image.fromarray(picture).save(tmp_path / "eight.png")                # 8-bit files are read as they are
+    assert np.array_equal(grey(tmp_path / "eight.png"), picture)

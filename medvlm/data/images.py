@@ -4,9 +4,11 @@ PNG and JPEG through Pillow; DICOM through pydicom, the way a radiology viewer s
 RescaleSlope/Intercept (modality LUT), then the window (VOI LUT: the file's WindowCenter/Width
 or VOI LUT sequence, or a window forced in ``data.dicom``), MONOCHROME1 inverted so that high
 values are bright, 16-bit (and 32-bit) data mapped onto 0..255, one frame chosen from a
-multi-frame file. Training, evaluation, inference and ``check-data`` all call :func:`load_image`,
-so a file is read the same way everywhere; the encoder's own ``preprocess`` does the rest
-(size, normalisation).
+multi-frame file. A 16-bit or 32-bit grey PNG or TIFF (PadChest's PNGs, most research exports of
+X-rays) is mapped from its own lowest to highest value onto 0..255, as a DICOM without a window:
+Pillow's own conversion would clip everything above 255 to white. Training, evaluation, inference
+and ``check-data`` all call :func:`load_image`, so a file is read the same way everywhere; the
+encoder's own ``preprocess`` does the rest (size, normalisation).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from medvlm.config import DicomConfig
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+# Pillow's grey modes wider than 8 bits (16-bit PNG / TIFF, 32-bit integer and float TIFF)
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def is_dicom(path: Path) -> bool:
@@ -43,9 +47,15 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            image = im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"image {path} cannot be decoded ({err})") from None
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"image {path}: pixel values are not finite (a float image with NaN or inf)")
+        return Image.fromarray(_to_uint8(values, float(values.min()), float(values.max())))
+    return image
 
 
 def _frame(path: Path, arr: np.ndarray, frames: int, choice: str) -> np.ndarray:
