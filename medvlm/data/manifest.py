@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from tqdm import tqdm
+
 from medvlm.config import DicomConfig
 from medvlm.data.formats import describe_layout, read_rows
 from medvlm.data.images import load_image
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 VQA_KEYS = ("image", "question", "answer", "answer_type")
 ANSWER_TYPES = ("closed", "open")
+PROGRESS_FROM = 1000   # rows: a smaller folder is checked in seconds, without a bar
 
 
 class ManifestError(ValueError):
@@ -112,7 +115,9 @@ def read_manifest(path: str | Path, *, fmt: str = "auto", on_bad_row: str = "err
     seen: dict[tuple, tuple[str, str]] = {}
     bad_images: dict[str, list[str]] = {}     # an unusable image: reported once, with the rows that use it
     bad_rows = 0
-    for item in raw:
+    # every image is decoded once: minutes for a release such as PMC-VQA, so a bar on a terminal
+    for item in tqdm(raw, desc=f"check {path.name}", unit="row", leave=False,
+                     disable=True if len(raw) < PROGRESS_FROM else None):   # None: a bar on a terminal only
         if item.left_out:
             left_out[item.left_out] += 1
             continue
