@@ -164,3 +164,18 @@ def test_a_16_bit_png_or_tiff_is_read_over_its_own_range_not_clipped_to_white(tm
         load_image(tmp_path / "nan.tiff")
     Image.fromarray(picture).save(tmp_path / "eight.png")                # 8-bit files are read as they are
     assert np.array_equal(grey(tmp_path / "eight.png"), picture)
+
+
+def test_a_palette_colour_dicom_is_shown_through_its_colour_table_not_as_grey_indices(tmp_path):
+    from pydicom.pixels import apply_color_lut
+
+    path = pydicom_file("OBXXXX1A.dcm")          # PALETTE COLOR: 8-bit indices into 16-bit colour tables
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "PALETTE COLOR" and ds.RedPaletteColorLookupTableDescriptor[2] == 16
+    picture = load_image(path)
+    expected = np.round(apply_color_lut(ds.pixel_array, ds) / 65535 * 255).astype(np.uint8)
+    assert picture.mode == "RGB" and np.array_equal(np.asarray(picture), expected)
+    del ds.RedPaletteColorLookupTableData          # a table that cannot be read is named, not shown as grey
+    ds.save_as(tmp_path / "broken.dcm")
+    with pytest.raises(ValueError, match="broken.dcm: PALETTE COLOR image whose colour table cannot be read"):
+        load_image(tmp_path / "broken.dcm")

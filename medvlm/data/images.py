@@ -1,14 +1,14 @@
 """Reading one image file into the 8-bit picture every encoder's preprocessing starts from.
 
 PNG and JPEG through Pillow; DICOM through pydicom, the way a radiology viewer shows it:
-RescaleSlope/Intercept (modality LUT), then the window (VOI LUT: the file's WindowCenter/Width
-or VOI LUT sequence, or a window forced in ``data.dicom``), MONOCHROME1 inverted so that high
-values are bright, 16-bit (and 32-bit) data mapped onto 0..255, one frame chosen from a
-multi-frame file. A 16-bit or 32-bit grey PNG or TIFF (PadChest's PNGs, most research exports of
-X-rays) is mapped from its own lowest to highest value onto 0..255, as a DICOM without a window:
-Pillow's own conversion would clip everything above 255 to white. Training, evaluation, inference
-and ``check-data`` all call :func:`load_image`, so a file is read the same way everywhere; the
-encoder's own ``preprocess`` does the rest (size, normalisation).
+RescaleSlope/Intercept (modality LUT), then the window (VOI LUT: the file's WindowCenter/Width or
+VOI LUT sequence, or a window forced in ``data.dicom``), MONOCHROME1 inverted so that high values
+are bright, 16-bit (and 32-bit) data mapped onto 0..255, a PALETTE COLOR image through its colour
+table, one frame chosen from a multi-frame file. A 16-bit or 32-bit grey PNG or TIFF (PadChest's
+PNGs, most research exports of X-rays) is mapped from its own lowest to highest value onto 0..255,
+as a DICOM without a window: Pillow's own conversion would clip everything above 255 to white.
+Training, evaluation, inference and ``check-data`` all call :func:`load_image`, so a file is read
+the same way everywhere; the encoder's own ``preprocess`` does the rest (size, normalisation).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def dicom_to_uint8(path: Path, cfg: DicomConfig) -> np.ndarray:
     """(H, W) uint8 for grey images, (H, W, 3) uint8 for colour ones."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(path)
@@ -97,6 +97,13 @@ def dicom_to_uint8(path: Path, cfg: DicomConfig) -> np.ndarray:
     arr = _frame(path, arr, frames, cfg.frame)
     if int(ds.get("SamplesPerPixel", 1)) == 3:   # RGB: already display values
         return _to_uint8(arr.astype(np.float64), 0.0, float(2 ** int(ds.get("BitsStored", 8)) - 1))
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":   # indices into a colour table
+        try:
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+            rgb = apply_color_lut(arr, ds)
+        except (AttributeError, IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"DICOM {path}: PALETTE COLOR image whose colour table cannot be read ({err})") from None
+        return _to_uint8(rgb.astype(np.float64), 0.0, float(2 ** bits - 1))
 
     values = apply_modality_lut(arr, ds).astype(np.float64)   # stored values -> e.g. Hounsfield units
     if not np.isfinite(values).all():
