@@ -28,7 +28,7 @@ from medvlm.model.vlm import MedVLM
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2   # 2: 16-bit grey PNG / TIFF read over their own range (medvlm.data.images)
+CACHE_VERSION = 2   # 2: 16-bit grey PNG / TIFF over their own range, PALETTE COLOR DICOM in colour (data.images)
 
 
 @torch.no_grad()
