@@ -179,3 +179,12 @@ def test_a_palette_colour_dicom_is_shown_through_its_colour_table_not_as_grey_in
     ds.save_as(tmp_path / "broken.dcm")
     with pytest.raises(ValueError, match="broken.dcm: PALETTE COLOR image whose colour table cannot be read"):
         load_image(tmp_path / "broken.dcm")
+
+
+def test_an_image_too_large_to_decode_is_named_with_what_to_do(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "slide.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)     # 4,096 pixels: over twice the limit, as a huge slide
+    with pytest.raises(ValueError, match="slide.png is too large to decode .*downsample it"):
+        load_image(tmp_path / "slide.png")

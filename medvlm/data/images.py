@@ -50,6 +50,9 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
             image = im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"image {path} cannot be decoded ({err})") from None
+    except Image.DecompressionBombError as err:   # Pillow's guard against a file that decodes into gigabytes
+        raise ValueError(f"image {path} is too large to decode ({err}): downsample it (a Med-VQA encoder reads "
+                         "a few hundred pixels a side)") from None
     if image.mode in HIGH_BIT_DEPTH_MODES:
         values = np.asarray(image, dtype=np.float64)
         if not np.isfinite(values).all():
