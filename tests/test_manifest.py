@@ -36,7 +36,7 @@ def test_every_bad_row_is_named(broken_manifest):
     assert f"manifest.jsonl:{n_good + 3}: malformed JSON" in text
     assert "empty or non-text 'question'" in text
     assert "answer_type 'maybe'" in text
-    assert "missing key(s) ['question']" in text
+    assert "missing key(s) ['question']" in text and "missing key(s) ['question'] (" not in text
 
 
 def test_skip_keeps_every_good_row(broken_manifest):
@@ -61,3 +61,11 @@ def test_manifest_dataset_end_to_end(tmp_path, tiny_model):
     pixels, ids, mask, labels = ds[0]
     assert pixels.shape == (3, 64, 64) and ids.shape == (tiny_model.cfg.max_text_len,)
     assert (labels != -100).sum() >= 2  # answer + eos are supervised, the prompt is not
+
+
+def test_a_row_without_answer_type_is_told_what_the_two_values_mean(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "question": "q?", "answer": "yes"}\n')
+    with pytest.raises(ManifestError) as info:
+        read_manifest(tmp_path)
+    assert ("manifest.jsonl:1: missing key(s) ['answer_type'] (answer_type: closed when the answer is one of"
+            in str(info.value))

@@ -68,7 +68,9 @@ def _row_problem(row: dict, images: dict[str, Optional[str]], dicom: DicomConfig
     if vqa:
         missing = [k for k in VQA_KEYS if k not in row]
         if missing:
-            return f"missing key(s) {missing}"
+            hint = (" (answer_type: closed when the answer is one of a few options such as yes / no, else open)"
+                    if "answer_type" in missing else "")
+            return f"missing key(s) {missing}{hint}"
         for key in ("image", "question", "answer"):
             if not _is_text(row[key]):
                 return f"empty or non-text {key!r}"
