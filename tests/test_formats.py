@@ -419,3 +419,15 @@ def test_bytes_that_are_not_utf8_are_named_by_file_line_and_column(tmp_path, pmc
     csv_file.write_bytes(csv_file.read_bytes().replace(b"Which side", b"Quel c\xf4t\xe9"))
     with pytest.raises(FormatError, match=r"train_2.csv:3: not UTF-8 text \(byte 0xf4 at column 21\)"):
         read_rows(pmc_vqa)
+
+
+def test_a_windows_image_path_is_named_with_the_fix(tmp_path):
+    write_manifest(generate_hospital("general", 2, seed=0), tmp_path)
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert "/" in rows[0]["image"]
+    rows[0]["image"] = rows[0]["image"].replace("/", "\\")
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = read_manifest(tmp_path, on_bad_row="skip")
+    problem = kept.problems[0]
+    assert problem.startswith("manifest.jsonl:1: image") and "not found (a Windows path: write its" in problem

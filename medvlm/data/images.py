@@ -41,7 +41,9 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
     """Open and fully decode an image; raises ValueError naming the file and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"image {path} not found")
+        windows = "\\" in str(path) and Path(str(path).replace("\\", "/")).is_file()
+        raise ValueError(f"image {path} not found" + (" (a Windows path: write its folders with / in the data file)"
+                                                      if windows else ""))
     if is_dicom(path):
         return Image.fromarray(dicom_to_uint8(path, dicom or DicomConfig()))
     try:
