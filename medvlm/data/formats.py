@@ -183,7 +183,7 @@ def read_jsonl(path: Path) -> list[RawRow]:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path.name}:{lineno}"
             try:
-                line = raw.decode(ENCODING if lineno == 1 else "utf-8")
+                line = raw.decode(ENCODING)
             except UnicodeDecodeError as err:
                 out.append(RawRow(where, None, _not_utf8(raw, err)[1]))
                 continue
