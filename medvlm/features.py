@@ -28,7 +28,8 @@ from medvlm.model.vlm import MedVLM
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2   # 2: 16-bit grey PNG / TIFF over their own range, PALETTE COLOR DICOM in colour (data.images)
+CACHE_VERSION = 3   # 2: 16-bit grey PNG / TIFF over their own range, PALETTE COLOR DICOM in colour (data.images);
+                    # 3: transparent images laid on white, photographs turned by their EXIF orientation
 
 
 @torch.no_grad()

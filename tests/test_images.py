@@ -188,3 +188,33 @@ def test_an_image_too_large_to_decode_is_named_with_what_to_do(tmp_path, monkeyp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)     # 4,096 pixels: over twice the limit, as a huge slide
     with pytest.raises(ValueError, match="slide.png is too large to decode .*downsample it"):
         load_image(tmp_path / "slide.png")
+
+
+def test_a_transparent_figure_is_laid_on_white_and_a_photograph_is_turned_by_its_exif_orientation(tmp_path):
+    from PIL import Image
+
+    figure = np.zeros((16, 24, 4), np.uint8)                 # a journal plot: black ink on a transparent page
+    figure[4:6, 2:20, 3] = 255
+    Image.fromarray(figure, "RGBA").save(tmp_path / "plot.png")
+    assert np.asarray(Image.open(tmp_path / "plot.png").convert("RGB")).max() == 0   # Pillow alone: all black
+    read = np.asarray(load_image(tmp_path / "plot.png"))
+    assert read.shape == (16, 24, 3) and (read[4:6, 2:20] == 0).all()
+    assert (read[:4] == 255).all() and (read[6:] == 255).all()
+    half = figure.copy()
+    half[..., :3], half[..., 3] = 200, 128                   # half-transparent grey over white: lighter grey
+    Image.fromarray(half, "RGBA").save(tmp_path / "half.png")
+    assert np.abs(np.asarray(load_image(tmp_path / "half.png")).astype(int) - 228).max() <= 1
+    Image.fromarray(figure, "RGBA").convert("P").save(tmp_path / "palette.png", transparency=0)
+    assert (np.asarray(load_image(tmp_path / "palette.png"))[:4] == 255).all()       # a palette's transparent index
+    rgb = np.full((16, 24, 3), 90, np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "opaque.png")        # an opaque picture is read as it is
+    assert np.array_equal(np.asarray(load_image(tmp_path / "opaque.png")), rgb)
+
+    photo = np.zeros((20, 30, 3), np.uint8)                  # landscape as stored, the bright corner top left
+    photo[:5, :5] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6                                         # Orientation 6: turn 90 degrees clockwise to view
+    Image.fromarray(photo).save(tmp_path / "lesion.jpg", exif=exif, quality=100)
+    upright = np.asarray(load_image(tmp_path / "lesion.jpg"))
+    assert upright.shape == (30, 20, 3)                      # portrait, as the camera held it
+    assert upright[:5, -5:].mean() > 200 and upright[:5, :5].mean() < 50   # the bright corner now top right

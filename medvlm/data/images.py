@@ -7,6 +7,9 @@ are bright, 16-bit (and 32-bit) data mapped onto 0..255, a PALETTE COLOR image t
 table, one frame chosen from a multi-frame file. A 16-bit or 32-bit grey PNG or TIFF (PadChest's
 PNGs, most research exports of X-rays) is mapped from its own lowest to highest value onto 0..255,
 as a DICOM without a window: Pillow's own conversion would clip everything above 255 to white.
+A PNG with transparency (a journal figure, as in PMC-VQA) is laid on white, the page it was drawn
+for: Pillow's conversion to RGB drops the alpha and shows what lies under it, black for most
+figures. A photograph (JPEG, TIFF) is turned the way its EXIF orientation says, as a viewer shows it.
 Training, evaluation, inference and ``check-data`` all call :func:`load_image`, so a file is read
 the same way everywhere; the encoder's own ``preprocess`` does the rest (size, normalisation).
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medvlm.config import DicomConfig
 
@@ -49,7 +52,7 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
     try:
         with Image.open(path) as im:
             im.load()
-            image = im.copy()
+            image = ImageOps.exif_transpose(im)    # a copy, turned upright if the camera said so
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"image {path} cannot be decoded ({err})") from None
     except Image.DecompressionBombError as err:   # Pillow's guard against a file that decodes into gigabytes
@@ -60,6 +63,9 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
         if not np.isfinite(values).all():
             raise ValueError(f"image {path}: pixel values are not finite (a float image with NaN or inf)")
         return Image.fromarray(_to_uint8(values, float(values.min()), float(values.max())))
+    if image.has_transparency_data:               # alpha channel, or a palette / colour key with transparency
+        page = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(page, image.convert("RGBA")).convert("RGB")
     return image
 
 
