@@ -110,7 +110,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def predict_command(args: argparse.Namespace, task: str, out=None) -> int:
     """``answer`` / ``report``: one image (or several) on the command line, or every row of a data
     folder (``--manifest``) with the predictions written to ``--out`` (JSONL or CSV)."""
-    from medvlm.infer import Predictor, manifest_requests, write_predictions
+    from medvlm.infer import Predictor, check_questions, manifest_requests, write_predictions
 
     out = out or sys.stdout
     questions = getattr(args, "question", None) or []
@@ -119,6 +119,7 @@ def predict_command(args: argparse.Namespace, task: str, out=None) -> int:
     if task == "answer" and args.image and len(questions) not in (1, len(args.image)):
         raise ValueError(f"{len(args.image)} --image and {len(questions)} --question: give one question, "
                          "or one per image")
+    check_questions(questions)                     # before the model is loaded
     predictor = Predictor.from_run(args.run, adapter=args.adapter, device=args.device, overrides=args.overrides)
     if args.manifest:
         requests = manifest_requests(args.manifest, task, predictor.cfg)

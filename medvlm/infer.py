@@ -58,12 +58,21 @@ class Predictor:
         """One answer per (image, question) pair."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} image(s) for {len(questions)} question(s): give one question per image")
+        check_questions(questions)
         rows = [{"image_index": i, "question": q, "answer": "", "answer_type": "open"} for i, q in enumerate(questions)]
         return self._run(images, rows)
 
     def report(self, images: Sequence[str | Path]) -> list[str]:
         """The findings report of each image."""
         return self._run(images, [report_row(i, "") for i in range(len(images))])
+
+
+def check_questions(questions: Sequence[str]) -> None:
+    """Refuse a blank question (the model would answer it with whatever it says most often)."""
+    blank = [i + 1 for i, q in enumerate(questions) if not str(q or "").strip()]
+    if blank:
+        raise ValueError(f"question {', '.join(map(str, blank))} of {len(questions)} is empty: write the question "
+                         "to answer about the image")
 
 
 def manifest_requests(path: str | Path, task: str, cfg: ExperimentConfig) -> list[dict]:

@@ -63,6 +63,8 @@ def test_the_predictor_answers_as_evaluation_does(local_run, tmp_path):
     assert len(predictor.report(paths)) == 2
     with pytest.raises(ValueError, match="2 image.s. for 1 question"):
         predictor.answer(paths, questions[:1])
+    with pytest.raises(ValueError, match="question 2 of 2 is empty"):            # was answered as if asked
+        predictor.answer(paths, [questions[0], "  "])
     with pytest.raises(FileNotFoundError, match="has not finished a round yet"):
         Predictor.from_run(local_run, adapter=tmp_path / "nowhere")
 
