@@ -8,7 +8,6 @@ Each dataclass validates itself in ``__post_init__`` with a message naming the b
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -561,6 +560,19 @@ def _apply_override(merged, item: str):
     return merged
 
 
+def _all_finite(node: object, key: str) -> None:
+    """No setting is infinite or NaN (``inf > 0`` passes a range check: a clipping norm of inf is no
+    clipping, and a run given one would fail later, in every hospital, far from the key at fault)."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            _all_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _all_finite(value, f"{key}.{i}")
+    elif isinstance(node, float):
+        _check(math.isfinite(node), key, node, "write a finite number")
+
+
 def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = None) -> ExperimentConfig:
     """Merge the schema defaults, the preset chain and ``key=value`` overrides; validate."""
     merged = OmegaConf.structured(ExperimentConfig)
@@ -571,6 +583,7 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = N
             raise ValueError(f"config file {path}: {err.msg if hasattr(err, 'msg') else err}") from None
     for item in overrides or []:
         merged = _apply_override(merged, item)
+    _all_finite(OmegaConf.to_container(merged), "")
     try:
         return OmegaConf.to_object(merged)  # runs every __post_init__
     except OmegaConfBaseException as err:
