@@ -32,6 +32,9 @@ def _simulate(args: argparse.Namespace) -> int:
     summary = simulate(args.config, list(args.overrides), run_dir=run_dir, cpus_per_hospital=args.cpus_per_hospital,
                        gpus_per_hospital=args.gpus_per_hospital)
     print_summary(summary)
+    if summary["stopped"].startswith("stopped"):         # hospitals missing, or every one failed: not a result
+        print(f"the federation {summary['stopped']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -180,6 +180,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
                           start)
             checkpoint(r, 0, state, record, privacy)
             r.log.add(record)
+            if nobody := nobody_took_part(r.strategy.report, "evaluate"):
+                stopped = f"stopped at round 0 (evaluating the start): {nobody}"
+                log.error("%s", stopped)
+                break
         t0 = time.perf_counter()
         stage = stage_at(cfg, server_round)
         if server_round == stage.first_round and len(stages(cfg)) > 1:
@@ -200,6 +204,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         checkpoint(r, server_round, state, record, privacy)
         r.log.add(record)
         describe(r, privacy, f"in progress (round {server_round} of {fed.rounds})")   # a killed run's card too
+        if nobody := nobody_took_part(report, "train"):
+            stopped = f"stopped after round {server_round}: {nobody}"
+            log.error("%s", stopped)
+            break
         statuses = [h["status"] for h in report.hospitals.values()]
         if statuses and all(s == "budget-exhausted" for s in statuses) and not report.failed:
             stopped = f"every hospital's privacy budget is spent (after round {server_round})"
@@ -208,6 +216,22 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     summary = describe(r, privacy, stopped)
     write_summary(run_dir, summary)
     return summary
+
+
+def nobody_took_part(report: RoundReport, phase: str) -> Optional[str]:
+    """Why no hospital took part in the round's ``phase`` (train, or round 0's evaluate), when every one
+    asked failed (crashed, no reply): the same fault would fail every later round, so the run stops
+    there, resumable once it is fixed."""
+    failed = [f for f in report.failed if phase in f["phase"].split(", ")]
+    answered = (report.evaluation or report.not_evaluated) if phase == "evaluate" else (report.hospitals or
+                                                                                      report.rejected)
+    if not failed or answered:
+        return None
+    names = ", ".join(f["hospital"] for f in failed)
+    reasons = {f["reason"] for f in failed}
+    if len(reasons) == 1:
+        return f"every hospital failed to {phase} ({names}): {reasons.pop()}"
+    return f"every hospital failed to {phase}: " + "; ".join(f"{f['hospital']}: {f['reason']}" for f in failed)
 
 
 def wait_for_hospitals(grid: Grid, names: Mapping[int, str], *, min_nodes: int, wait_s: float,

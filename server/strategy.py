@@ -27,6 +27,7 @@ mis-shaped or non-finite update would fail or hide it).
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,9 +69,25 @@ _ERROR_KINDS = {1: "crashed (its app failed to load)", 2: "crashed", 3: "reply l
                 "cut off)", 6: "refused by a mod", 7: "refused the app bundle", 8: "crashed (its app process died)"}
 
 
+# Flower's form of a ClientApp's exception, "<class 'ValueError'>:<'message'>"; in simulation the class
+# is Ray's task error and the message its traceback, ending in "Message: " and the app's own message
+_RAISED = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.S)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _app_message(detail: str) -> str:
+    """The app's own error message, on one line, out of Flower's and Ray's wrapping."""
+    detail = _ANSI.sub("", detail).strip()
+    raised = _RAISED.match(detail)
+    if raised:
+        kind, detail = raised.group(1).rsplit(".", 1)[-1], raised.group(2).strip()
+        detail = detail.rsplit("Message: ", 1)[1] if "Message: " in detail else f"{kind}: {detail}"
+    return " ".join(line.strip() for line in detail.splitlines() if line.strip())
+
+
 def failure_reason(error) -> str:
     """One line: what kind of failure (Flower's error code) and its message."""
-    detail = str(error.reason or "").strip()
+    detail = _app_message(str(error.reason or ""))
     if detail.startswith("refused by "):   # the site refused the task (e.g. not its pinned app): its own words
         return detail
     kind = _ERROR_KINDS.get(int(error.code), f"error code {error.code}")

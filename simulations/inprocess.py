@@ -10,6 +10,7 @@ import uuid
 from typing import Callable, Iterable, Optional
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -70,7 +71,8 @@ class InProcessGrid(Grid):
             try:   # a real transport delivers a copy: handlers and mods may edit what they receive
                 reply = handler(copy.deepcopy(msg), self.contexts[node])
             except Exception as err:  # noqa: BLE001 - what Flower does with a crashing ClientApp
-                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err)}:<'{err}'>"),
+                                reply_to=msg)
             replies.append(reply)
             if self.kill_after_training and msg.metadata.message_type == "train" and \
                     int(config.get("server-round", 0)) >= self.kill_after_training and len(replies) == len(self.nodes):

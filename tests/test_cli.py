@@ -92,3 +92,19 @@ def test_train_local_and_evaluate_score_the_report_task(tmp_path, capsys):
     assert ev["bleu4"] == pytest.approx(s["bleu4"]) and ev["finding_f1"] == pytest.approx(s["finding_f1"])
     assert main(["evaluate", str(run_dir), "--split", "test"]) == 0
     assert "BLEU-4" in capsys.readouterr().out
+
+
+def test_simulate_exits_non_zero_when_the_federation_stopped_short(monkeypatch, capsys):
+    """A run stopped by missing or failing hospitals prints its table and reason, and exits 1 (a script
+    or CI job must not take it for a result); a completed one, or one ended by spent budgets, exits 0."""
+    import cli.federation
+    import simulations.run
+
+    shown = []
+    monkeypatch.setattr(cli.federation, "print_summary", shown.append)
+    for stopped, code in (("stopped after round 1: every hospital failed to train (a, b): crashed: boom", 1),
+                          ("completed", 0), ("every hospital's privacy budget is spent (after round 2)", 0)):
+        monkeypatch.setattr(simulations.run, "simulate", lambda *a, **k: {"stopped": stopped})
+        assert main(["simulate", "--run-dir", "unused"]) == code, stopped
+        assert shown[-1] == {"stopped": stopped}
+        assert ("crashed: boom" in capsys.readouterr().err) == (code == 1)

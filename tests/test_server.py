@@ -68,7 +68,7 @@ def test_only_valid_updates_are_averaged_and_every_rejection_has_a_reason():
 def federation(tmp_path):
     overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]", "federation.local_epochs=1"]
 
-    def start(rounds: int, *, extra=(), crash_node=None, run_dir=None, kill_at_round=None, silent=None,
+    def start(rounds: int, *, extra=(), crash_nodes=(), run_dir=None, kill_at_round=None, silent=None,
               kill_after_training=None, unavailable=None):
         run_config = {"preset": "tiny", "overrides": shlex.join(overrides + list(extra))}
         cfg = load_config("tiny", overrides + list(extra) + [f"federation.rounds={rounds}"])
@@ -78,7 +78,7 @@ def federation(tmp_path):
             raise RuntimeError("simulated hospital crash")
 
         grid = InProcessGrid(nodes, {"train": client_app.train, "evaluate": client_app.evaluate}, run_config,
-                             overrides={crash_node: {"train": crash}} if crash_node else None,
+                             overrides={node: {"train": crash} for node in crash_nodes} or None,
                              kill_at_round=kill_at_round, silent=silent, kill_after_training=kill_after_training,
                              unavailable=unavailable)
         summary = run_federation(grid, cfg, run_dir or tmp_path / "run")
@@ -179,11 +179,40 @@ def test_a_coordinator_crash_after_the_hospitals_trained_costs_no_privacy_twice(
 
 def test_a_crashing_hospital_does_not_stop_the_federation(federation):
     start, run_dir = federation
-    summary, _ = start(1, crash_node=11)
+    summary, _ = start(1, crash_nodes={11})
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert len(record["failed"]) == 1 and "simulated hospital crash" in record["failed"][0]["reason"]
     assert sum(h["status"] == "trained" for h in record["hospitals"].values()) == 2
     assert summary["final_accuracy"] is not None and summary["failed_replies"] == 1
+
+
+def test_a_round_in_which_every_hospital_fails_stops_the_run_saying_why(federation):
+    """Every hospital crashing (a fault of the run, not of one site) stops the run at that round with
+    the hospitals' one-line reason, instead of running every round for nothing and saying 'completed'."""
+    start, run_dir = federation
+    summary, _ = start(3, crash_nodes={10, 11, 12})
+    assert summary["rounds"] == 1 and summary["stopped"].startswith("stopped after round 1: every hospital "
+                                                                    "failed to train (")
+    assert summary["stopped"].endswith("): crashed: RuntimeError: simulated hospital crash")
+    assert set(summary["stopped"].split("(", 1)[1].split(")", 1)[0].split(", ")) == {"general", "oncology", "cardiac"}
+    assert len(summary["stopped"].splitlines()) == 1
+    assert (run_dir / "server-state.json").exists()                 # resumable once the fault is fixed
+
+
+def test_flowers_and_rays_wrapping_of_an_app_s_exception_is_read_to_its_message():
+    from flwr.app import Error
+
+    from server.strategy import failure_reason
+
+    deployed = "<class 'ValueError'>:<'site privacy policy: max-grad-norm=inf must be > 0'>"
+    assert failure_reason(Error(code=2, reason=deployed)) == ("crashed: ValueError: site privacy policy: "
+                                                              "max-grad-norm=inf must be > 0")
+    simulated = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
+                 "\x1b[39m (pid=1)\n  File \"client/app.py\", line 74, in _site\n    site = SITES.site(...)\n"
+                 "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
+                 "Message: site privacy policy: max-grad-norm=inf must be > 0'>")
+    assert failure_reason(Error(code=2, reason=simulated)) == ("crashed: site privacy policy: max-grad-norm=inf "
+                                                               "must be > 0")
 
 
 def test_a_hospital_gone_is_one_failure_with_its_true_reason(federation):
