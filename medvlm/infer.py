@@ -90,16 +90,17 @@ def manifest_requests(path: str | Path, task: str, cfg: ExperimentConfig) -> lis
 
 
 def write_predictions(rows: list[dict], out: str | Path) -> Path:
-    """Predictions as JSONL (``.jsonl``) or CSV (``.csv``), written atomically."""
+    """Predictions as JSONL (``.jsonl``) or CSV (``.csv``), UTF-8, written atomically; a question or
+    answer in any script is written as its characters (SLAKE's Chinese, not ``\\u`` escapes)."""
     out = Path(out)
     if out.suffix not in (".jsonl", ".csv"):
         raise ValueError(f"--out {out}: use a .jsonl or .csv file name")
     from medvlm.files import atomic_path
 
-    with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
+    with atomic_path(out) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         if out.suffix == ".jsonl":
             for row in rows:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
             fields = list(dict.fromkeys(k for row in rows for k in row))
             writer = csv.DictWriter(fh, fieldnames=fields)

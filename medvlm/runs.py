@@ -26,7 +26,9 @@ def new_run_dir(root: str | Path, kind: str, name: Optional[str] = None) -> Path
 
 
 def save_config(cfg: ExperimentConfig, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
+    from medvlm.files import write_text
+
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_dict(cfg)))   # UTF-8, as OmegaConf reads it
 
 
 def saved_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -72,13 +72,15 @@ def test_the_predictor_answers_as_evaluation_does(local_run, tmp_path):
 def test_predictions_are_written_as_jsonl_or_csv_and_nothing_else(tmp_path):
     from medvlm.infer import write_predictions
 
-    rows = [{"image": "a.png", "question": "q?", "prediction": "yes"}, {"image": "b.png", "prediction": "no, two"}]
+    rows = [{"image": "a.png", "question": "q?", "prediction": "yes"}, {"image": "b.png", "prediction": "no, two"},
+            {"image": "c.png", "question": "图片中有肺炎吗?", "prediction": "是"}]         # SLAKE's Chinese half
     write_predictions(rows, tmp_path / "p.jsonl")
-    assert [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()] == rows
+    text = (tmp_path / "p.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(x) for x in text.splitlines()] == rows and "图片中有肺炎吗" in text   # readable, not \u escapes
     write_predictions(rows, tmp_path / "p.csv")
-    with open(tmp_path / "p.csv", newline="") as fh:
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as fh:
         back = list(csv.DictReader(fh))
-    assert back[1] == {"image": "b.png", "question": "", "prediction": "no, two"}
+    assert back[1] == {"image": "b.png", "question": "", "prediction": "no, two"} and back[2]["prediction"] == "是"
     with pytest.raises(ValueError, match="use a .jsonl or .csv"):
         write_predictions(rows, tmp_path / "p.txt")
     assert not (tmp_path / "p.txt").exists()
