@@ -153,6 +153,8 @@ def _write_synthetic(args: argparse.Namespace) -> int:
     from medvlm.data.synthetic import generate_hospital, write_manifest
 
     out = Path(args.out)
+    if args.images < 1:
+        raise ValueError(f"--images {args.images}: give at least 1 image (each has about 9 questions)")
     if (out / "manifest.jsonl").exists() and not args.force:
         raise FileExistsError(f"{out / 'manifest.jsonl'} exists; pass --force to overwrite it")
     data = generate_hospital(args.hospital, args.images, seed=args.seed, hospital_only=args.hospital_only)

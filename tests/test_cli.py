@@ -108,3 +108,14 @@ def test_simulate_exits_non_zero_when_the_federation_stopped_short(monkeypatch, 
         assert main(["simulate", "--run-dir", "unused"]) == code, stopped
         assert shown[-1] == {"stopped": stopped}
         assert ("crashed: boom" in capsys.readouterr().err) == (code == 1)
+
+
+def test_write_synthetic_writes_a_checked_folder_and_refuses_no_images(tmp_path, caplog):
+    from medvlm.data.manifest import read_manifest
+
+    assert main(["write-synthetic", "--hospital", "rural", "--images", "3", "--out", str(tmp_path / "a")]) == 0
+    manifest = read_manifest(tmp_path / "a")
+    assert len({r["image"] for r in manifest.rows}) == 3 and len(manifest.rows) > 3
+    assert main(["write-synthetic", "--hospital", "rural", "--images", "0", "--out", str(tmp_path / "b")]) != 0
+    assert "--images 0: give at least 1 image" in caplog.text
+    assert not (tmp_path / "b" / "manifest.jsonl").exists()
