@@ -213,6 +213,25 @@ def test_mimic_cxr_report_rows(mimic):
     assert info["report_rows"] == 3 and info["images"] == 3 and info["modalities"] == {"CXR": 3}
 
 
+def test_mimic_cxr_split_from_the_gzipped_csv_the_jpg_release_ships_or_drawn_without_one(mimic):
+    import gzip
+
+    from medvlm.data.dataset import VQARows, published_splits
+
+    split = mimic / "mimic-cxr-2.0.0-split.csv"
+    (mimic / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(gzip.compress(split.read_bytes()))
+    split.unlink()
+    rows = read_manifest(mimic).rows
+    assert [r["split"] for r in rows] == ["train", "train", "test"]      # was: every row "train", test empty
+    (mimic / "mimic-cxr-2.0.0-split.csv.gz").unlink()
+    rows = read_manifest(mimic).rows
+    assert len(rows) == 3 and not any("split" in r for r in rows)        # none published: none claimed
+    assert published_splits(VQARows(None, rows), val_fraction=0.2, seed=0) is None   # so one is drawn
+    (mimic / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    with pytest.raises(FormatError, match="mimic-cxr-2.0.0-split.csv.gz: not a readable gzip file"):
+        read_manifest(mimic)
+
+
 def test_mimic_cxr_study_without_report_is_named(mimic):
     save(mimic / "files" / "p11" / "p11000001" / "s59999999" / "bbbb.jpg", 3)
     code, out = run_check(mimic)

@@ -24,15 +24,18 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
                its first listed view (IU X-Ray: the frontal one); the other views are left out
     mimic-cxr  files/pXX/pNNNNNNNN/sNNNNNNNN/*.jpg|*.dcm with the study's report
                files/pXX/pNNNNNNNN/sNNNNNNNN.txt (in the same tree or under mimic-cxr-reports/);
-               mimic-cxr-2.0.0-split.csv is used for the split when present
+               mimic-cxr-2.0.0-split.csv (or the .csv.gz MIMIC-CXR-JPG ships) is used for the
+               split when present; without it the rows carry no split and one is drawn by image
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,6 +47,7 @@ R2GEN_FILE = "annotation.json"
 PMC_IMAGE_DIRS = ("images_2/figures", "images_2", "figures", "images")
 SLAKE_FILES = {"train.json": "train", "validate.json": "val", "test.json": "test"}
 PMC_CSVS = (("train_2.csv", "test_2.csv"), ("train.csv", "test.csv"))
+MIMIC_SPLIT = "mimic-cxr-2.0.0-split.csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 # Text files are read as UTF-8, a leading byte-order mark (what Excel and Windows editors write) dropped:
 # it is not part of the first column's name or the first row.
@@ -156,7 +160,13 @@ def _not_utf8(raw: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
 
 
 def _read_text(path: Path) -> str:
+    """A text file's contents (UTF-8; a ``.gz`` file as its releases ship it, decompressed)."""
     raw = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise FormatError(f"{path}: not a readable gzip file ({err}): download it again") from None
     try:
         return raw.decode(ENCODING)
     except UnicodeDecodeError as err:
@@ -366,9 +376,9 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
         raise FormatError(f"{path}: a MIMIC-CXR-style folder has a files/pXX/pNNNNNNNN/sNNNNNNNN/ tree")
     report_roots = [root] + [d / "files" for d in (path / "mimic-cxr-reports", path.parent / "mimic-cxr-reports")
                              if (d / "files").is_dir()]
-    splits = {}
-    split_csv = path / "mimic-cxr-2.0.0-split.csv"
-    if split_csv.is_file():
+    splits = None                          # without the release's split file, one is drawn by image
+    split_csv = next((f for f in (path / MIMIC_SPLIT, path / f"{MIMIC_SPLIT}.gz") if f.is_file()), None)
+    if split_csv is not None:
         splits = {r["dicom_id"]: {"validate": "val"}.get(r["split"], r["split"])
                   for r in _csv_reader(split_csv, {"dicom_id", "split"}, "MIMIC-CXR split")}
     out = []
@@ -385,7 +395,8 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
         if not images:
             out.append(RawRow(where, None, "study has a report but no images"))
         for image in images:
-            out.append(RawRow(f"{where}/{image.name}", {
-                "image": str(image), "report": text, "modality": "CXR",
-                "split": splits.get(image.stem, "train")}))
+            row = {"image": str(image), "report": text, "modality": "CXR"}
+            if splits is not None:
+                row["split"] = splits.get(image.stem, "train")
+            out.append(RawRow(f"{where}/{image.name}", row))
     return out
