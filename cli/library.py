@@ -183,7 +183,8 @@ def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", on_
     info = summarize(manifest)
     print(f"{path} ({info['format']} format: {info['layout']})", file=out)
     print(f"  rows {info['rows']} ({info['vqa_rows']} question/answer, {info['report_rows']} report) "
-          f"on {info['images']} images {info['image_types']}", file=out)
+          f"on {info['images']} images {info['image_types']}"
+          + (f" of {info['patients']} patients" if info["patients"] else ""), file=out)
     print(f"  closed {info['closed']}, open {info['open']}; answer vocabulary {info['answer_vocabulary']}", file=out)
     print(f"  modalities {info['modalities']}; rows per split {info['splits']}", file=out)
     for reason, n in info["left_out"].items():
@@ -193,6 +194,9 @@ def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", on_
         print(f"  {'SKIPPED' if skip else 'ERROR'} {problem}", file=out)
     for warning in manifest.warnings:
         print(f"  WARNING {warning}", file=out)
+    if two := info["patients_in_two_splits"]:
+        print(f"  WARNING {len(two)} patient(s) have rows in more than one split (e.g. {', '.join(two[:5])}): a "
+              "model is then scored on patients it trained on; keep each patient's rows in one split", file=out)
     for split, n in info["splits"].items():
         if n < TINY_SPLIT:
             print(f"  WARNING split {split!r} has only {n} row(s): its figures will mean little", file=out)

@@ -450,3 +450,46 @@ def test_a_windows_image_path_is_named_with_the_fix(tmp_path):
     kept = read_manifest(tmp_path, on_bad_row="skip")
     problem = kept.problems[0]
     assert problem.startswith("manifest.jsonl:1: image") and "not found (a Windows path: write its" in problem
+
+
+def test_rows_that_name_a_patient_are_split_whole_patients_at_a_time(tmp_path, mimic):
+    """A patient's images stay in one split (views of one study share a report, follow-ups share a
+    chest); rows naming no patient split by image exactly as before."""
+    import torch
+
+    from medvlm.config import DataConfig
+    from medvlm.data.dataset import VQARows, load_splits, split_rows
+    from medvlm.data.synthetic import split_images
+
+    rows = [{"image_index": i, "question": "q?", "answer": "no", "answer_type": "closed",
+             "patient": f"p{i // 4}"} for i in range(200)]                   # 50 patients, 4 images each
+    data = VQARows(torch.zeros(200, 1, 1, 1), rows)
+    parts = split_rows(data, val_fraction=0.2, test_fraction=0.2, seed=3)
+    held = {name: {r["patient"] for r in part.rows} for name, part in parts.items()}
+    assert not held["train"] & held["test"] and not held["train"] & held["val"] and not held["val"] & held["test"]
+    assert sum(len(p) for p in held.values()) == 50 and len(held["test"]) == len(held["val"]) == 10
+    plain = [{k: v for k, v in r.items() if k != "patient"} for r in rows]
+    by_image = split_rows(VQARows(torch.arange(200.0).view(200, 1, 1, 1), plain), val_fraction=0.2,
+                          test_fraction=0.2, seed=3)
+    expected = split_images(200, val_fraction=0.2, test_fraction=0.2, seed=3)
+    assert {k: v.pixels.flatten().long().tolist() for k, v in by_image.items()} == expected   # unchanged
+
+    (mimic / "mimic-cxr-2.0.0-split.csv").unlink()                       # no published split: one is drawn
+    assert [r["patient"] for r in read_manifest(mimic).rows] == ["p10000032", "p10000032", "p10000033"]
+    splits = load_splits(DataConfig(source=str(mimic), task="report", val_fraction=0.4, test_fraction=0.4),
+                         lambda im: torch.zeros(3, 8, 8))
+    where = {}
+    for name, part in splits.items():
+        for r in part.rows:
+            where.setdefault(r["patient"], set()).add(name)
+    assert where.keys() == {"p10000032", "p10000033"} and all(len(w) == 1 for w in where.values())
+    assert sorted(len(v.pixels) for v in splits.values()) == [0, 1, 2]   # p10000032's two views together
+
+
+def test_check_data_counts_patients_and_warns_of_one_in_two_splits(mimic):
+    code, out = run_check(mimic)
+    assert code == 0 and "on 3 images {'.jpg': 3} of 2 patients" in out and "more than one split" not in out
+    split = mimic / "mimic-cxr-2.0.0-split.csv"                         # one view of p10000032 moved to test
+    split.write_text(split.read_text() + "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014,50414267,10000032,test\n")
+    code, out = run_check(mimic)
+    assert code == 0 and "WARNING 1 patient(s) have rows in more than one split (e.g. p10000032)" in out

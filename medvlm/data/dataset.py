@@ -137,7 +137,7 @@ def task_rows(rows: Sequence[dict], task: str = "vqa", qtypes: Sequence[str] = (
         key = r.get("image", r.get("image_index"))
         text = r.get("report") if r.get("answer_type") != "report" else r["answer"]
         if key not in reports and isinstance(text, str) and text.strip():
-            keep = {k: v for k, v in r.items() if k in ("image", "modality", "split", "where")}
+            keep = {k: v for k, v in r.items() if k in ("image", "modality", "split", "where", "patient")}
             reports[key] = report_row(r.get("image_index", -1), text, **keep)
     return list(reports.values())
 
@@ -188,10 +188,27 @@ def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] 
 
 
 def split_rows(data: VQARows, *, val_fraction: float, test_fraction: float, seed: int) -> dict[str, VQARows]:
-    """Split by image, so no image's questions straddle train and test."""
-    parts = split_images(len(data.pixels), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    return {name: _subset(data, [r for r in data.rows if r["image_index"] in set(keep)])
-            for name, keep in parts.items()}
+    """Split by image, so no image's questions straddle train and test; by patient where the rows
+    name one (``patient``), so no patient's images do either (two views of one study, or a follow-up
+    study, in train and test would score recall, not reading)."""
+    parts = draw_split(data.rows, list(range(len(data.pixels))), val_fraction=val_fraction,
+                       test_fraction=test_fraction, seed=seed)
+    return {name: _subset(data, [r for r in data.rows if r["image_index"] in keep]) for name, keep in parts.items()}
+
+
+def draw_split(rows: Sequence[dict], images: list[int], *, val_fraction: float, test_fraction: float,
+               seed: int) -> dict[str, set[int]]:
+    """``images`` (indices) drawn into test / val / train, whole patients at a time where ``rows``
+    name them (an image without a patient is its own); without any, exactly :func:`split_images`."""
+    patient: dict[int, str] = {}
+    for r in rows:
+        if r.get("patient") is not None and str(r["patient"]).strip():    # a name or a number
+            patient.setdefault(r["image_index"], str(r["patient"]).strip())
+    units = sorted({patient.get(i, f"\0{i}") for i in images}) if patient else images
+    parts = split_images(len(units), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    chosen = {units[u]: name for name, picked in parts.items() for u in picked}
+    unit = (lambda i: patient.get(i, f"\0{i}")) if patient else (lambda i: i)
+    return {name: {i for i in images if chosen[unit(i)] == name} for name in parts}
 
 
 def _subset(data: VQARows, rows: Sequence[dict]) -> VQARows:
@@ -217,8 +234,7 @@ def published_splits(data: VQARows, *, val_fraction: float, seed: int) -> Option
         groups[n].append(r)
     if not groups["val"] and groups["train"]:
         images = sorted({r["image_index"] for r in groups["train"]})
-        val = {images[i] for i in split_images(len(images), val_fraction=val_fraction, test_fraction=0.0,
-                                               seed=seed)["val"]}
+        val = draw_split(groups["train"], images, val_fraction=val_fraction, test_fraction=0.0, seed=seed)["val"]
         groups["val"] = [r for r in groups["train"] if r["image_index"] in val]
         groups["train"] = [r for r in groups["train"] if r["image_index"] not in val]
     return {name: _subset(data, rows) for name, rows in groups.items()}

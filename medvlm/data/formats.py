@@ -395,7 +395,7 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
         if not images:
             out.append(RawRow(where, None, "study has a report but no images"))
         for image in images:
-            row = {"image": str(image), "report": text, "modality": "CXR"}
+            row = {"image": str(image), "report": text, "modality": "CXR", "patient": rel.parts[1]}
             if splits is not None:
                 row["split"] = splits.get(image.stem, "train")
             out.append(RawRow(f"{where}/{image.name}", row))
