@@ -8,7 +8,7 @@ or ``file[index]``, what a person opens to fix it) and the row in manifest vocab
     answer       }
     answer_type  } closed | open
     report       report rows (report generation): the findings text
-    qtype, modality, organ, split, choices   optional, kept when the format has them
+    qtype, modality, organ, split, choices, patient   optional, kept when the format has them
 
 Validation (missing files, unreadable images, empty fields, duplicates) is one pass for every
 format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
