@@ -440,7 +440,7 @@ def test_bytes_that_are_not_utf8_are_named_by_file_line_and_column(tmp_path, pmc
         read_rows(pmc_vqa)
 
 
-def test_a_windows_image_path_is_named_with_the_fix(tmp_path):
+def test_a_windows_image_path_or_a_name_in_another_case_is_named_with_the_fix(tmp_path):
     write_manifest(generate_hospital("general", 2, seed=0), tmp_path)
     manifest = tmp_path / "manifest.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
@@ -450,6 +450,13 @@ def test_a_windows_image_path_is_named_with_the_fix(tmp_path):
     kept = read_manifest(tmp_path, on_bad_row="skip")
     problem = kept.problems[0]
     assert problem.startswith("manifest.jsonl:1: image") and "not found (a Windows path: write its" in problem
+    rows[0]["image"] = rows[0]["image"].replace("\\", "/").replace(".png", ".PNG")   # copied from a Windows disk
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problem = read_manifest(tmp_path, on_bad_row="skip").problems[0]
+    assert "00000.PNG not found (the folder has '00000.png': names differ in case" in problem
+    rows[0]["image"] = "elsewhere/00000.PNG"                             # no such folder: no hint, no crash
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_manifest(tmp_path, on_bad_row="skip").problems[0].endswith("00000.PNG not found")
 
 
 def test_rows_that_name_a_patient_are_split_whole_patients_at_a_time(tmp_path, mimic):

@@ -16,6 +16,7 @@ the same way everywhere; the encoder's own ``preprocess`` does the rest (size, n
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,7 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
     """Open and fully decode an image; raises ValueError naming the file and what to do."""
     path = Path(path)
     if not path.is_file():
-        windows = "\\" in str(path) and Path(str(path).replace("\\", "/")).is_file()
-        raise ValueError(f"image {path} not found" + (" (a Windows path: write its folders with / in the data file)"
-                                                      if windows else ""))
+        raise ValueError(f"image {path} not found{_near_miss(path)}")
     if is_dicom(path):
         return Image.fromarray(dicom_to_uint8(path, dicom or DicomConfig()))
     try:
@@ -67,6 +66,26 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
         page = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(page, image.convert("RGBA")).convert("RGB")
     return image
+
+
+def _near_miss(path: Path) -> str:
+    """What the data file probably meant, for a path that does not exist: the same path with /
+    for \\ (written on Windows), or a file whose name differs only in case (a folder copied from a
+    Windows or macOS disk, where ``.JPG`` and ``.jpg`` are one name)."""
+    if "\\" in str(path) and Path(str(path).replace("\\", "/")).is_file():
+        return " (a Windows path: write its folders with / in the data file)"
+    try:
+        same = _names_by_case(str(path.parent), path.parent.stat().st_mtime_ns).get(path.name.lower())
+    except OSError:        # no such folder, or not readable
+        return ""
+    return f" (the folder has {same!r}: names differ in case on this system; fix the data file or rename)" \
+        if same else ""
+
+
+@functools.lru_cache(maxsize=32)
+def _names_by_case(folder: str, mtime_ns: int) -> dict[str, str]:
+    """A folder's file names by their lower case (listed once per folder version, not once per row)."""
+    return {p.name.lower(): p.name for p in Path(folder).iterdir()}
 
 
 def _frame(path: Path, arr: np.ndarray, frames: int, choice: str) -> np.ndarray:
