@@ -191,7 +191,7 @@ def test_an_image_too_large_to_decode_is_named_with_what_to_do(tmp_path, monkeyp
 
 
 def test_a_transparent_figure_is_laid_on_white_and_a_photograph_is_turned_by_its_exif_orientation(tmp_path):
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     figure = np.zeros((16, 24, 4), np.uint8)                 # a journal plot: black ink on a transparent page
     figure[4:6, 2:20, 3] = 255
@@ -218,3 +218,12 @@ def test_a_transparent_figure_is_laid_on_white_and_a_photograph_is_turned_by_its
     upright = np.asarray(load_image(tmp_path / "lesion.jpg"))
     assert upright.shape == (30, 20, 3)                      # portrait, as the camera held it
     assert upright[:5, -5:].mean() > 200 and upright[:5, :5].mean() < 50   # the bright corner now top right
+    exif[0x010F] = "Cam"                                     # Make, a text tag ...
+    Image.fromarray(photo).save(tmp_path / "broken.jpg", exif=exif, quality=100)
+    raw = bytearray((tmp_path / "broken.jpg").read_bytes())
+    raw[raw.find(b"Exif") + 17] = 0x03                       # ... renumbered Compression: Pillow's EXIF writer fails
+    (tmp_path / "broken.jpg").write_bytes(bytes(raw))
+    with pytest.raises(Exception, match="required argument is not an integer"):
+        ImageOps.exif_transpose(Image.open(tmp_path / "broken.jpg"))
+    as_stored = np.asarray(load_image(tmp_path / "broken.jpg"))     # the picture, as stored: not a bad row
+    assert as_stored.shape == (20, 30, 3) and as_stored[:5, :5].mean() > 200

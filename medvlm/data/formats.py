@@ -25,7 +25,7 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
     mimic-cxr  files/pXX/pNNNNNNNN/sNNNNNNNN/*.jpg|*.dcm with the study's report
                files/pXX/pNNNNNNNN/sNNNNNNNN.txt (in the same tree or under mimic-cxr-reports/);
                mimic-cxr-2.0.0-split.csv (or the .csv.gz MIMIC-CXR-JPG ships) is used for the
-               split when present; without it the rows carry no split and one is drawn by image
+               split when present; without it the rows carry no split and one is drawn by patient
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
         raise FormatError(f"{path}: a MIMIC-CXR-style folder has a files/pXX/pNNNNNNNN/sNNNNNNNN/ tree")
     report_roots = [root] + [d / "files" for d in (path / "mimic-cxr-reports", path.parent / "mimic-cxr-reports")
                              if (d / "files").is_dir()]
-    splits = None                          # without the release's split file, one is drawn by image
+    splits = None                          # without the release's split file, one is drawn by patient
     split_csv = next((f for f in (path / MIMIC_SPLIT, path / f"{MIMIC_SPLIT}.gz") if f.is_file()), None)
     if split_csv is not None:
         splits = {r["dicom_id"]: {"validate": "val"}.get(r["split"], r["split"])

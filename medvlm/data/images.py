@@ -17,6 +17,7 @@ the same way everywhere; the encoder's own ``preprocess`` does the rest (size, n
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
     try:
         with Image.open(path) as im:
             im.load()
-            image = ImageOps.exif_transpose(im)    # a copy, turned upright if the camera said so
+            image = _upright(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"image {path} cannot be decoded ({err})") from None
     except Image.DecompressionBombError as err:   # Pillow's guard against a file that decodes into gigabytes
@@ -66,6 +67,18 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
         page = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(page, image.convert("RGBA")).convert("RGB")
     return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """A copy turned the way the file's EXIF orientation says; as stored when that metadata cannot be
+    read (the pixels decoded; Pillow's EXIF parser raises struct, type and value errors, and warns,
+    on a corrupt block, and a broken tag must not make a readable picture a bad row)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - any failure here is the metadata's, not the picture's
+        return image.copy()
 
 
 def _near_miss(path: Path) -> str:
