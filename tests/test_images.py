@@ -227,3 +227,21 @@ def test_a_transparent_figure_is_laid_on_white_and_a_photograph_is_turned_by_its
         ImageOps.exif_transpose(Image.open(tmp_path / "broken.jpg"))
     as_stored = np.asarray(load_image(tmp_path / "broken.jpg"))     # the picture, as stored: not a bad row
     assert as_stored.shape == (20, 30, 3) and as_stored[:5, :5].mean() > 200
+
+
+def test_a_malformed_dicom_element_is_this_file_s_named_problem_whatever_pydicom_raises(tmp_path):
+    """pydicom parses elements lazily: a bad one raises where first used, as NotImplementedError,
+    TypeError, struct.error... Each must be a ValueError naming the file (a bad row), not a crash of
+    check-data or of training."""
+    write_dicom(np.zeros((8, 8), np.uint8), tmp_path / "good.dcm")
+    raw = (tmp_path / "good.dcm").read_bytes()
+    center = raw.find(b"\x28\x00\x50\x10DS\x06\x00-514.0")                 # (0028,1050) WindowCenter
+    intercept = raw.find(b"\x28\x00\x52\x10DS")                             # (0028,1052) RescaleIntercept
+    assert center > 0 and intercept > 0
+    cases = {"vr.dcm": raw[:intercept + 4] + b"Q9" + raw[intercept + 6:],    # a VR no standard has
+             "text.dcm": raw[:center + 8] + b"-5x4.0" + raw[center + 14:]}   # a window centre that is not a number
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"DICOM .*{name} is malformed .*export it again"):
+            load_image(tmp_path / name)
+    assert np.asarray(load_image(tmp_path / "good.dcm")).shape == (8, 8)

@@ -114,7 +114,22 @@ def _frame(path: Path, arr: np.ndarray, frames: int, choice: str) -> np.ndarray:
 
 
 def dicom_to_uint8(path: Path, cfg: DicomConfig) -> np.ndarray:
-    """(H, W) uint8 for grey images, (H, W, 3) uint8 for colour ones."""
+    """(H, W) uint8 for grey images, (H, W, 3) uint8 for colour ones; ValueError naming the file for
+    any file it cannot show. pydicom reads elements lazily, so a malformed one (an unknown VR, a length
+    that does not fit, text where a number belongs) raises where it is first used, as whatever error its
+    parser or numpy gives: each is this file's problem, said once, here."""
+    try:
+        return _dicom_to_uint8(path, cfg)
+    except (ValueError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - see above: the parse of an untrusted file
+        detail = " ".join(str(err).split())
+        detail = detail if len(detail) <= 160 else detail[:160] + "…"
+        raise ValueError(f"DICOM {path} is malformed ({type(err).__name__}: {detail}): export it again, or check it "
+                         "with a DICOM validator such as dciodvfy") from None
+
+
+def _dicom_to_uint8(path: Path, cfg: DicomConfig) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
