@@ -351,6 +351,27 @@ def test_r2gen_annotation_json_one_row_per_study_on_its_first_view(tmp_path):
     assert manifest.left_out == {"another view of a study (its first view is used)": 2}
     code, out = run_check(root)
     assert code == 0 and "left out: 2 row(s): another view" in out
+    ann["test"][0]["image_path"] = "CXR2_1_IM-0002/0.png"          # one view written without its list: read
+    ann["train"][0]["image_path"] = 7                                 # not paths at all: that study's problem
+    (root / "annotation.json").write_text(json.dumps(ann))
+    manifest = read_manifest(root, on_bad_row="skip")
+    assert [r["image"].endswith("CXR2_1_IM-0002/0.png") for r in manifest.rows] == [True]   # was: image "C"
+    assert manifest.problems == ["annotation.json[train][0]: image_path is a int: give a list of image paths"]
+    ann["val"] = 0.5                                                  # a split that is not a list (was TypeError)
+    (root / "annotation.json").write_text(json.dumps(ann))
+    with pytest.raises(FormatError, match='annotation.json: "val" is a float; R2Gen\'s splits are lists'):
+        read_manifest(root)
+
+
+def test_an_image_path_the_file_system_cannot_look_up_is_a_bad_row(tmp_path):
+    write_manifest(generate_hospital("general", 2, seed=0), tmp_path)
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["image"] = "is there a pleural effusion on the left? " * 10     # a shifted column: 410 characters
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = read_manifest(tmp_path, on_bad_row="skip")                       # was: OSError, File name too long
+    assert len(kept.problems) == 1 and "cannot be looked up (File name too long): is the data file's image column" \
+        in kept.problems[0] and len(kept.rows) == len(rows) - 1
 
 
 def test_nothing_is_dropped_silently_and_the_site_decides_on_bad_rows(slake):

@@ -331,6 +331,10 @@ def read_r2gen(path: Path) -> list[RawRow]:
         raise FormatError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not any(isinstance(data.get(k), list) for k in ("train", "val", "test")):
         raise FormatError(f"{file}: expected R2Gen's {{\"train\": [...], \"val\": [...], \"test\": [...]}}")
+    wrong = [k for k in ("train", "val", "test") if data.get(k) is not None and not isinstance(data[k], list)]
+    if wrong:
+        raise FormatError(f"{file}: \"{wrong[0]}\" is a {type(data[wrong[0]]).__name__}; R2Gen's splits are lists "
+                          "of studies")
     images = file.parent / "images"
     out = []
     for split in ("train", "val", "test"):
@@ -339,7 +343,12 @@ def read_r2gen(path: Path) -> list[RawRow]:
             if not isinstance(item, dict):
                 out.append(RawRow(where, None, f"entry is a {type(item).__name__}, expected an object"))
                 continue
-            views = [_text(v) for v in (item.get("image_path") or []) if _text(v)]
+            paths = item.get("image_path")
+            paths = [paths] if isinstance(paths, str) else paths     # one view written without its list
+            if paths is not None and not isinstance(paths, list):
+                out.append(RawRow(where, None, f"image_path is a {type(paths).__name__}: give a list of image paths"))
+                continue
+            views = [_text(v) for v in (paths or []) if _text(v)]
             if not views:
                 out.append(RawRow(where, None, "no image_path"))
                 continue

@@ -45,7 +45,12 @@ def is_dicom(path: Path) -> bool:
 def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Image:
     """Open and fully decode an image; raises ValueError naming the file and what to do."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:      # a name the file system cannot even look up (too long, say: a shifted column)
+        raise ValueError(f"image {str(path)[:200]}{'…' if len(str(path)) > 200 else ''} cannot be looked up "
+                         f"({err.strerror}): is the data file's image column the image's path?") from None
+    if not found:
         raise ValueError(f"image {path} not found{_near_miss(path)}")
     if is_dicom(path):
         return Image.fromarray(dicom_to_uint8(path, dicom or DicomConfig()))
