@@ -36,6 +36,19 @@ POLICY_KEYS = ("dp", "epsilon", "delta", "max-grad-norm", "accountant", "min-noi
 EVALUATE = ("counts", "off")
 
 
+def _number(node_config: Mapping, key: str, default: Optional[float]) -> float:
+    """A number from the hospital's node config (TOML gives numbers; a quoted one is read), naming the
+    key when it is not one: ``true`` is not a budget of 1."""
+    value = node_config.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"site privacy policy (node config): {key}={value!r} is not a number: write it as one "
+                         "in --node-config (e.g. \"epsilon=8 delta=1e-5\")") from None
+
+
 @dataclass(frozen=True)
 class SitePolicy:
     dp: bool
@@ -82,11 +95,11 @@ class SitePolicy:
         if dp not in ("on", "off"):
             raise ValueError(f"site privacy policy (node config): dp={dp!r}: use \"on\" or \"off\"")
         epsilon = node_config.get("epsilon")
-        return cls(dp=dp == "on", epsilon=None if epsilon is None else float(epsilon),
-                   delta=float(node_config.get("delta", 1e-5)),
-                   max_grad_norm=float(node_config.get("max-grad-norm", 1.0)),
+        return cls(dp=dp == "on", epsilon=None if epsilon is None else _number(node_config, "epsilon", None),
+                   delta=_number(node_config, "delta", 1e-5),
+                   max_grad_norm=_number(node_config, "max-grad-norm", 1.0),
                    accountant=str(node_config.get("accountant", "rdp")),
-                   min_noise=float(node_config.get("min-noise", 0.0)),
+                   min_noise=_number(node_config, "min-noise", 0.0),
                    evaluate=str(node_config.get("evaluate", "counts")))
 
     # ------------------------------------------------------------------------------ applying

@@ -33,6 +33,10 @@ def test_a_deployed_site_takes_nothing_about_privacy_from_the_run():
         SitePolicy.for_site({"hospital": "st-mary"}, PrivacyConfig())
     with pytest.raises(ValueError, match="dp='maybe'"):
         SitePolicy.for_site({"hospital": "st-mary", "dp": "maybe", "epsilon": 1.0}, PrivacyConfig())
+    for key, value in (("epsilon", "eight"), ("delta", ""), ("max-grad-norm", "1,0"), ("epsilon", True)):
+        with pytest.raises(ValueError, match=f"node config.: {key}={value!r} is not a number"):   # was: no key named
+            SitePolicy.for_site({"hospital": "st-mary", "epsilon": 1.0, key: value}, PrivacyConfig())
+    assert SitePolicy.for_site({"hospital": "st-mary", "epsilon": "2.5"}, PrivacyConfig()).epsilon == 2.5
     off = SitePolicy.for_site({"hospital": "st-mary", "dp": "off"}, PrivacyConfig(target_epsilon=1.0))
     assert not off.govern(PrivacyConfig(target_epsilon=1.0))[0].enabled          # the site's own choice
     # a simulated site (Flower injects partition-id): the researcher's run config is every site's policy
