@@ -82,7 +82,9 @@ def supernode_command(*, superlink: str, hospital: str, data_path: str | Path, s
     """Check the site, set up its ledger, and return the ``flower-supernode`` command (process
     isolation: the site's launcher serves its tasks with the installed app)."""
     from client.ledger import Ledger
+    from medvlm.wire import check_hospital_name
 
+    check_hospital_name(hospital)           # it names the site in the coordinator's reports and logs
     node_policy = site_policy(epsilon=epsilon, delta=delta, **policy)   # refuses a missing budget first
     cmd = ["flower-supernode", "--superlink", superlink]
     if insecure:

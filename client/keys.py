@@ -14,19 +14,18 @@ An existing key is never overwritten: losing it means re-registering the hospita
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from medvlm.wire import check_hospital_name
+
 
 
 def create_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     """Create ``<out>/<name>`` (private) and ``<out>/<name>.pub``; refuse to overwrite either."""
-    if not _NAME.match(name):
-        raise ValueError(f"hospital name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), e.g. st-mary")
+    check_hospital_name(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     private, public = out / name, out / f"{name}.pub"

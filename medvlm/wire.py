@@ -49,6 +49,15 @@ STATUS_KEYS = frozenset({"hospital", "status", "reason", "accountant", "privacy"
 # "ledger": the hospital's DP mechanisms as JSON, [{stage, noise_multiplier, sample_rate, steps}, ...]
 MECHANISM_KEYS = frozenset({"stage", "noise_multiplier", "sample_rate", "steps"})
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+# A hospital's name (its key pair's, its ledger's, its replies'): no spaces, newlines or markup in logs
+HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_hospital_name(name: str) -> str:
+    if not isinstance(name, str) or not HOSPITAL_NAME.match(name):
+        raise ValueError(f"hospital name {name!r}: use letters, digits, '.', '_' or '-' (at most 64, starting with "
+                         "a letter or digit), e.g. st-mary")
+    return name
 
 
 def legacy_order(spec: Mapping[str, TensorSpec]) -> list[str]:

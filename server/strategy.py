@@ -43,8 +43,8 @@ from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping,
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medvlm.tensors import TensorSpec
-from medvlm.wire import (check_metrics, check_status, decode, encode, pack, parse_mechanisms, require_float32, to_wire,
-                         unpack)
+from medvlm.wire import (HOSPITAL_NAME, check_metrics, check_status, decode, encode, pack, parse_mechanisms,
+                         require_float32, to_wire, unpack)
 
 log = logging.getLogger("medvlm.server")
 
@@ -102,10 +102,13 @@ class Origins:
     def __init__(self) -> None:
         self.asked: dict[str, int] = {}       # message id -> node it was sent to
         self.names: dict[int, str] = {}       # node -> hospital
+        self.claims: dict[str, int] = {}      # hospital -> the node that claimed it in this exchange
+        self.now: set[int] = set()            # the nodes asked in this exchange
 
     def sent(self, messages: Iterable[Message]) -> None:
         self.asked.update({m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages
                            if m.metadata.message_id})
+        self.claims, self.now = {}, {int(m.metadata.dst_node_id) for m in messages}
 
     def node(self, msg: Message) -> int:
         return self.asked.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
@@ -114,7 +117,17 @@ class Origins:
         node = self.node(msg)
         status = msg.content.config_records.get("status") if msg.has_content() else None
         if status is not None and "hospital" in status:    # a reply without a status keeps the node's id
-            self.names[node] = str(status["hospital"])
+            claimed = str(status["hospital"])
+            holder = self.claims.get(claimed) or next((n for n, v in self.names.items() if v == claimed and n != node
+                                                       and n in self.now), None)
+            if not HOSPITAL_NAME.match(claimed):          # a name is self-declared: nothing a log line can hide in
+                log.warning("node %d names itself %r, not a hospital name: recorded as node-%d", node,
+                            claimed[:80], node)
+            elif holder is not None and holder != node:   # a name another node in the round holds: no record of
+                log.warning("node %d names itself %r, the name of node %d: recorded as node-%d", node, claimed,
+                            holder, node)                 # one hospital overwrites another's
+            else:                                         # (a hospital back on a new node id keeps its name)
+                self.names[node], self.claims[claimed] = claimed, node
         return self.names.get(node, f"node-{node}"), node
 
 

@@ -102,6 +102,8 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
 
     with pytest.raises(ValueError, match="--epsilon"):                 # no budget, no SuperNode
         supernode_command(key=private, **{**common, "epsilon": None})
+    with pytest.raises(ValueError, match="hospital name 'st mary.*use letters, digits"):   # it names the site in
+        supernode_command(key=private, **{**common, "hospital": "st mary\nround 9"})   # the coordinator's logs
     with pytest.raises(ValueError, match="never raised"):              # the ledger keeps its budget
         supernode_command(key=private, **{**common, "epsilon": 50.0})
     (tmp_path / "state" / LEDGER_FILE).unlink()                         # a lost ledger in a used state dir

@@ -405,6 +405,26 @@ def test_a_bad_securely_aggregated_mean_is_refused(tiny_model):
     assert new is None and "shape" in reason
 
 
+def test_a_hospital_name_is_one_node_s_and_nothing_a_log_line_can_hide_in(caplog):
+    """Names are self-declared in replies: a second node claiming a name another node of the round holds,
+    or a name with a newline (a forged log line), is recorded under its node id, and says so."""
+    from server.strategy import Origins
+
+    set_task_identity()
+    origins = Origins()
+    out = {n: Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train") for n in (1, 2, 3)}
+    origins.sent(out.values())
+    assert origins(_reply(out[1], hospital="st-mary")) == ("st-mary", 1)
+    assert origins(_reply(out[2], hospital="st-mary")) == ("node-2", 2)          # was: st-mary, overwriting 1
+    assert origins(_reply(out[3], hospital="x\nround 9: all hospitals fine")) == ("node-3", 3)
+    assert "node 2 names itself 'st-mary', the name of node 1" in caplog.text
+    origins.sent(out.values())                                                   # the impostor answers first
+    assert origins(_reply(out[2], hospital="st-mary")) == ("node-2", 2)
+    assert origins(_reply(out[1], hospital="st-mary")) == ("st-mary", 1)
+    origins.sent([out[2]])                                  # st-mary's node is gone: back on a new node id
+    assert origins(_reply(out[2], hospital="st-mary")) == ("st-mary", 2)
+
+
 def test_failure_reasons_say_what_happened():
     from flwr.app import Error
 
