@@ -82,7 +82,13 @@ def _app_message(detail: str) -> str:
     if raised:
         kind, detail = raised.group(1).rsplit(".", 1)[-1], raised.group(2).strip()
         detail = detail.rsplit("Message: ", 1)[1] if "Message: " in detail else f"{kind}: {detail}"
-    return " ".join(line.strip() for line in detail.splitlines() if line.strip())
+    return said(detail)
+
+
+def said(value: object) -> str:
+    """A hospital's words (a status field), as one line of at most a status line's length
+    (``medvlm.wire.check_status``): whatever a reply carries, it cannot start a line of the log."""
+    return " ".join(str(value).split())[:500]
 
 
 def failure_reason(error) -> str:
@@ -287,23 +293,23 @@ class Screened:
                 continue
             status = dict(msg.content.config_records.get("status", {}))
             metrics = dict(msg.content.metric_records["metrics"]) if "metrics" in msg.content.metric_records else {}
-            entry = {"node": node, "status": status.get("status", "?"), **metrics}
+            entry = {"node": node, "status": said(status.get("status", "?")), **metrics}
             if status.get("accountant"):
-                entry["accountant"] = status["accountant"]
+                entry["accountant"] = said(status["accountant"])
             if status.get("privacy"):   # the site trained at its own privacy settings, not the run's
-                entry["privacy"] = status["privacy"]
-                log.warning("round %d: %s: %s", server_round, name, status["privacy"])
+                entry["privacy"] = said(status["privacy"])
+                log.warning("round %d: %s: %s", server_round, name, entry["privacy"])
             if status.get("resent"):    # asked again for a round it had trained: its kept update, nothing spent
                 entry["resent"] = True
-                log.info("round %d: %s: %s", server_round, name, status["resent"])
+                log.info("round %d: %s: %s", server_round, name, said(status["resent"]))
             if status.get("ledger"):
                 try:
                     entry["mechanisms"] = parse_mechanisms(status["ledger"])
                 except ValueError as err:
                     log.warning("round %d: %s: unreadable ledger in the reply: %s", server_round, name, err)
             if status.get("status") == "budget-exhausted":
-                log.warning("round %d: %s did not train: %s", server_round, name, status.get("reason", ""))
-                entry["reason"] = status.get("reason", "")
+                entry["reason"] = said(status.get("reason", ""))
+                log.warning("round %d: %s did not train: %s", server_round, name, entry["reason"])
                 self.report.hospitals[name] = entry
                 continue
             state = None
@@ -351,7 +357,7 @@ class Screened:
                 continue
             status = dict(msg.content.config_records.get("status", {}))
             if status.get("status") == "not-evaluated":   # the site's own policy: said, not an error
-                reason = str(status.get("reason", ""))[:500]   # a status line's length (medvlm.wire.check_status)
+                reason = said(status.get("reason", ""))
                 log.warning("round %d: %s does not evaluate: %s", server_round, name, reason)
                 self.report.not_evaluated[name] = reason
                 continue

@@ -425,6 +425,20 @@ def test_a_hospital_name_is_one_node_s_and_nothing_a_log_line_can_hide_in(caplog
     assert origins(_reply(out[2], hospital="st-mary")) == ("st-mary", 2)
 
 
+def test_a_hospital_s_words_are_one_line_of_the_log_at_most_a_status_line_long(caplog):
+    set_task_identity()
+    strategy = MedFedAvg(spec=spec_of(SPEC_STATE), num_rounds=1, local_epochs=1, lr=1e-3, max_update_bytes=10_000,
+                         min_available_nodes=1, min_train_nodes=1)
+    out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    forged = "spent\n2026-12-07 12:00:00 INFO medvlm.server: round 1: all hospitals trained " + "x" * 5000
+    reply = _reply(out, hospital="a", status="budget-exhausted")
+    reply.content.config_records["status"]["reason"] = forged
+    strategy.aggregate_train(1, [reply])
+    reason = strategy.report.hospitals["a"]["reason"]
+    assert "\n" not in reason and len(reason) == 500 and reason.startswith("spent 2026-12-07")
+    assert not any(line.startswith("2026-12-07 12:00:00") for line in caplog.text.splitlines())
+
+
 def test_failure_reasons_say_what_happened():
     from flwr.app import Error
 
