@@ -124,8 +124,9 @@ class Origins:
         status = msg.content.config_records.get("status") if msg.has_content() else None
         if status is not None and "hospital" in status:    # a reply without a status keeps the node's id
             claimed = str(status["hospital"])
-            holder = self.claims.get(claimed) or next((n for n, v in self.names.items() if v == claimed and n != node
-                                                       and n in self.now), None)
+            holder = self.claims.get(claimed)         # who took the name in this exchange, else who holds it and
+            if holder is None:                        # was asked again
+                holder = next((n for n, v in self.names.items() if v == claimed and n != node and n in self.now), None)
             if not HOSPITAL_NAME.match(claimed):          # a name is self-declared: nothing a log line can hide in
                 log.warning("node %d names itself %r, not a hospital name: recorded as node-%d", node,
                             claimed[:80], node)
