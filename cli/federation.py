@@ -50,6 +50,10 @@ def print_summary(s: dict) -> None:
         console.print(f"{name}: epsilon {p['epsilon']:.2f} (budget {p.get('budget')}) at delta {p['delta']:g}; " + "; ".join(
             (f"{m['stage']}: " if len(mechanisms) > 1 else "") +
             f"sigma {m['noise_multiplier']:.3f}, q {m['sample_rate']:.4f}, {m['steps']} DP-SGD steps" for m in mechanisms))
+    if s["rounds"] and not s.get("eval_questions") and not s.get("eval_reports") and not s["stopped"].startswith(
+            "stopped"):
+        console.print("[yellow]nothing was scored: the hospitals' validation splits hold no questions (each is "
+                      "data.val_fraction of a hospital's images: give more images, or a larger data.val_fraction)")
     console.print(f"{s['bytes_sent_per_round'] / 1024:.0f} KiB sent per hospital per round; "
                   f"{s['rejected_updates']} rejected updates; {s['wall_seconds']:.0f}s; plots: {s['run_dir']}/plots.png")
 

@@ -376,7 +376,14 @@ class Screened:
                  f"; not scored: {', '.join(known)}" if known else "")
         # summed here rather than by FedAvg, whose consistency check wants identical keys: hospitals
         # report counts for the question types they have, which differ between sites
-        return sum_counts([msg.content for msg in good], self.weighted_by_key) if good else None
+        if not good:
+            return None
+        total = sum_counts([msg.content for msg in good], self.weighted_by_key)
+        if not any(float(total.get(k, 0)) for k in ("closed_total", "open_total", "report_total")):
+            log.warning("round %d: the hospitals that evaluated hold no validation questions or reports: nothing was "
+                        "scored (a validation split is data.val_fraction of a hospital's images: too few images?)",
+                        server_round)
+        return total
 
 
 class MedFedAvg(Screened, FedAvg):

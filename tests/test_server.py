@@ -439,6 +439,25 @@ def test_a_hospital_s_words_are_one_line_of_the_log_at_most_a_status_line_long(c
     assert not any(line.startswith("2026-12-07 12:00:00") for line in caplog.text.splitlines())
 
 
+def test_an_evaluation_with_no_questions_anywhere_says_nothing_was_scored(caplog):
+    set_task_identity()
+    strategy = MedFedAvg(spec=spec_of(SPEC_STATE), num_rounds=1, local_epochs=1, lr=1e-3, max_update_bytes=10_000,
+                         min_available_nodes=1, min_train_nodes=1)
+    out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="evaluate")
+    empty = {"num-examples": 0, "closed_correct": 0, "closed_total": 0, "open_correct": 0, "open_total": 0}
+
+    def reply(counts):
+        msg = _reply(out, hospital="tiny", status="evaluated")
+        msg.content.metric_records["metrics"] = MetricRecord(counts)
+        return msg
+
+    assert strategy.aggregate_evaluate(0, [reply(empty)])["closed_total"] == 0
+    assert "round 0: the hospitals that evaluated hold no validation questions" in caplog.text
+    caplog.clear()
+    strategy.aggregate_evaluate(1, [reply({**empty, "num-examples": 3, "closed_correct": 2, "closed_total": 3})])
+    assert "no validation questions" not in caplog.text
+
+
 def test_failure_reasons_say_what_happened():
     from flwr.app import Error
 
