@@ -46,6 +46,31 @@ class Ledger:
     stage_mechanisms: dict = field(default_factory=dict)   # stage -> [noise multiplier, sample rate] fixed for it
     kept: dict = field(default_factory=dict)   # str(server round) -> key of the request whose charged update is kept
 
+    def __post_init__(self) -> None:
+        """A ledger read back holds what ``save`` wrote, or it is refused: a negative step count edited in
+        spends negative epsilon (budget gained), a NaN makes the accountant hang."""
+        def number(value: object, what: str, low: float = 0.0, *, strict: bool = True) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    (value <= low if strict else value < low):
+                raise ValueError(f"{what}={value!r} is not a finite number {'>' if strict else '>='} {low:g}")
+
+        number(self.budget, "budget")
+        number(self.max_grad_norm, "max_grad_norm")
+        if not (isinstance(self.delta, float) and 0 < self.delta < 1):
+            raise ValueError(f"delta={self.delta!r} is not in (0, 1)")
+        if self.noise_multiplier is not None:
+            number(self.noise_multiplier, "noise_multiplier", strict=False)
+        for i, step in enumerate(self.history):
+            if len(step) != 3:
+                raise ValueError(f"history[{i}]={list(step)!r} is not [noise multiplier, sample rate, steps]")
+            number(step[0], f"history[{i}] noise multiplier", strict=False)
+            number(step[1], f"history[{i}] sample rate")
+            if step[1] > 1:
+                raise ValueError(f"history[{i}] sample rate={step[1]!r} is over 1")
+            number(step[2], f"history[{i}] steps", strict=False)
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in self.rounds):
+            raise ValueError(f"rounds={self.rounds!r} are not round numbers")
+
     # ----------------------------------------------------------------------------- persistence
     @classmethod
     def open(cls, state_dir: str | Path, *, hospital: str, budget: float, delta: float, accountant: str,
@@ -65,7 +90,7 @@ class Ledger:
         try:
             data = json.loads(path.read_text())
             ledger = cls(**{**data, "history": [tuple(h) for h in data["history"]]})
-        except (json.JSONDecodeError, TypeError, KeyError) as err:
+        except (ValueError, TypeError, KeyError) as err:    # JSONDecodeError is a ValueError
             raise ValueError(f"privacy ledger {path} is unreadable ({err}); it records this hospital's spent "
                              "privacy, so it must be restored from backup, not deleted") from None
         for key, want in (("delta", delta), ("accountant", accountant)):

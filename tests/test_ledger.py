@@ -61,3 +61,26 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / LEDGER_FILE).write_text(json.dumps({"hospital": "general"}))
     with pytest.raises(ValueError, match="unreadable"):
         _open(tmp_path)
+
+
+def test_a_ledger_edited_to_hold_what_save_never_writes_is_refused(tmp_path):
+    """A negative step count in the history spends negative epsilon (more budget), a NaN one makes the
+    accountant hang: a ledger that reads back with a non-number, NaN or out-of-range field is
+    unreadable (restore it), never a budget."""
+    ledger = _open(tmp_path)
+    sigma = ledger.plan(sample_rate=0.05, steps_per_round=40, rounds_left=5)
+    ledger.record(history=[(sigma, 0.05, 40)], server_round=1)
+    ledger.save(tmp_path)
+    saved = json.loads((tmp_path / LEDGER_FILE).read_text())
+    assert _open(tmp_path).epsilon > 0
+    assert epsilon([(sigma, 0.05, -40)], delta=1e-5) < 0                  # what an edit could buy
+    for key, value, named in (("history", [[sigma, 0.05, float("nan")]], "history.0. steps"),
+                              ("history", [[sigma, 0.05, -40]], "history.0. steps=-40"),
+                              ("history", [[float("nan"), 0.05, 40]], "history.0. noise multiplier=nan"),
+                              ("history", [[sigma, 1.5, 40]], "history.0. sample rate=1.5"),
+                              ("history", [[sigma, 0.05]], "history.0.=.* is not .noise multiplier"),
+                              ("budget", "8", "budget='8'"), ("delta", 0, "delta=0"),
+                              ("rounds", ["1"], "rounds=")):
+        (tmp_path / LEDGER_FILE).write_text(json.dumps({**saved, key: value}))
+        with pytest.raises(ValueError, match=f"unreadable .*{named}.*restored from backup"):
+            _open(tmp_path)
