@@ -47,8 +47,12 @@ class Ledger:
     kept: dict = field(default_factory=dict)   # str(server round) -> key of the request whose charged update is kept
 
     def __post_init__(self) -> None:
-        """A ledger read back holds what ``save`` wrote, or it is refused: a negative step count edited in
-        spends negative epsilon (budget gained), a NaN makes the accountant hang."""
+        self.validate()
+
+    def validate(self) -> None:
+        """A ledger read back holds what ``save`` wrote, or it is refused; ``save`` writes nothing it would
+        refuse: a negative step count edited in spends negative epsilon (budget gained), a NaN makes the
+        accountant hang."""
         def number(value: object, what: str, low: float = 0.0, *, strict: bool = True) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
                     (value <= low if strict else value < low):
@@ -130,14 +134,15 @@ class Ledger:
 
         if not reason.strip():
             raise ValueError("raising a privacy budget needs a reason (kept in the ledger)")
-        if epsilon <= self.budget:
-            raise ValueError(f"epsilon {epsilon:g} is not above the current budget {self.budget:g}")
+        if not math.isfinite(epsilon) or epsilon <= self.budget:
+            raise ValueError(f"epsilon {epsilon:g} is not a finite number above the current budget {self.budget:g}")
         self.budget_changes.append({"from": self.budget, "to": epsilon, "reason": reason,
                                     "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         self.budget = epsilon
 
     def save(self, state_dir: str | Path) -> Path:
         """Atomic write: a crash never leaves a half-written ledger (spending is never lost)."""
+        self.validate()
         data = asdict(self)
         data["history"] = [list(h) for h in self.history]
         return write_text(Path(state_dir) / LEDGER_FILE, json.dumps(data, indent=1), durable=True)

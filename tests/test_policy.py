@@ -57,6 +57,13 @@ def test_the_ledger_budget_is_never_raised_by_opening_it_and_a_lost_ledger_is_re
     assert Ledger.open(tmp_path / "s", budget=6.0, **args).budget_changes[0]["to"] == 6.0
     with pytest.raises(ValueError, match="reason"):
         ledger.raise_budget(9.0, reason=" ")
+    for bad in (float("nan"), float("inf")):                 # was written: the ledger then could not be read
+        with pytest.raises(ValueError, match="not a finite number above the current budget 6"):
+            ledger.raise_budget(bad, reason="typo")
+    ledger.budget = float("nan")                             # whatever sets a field, save writes nothing unreadable
+    with pytest.raises(ValueError, match="budget=nan"):
+        ledger.save(tmp_path / "s")
+    assert Ledger.open(tmp_path / "s", budget=6.0, **args).budget == 6.0
     (tmp_path / "s" / LEDGER_FILE).unlink()
     with pytest.raises(ValueError, match="missing.*Restore it from backup"):
         Ledger.open(tmp_path / "s", budget=6.0, must_exist=True, **args)
