@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -54,13 +55,13 @@ class Ledger:
         refuse: a negative step count edited in spends negative epsilon (budget gained), a NaN makes the
         accountant hang."""
         def number(value: object, what: str, low: float = 0.0, *, strict: bool = True) -> None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
                     (value <= low if strict else value < low):
                 raise ValueError(f"{what}={value!r} is not a finite number {'>' if strict else '>='} {low:g}")
 
         number(self.budget, "budget")
         number(self.max_grad_norm, "max_grad_norm")
-        if not (isinstance(self.delta, float) and 0 < self.delta < 1):
+        if isinstance(self.delta, bool) or not (isinstance(self.delta, numbers.Real) and 0 < self.delta < 1):
             raise ValueError(f"delta={self.delta!r} is not in (0, 1)")
         if self.noise_multiplier is not None:
             number(self.noise_multiplier, "noise_multiplier", strict=False)
@@ -72,7 +73,7 @@ class Ledger:
             if step[1] > 1:
                 raise ValueError(f"history[{i}] sample rate={step[1]!r} is over 1")
             number(step[2], f"history[{i}] steps", strict=False)
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in self.rounds):
+        if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in self.rounds):
             raise ValueError(f"rounds={self.rounds!r} are not round numbers")
 
     # ----------------------------------------------------------------------------- persistence
