@@ -61,8 +61,9 @@ class Ledger:
 
         number(self.budget, "budget")
         number(self.max_grad_norm, "max_grad_norm")
-        if isinstance(self.delta, bool) or not (isinstance(self.delta, numbers.Real) and 0 < self.delta < 1):
-            raise ValueError(f"delta={self.delta!r} is not in (0, 1)")
+        number(self.delta, "delta")
+        if self.delta >= 1:
+            raise ValueError(f"delta={self.delta!r} is not below 1")
         if self.noise_multiplier is not None:
             number(self.noise_multiplier, "noise_multiplier", strict=False)
         for i, step in enumerate(self.history):
