@@ -26,6 +26,8 @@ def simulate(preset: str = "tiny", overrides: Sequence[str] = (), *, run_dir: Op
     from server.app import make_app as make_server_app
 
     cfg = load_config(preset, list(overrides))  # fail fast, before Ray starts, on a bad config
+    if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ValueError(f"--run-dir {run_dir} is a file: give a folder (a new one, or a run's to resume it)")
     if cfg.data.source != "synthetic":
         raise ValueError("simulate runs synthetic hospitals (data.source=synthetic); a manifest belongs to one "
                          "hospital: deploy it with a SuperNode and node config data-path")

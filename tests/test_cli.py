@@ -119,3 +119,9 @@ def test_write_synthetic_writes_a_checked_folder_and_refuses_no_images(tmp_path,
     assert main(["write-synthetic", "--hospital", "rural", "--images", "0", "--out", str(tmp_path / "b")]) != 0
     assert "--images 0: give at least 1 image" in caplog.text
     assert not (tmp_path / "b" / "manifest.jsonl").exists()
+
+
+def test_simulate_names_a_run_dir_that_is_a_file_before_anything_starts(tmp_path, caplog):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["simulate", "--run-dir", str(tmp_path / "notes.txt")]) != 0     # was: [Errno 17] File exists
+    assert "notes.txt is a file: give a folder" in caplog.text and (tmp_path / "notes.txt").read_text() == "mine"
