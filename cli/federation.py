@@ -32,10 +32,16 @@ def _simulate(args: argparse.Namespace) -> int:
     summary = simulate(args.config, list(args.overrides), run_dir=run_dir, cpus_per_hospital=args.cpus_per_hospital,
                        gpus_per_hospital=args.gpus_per_hospital)
     print_summary(summary)
-    if summary["stopped"].startswith("stopped"):         # hospitals missing, or every one failed: not a result
+    if _stopped_short(summary):          # hospitals missing, or every one failed: not a result
         print(f"the federation {summary['stopped']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stopped_short(s: dict) -> bool:
+    """The run stopped before its rounds were done for want of hospitals (server.app's "stopped ..."),
+    not at its end or because every budget was spent."""
+    return s["stopped"].startswith("stopped")
 
 
 def print_summary(s: dict) -> None:
@@ -50,8 +56,7 @@ def print_summary(s: dict) -> None:
         console.print(f"{name}: epsilon {p['epsilon']:.2f} (budget {p.get('budget')}) at delta {p['delta']:g}; " + "; ".join(
             (f"{m['stage']}: " if len(mechanisms) > 1 else "") +
             f"sigma {m['noise_multiplier']:.3f}, q {m['sample_rate']:.4f}, {m['steps']} DP-SGD steps" for m in mechanisms))
-    if s["rounds"] and not s.get("eval_questions") and not s.get("eval_reports") and not s["stopped"].startswith(
-            "stopped"):
+    if s["rounds"] and not s.get("eval_questions") and not s.get("eval_reports") and not _stopped_short(s):
         console.print("[yellow]nothing was scored: the hospitals' validation splits hold no questions (each is "
                       "data.val_fraction of a hospital's images: give more images, or a larger data.val_fraction)")
     console.print(f"{s['bytes_sent_per_round'] / 1024:.0f} KiB sent per hospital per round; "

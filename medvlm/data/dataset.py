@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from medvlm.config import TASKS, DataConfig
 from medvlm.data.images import load_image
-from medvlm.data.manifest import read_manifest
+from medvlm.data.manifest import read_manifest, row_patient
 from medvlm.data.synthetic import SyntheticSet, generate_hospital, split_images
 
 IGNORE_INDEX = -100   # label of a prompt token: the loss covers the answer only (PyTorch's cross-entropy default)
@@ -202,12 +202,12 @@ def draw_split(rows: Sequence[dict], images: list[int], *, val_fraction: float, 
     name them (an image without a patient is its own); without any, exactly :func:`split_images`."""
     patient: dict[int, str] = {}
     for r in rows:
-        if r.get("patient") is not None and str(r["patient"]).strip():    # a name or a number
-            patient.setdefault(r["image_index"], str(r["patient"]).strip())
-    units = sorted({patient.get(i, f"\0{i}") for i in images}) if patient else images
+        if name := row_patient(r):
+            patient.setdefault(r["image_index"], name)
+    unit = (lambda i: patient.get(i, f"\0{i}")) if patient else (lambda i: i)
+    units = sorted({unit(i) for i in images}) if patient else images
     parts = split_images(len(units), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     chosen = {units[u]: name for name, picked in parts.items() for u in picked}
-    unit = (lambda i: patient.get(i, f"\0{i}")) if patient else (lambda i: i)
     return {name: {i for i in images if chosen[unit(i)] == name} for name in parts}
 
 

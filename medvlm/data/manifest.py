@@ -166,18 +166,27 @@ def read_manifest(path: str | Path, *, fmt: str = "auto", on_bad_row: str = "err
     return Manifest(path, fmt, rows, problems, warnings, dict(left_out), describe_layout(path, fmt))
 
 
+def row_patient(row: dict) -> Optional[str]:
+    """The patient a row names (``patient``: a name or a number), or None."""
+    value = row.get("patient")
+    if value is None:
+        return None
+    return str(value).strip() or None
+
+
 def patient_splits(rows: list[dict]) -> dict[str, set[str]]:
-    """The published splits each named patient (``patient``) has rows in."""
+    """The published splits each named patient has rows in."""
     held: dict[str, set[str]] = {}
     for r in rows:
-        if r.get("patient") is not None and str(r["patient"]).strip():
-            held.setdefault(str(r["patient"]).strip(), set()).add(str(r.get("split", "unsplit")))
+        if patient := row_patient(r):
+            held.setdefault(patient, set()).add(str(r.get("split", "unsplit")))
     return held
 
 
 def summarize(manifest: Manifest) -> dict:
     """What `check-data` prints: rows, images, closed/open counts, modalities, answer vocabulary."""
     vqa = manifest.vqa_rows
+    patients = patient_splits(manifest.rows)
     return {
         "format": manifest.format,
         "layout": manifest.layout,
@@ -192,8 +201,8 @@ def summarize(manifest: Manifest) -> dict:
                                     for i in {r["image"] for r in manifest.rows}).most_common()),
         "answer_vocabulary": len({r["answer"].lower() for r in vqa}),
         "splits": dict(Counter(str(r.get("split", "unsplit")) for r in manifest.rows).most_common()),
-        "patients": len(patient_splits(manifest.rows)),
-        "patients_in_two_splits": sorted(p for p, s in patient_splits(manifest.rows).items() if len(s) > 1),
+        "patients": len(patients),
+        "patients_in_two_splits": sorted(p for p, s in patients.items() if len(s) > 1),
         "errors": len(manifest.problems),
         "warnings": len(manifest.warnings),
         "left_out": dict(manifest.left_out),
