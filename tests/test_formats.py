@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cli.library import check_data
-from medvlm.data.formats import FormatError, detect_format, read_rows, report_text
+from medvlm.data.formats import VQA_RAD_JSON, FormatError, detect_format, read_rows, report_text
 from medvlm.data.manifest import ManifestError, read_manifest, summarize
 from medvlm.data.synthetic import generate_hospital, write_manifest
 
@@ -269,6 +269,27 @@ def test_detection_and_unknown_folders(tmp_path, vqa_rad, slake, pmc_vqa, mimic)
         read_rows(slake, "vqa-rad")
     with pytest.raises(FormatError, match="not a pmc-vqa folder"):
         read_rows(slake, "pmc-vqa")
+
+
+def test_a_folder_holding_two_layouts_is_refused_naming_both_until_the_format_is_named(slake, vqa_rad, caplog):
+    import shutil
+
+    shutil.copy(vqa_rad[0] / VQA_RAD_JSON, slake / VQA_RAD_JSON)        # VQA-RAD's file dropped into SLAKE's folder
+    with pytest.raises(FormatError) as info:
+        read_rows(slake)
+    assert "more than one layout" in str(info.value) and VQA_RAD_JSON in str(info.value)
+    assert "train.json" in str(info.value) and "--format" in str(info.value)
+    assert read_rows(slake, "slake")[0] == "slake"                   # naming the format reads the one asked for
+    from cli.main import main
+
+    assert main(["check-data", str(slake)]) == 2 and "more than one layout" in caplog.text
+    assert main(["check-data", str(slake), "--format", "slake"]) == 0
+
+
+def test_ones_own_manifest_beside_an_images_folder_named_files_is_still_ones_own(tmp_path):
+    write_manifest(generate_hospital("oncology", 2, seed=0), tmp_path)
+    (tmp_path / "files").mkdir()
+    assert detect_format(tmp_path) == "jsonl"
 
 
 def test_check_data_cli_exit_codes(tmp_path, vqa_rad):

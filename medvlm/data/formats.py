@@ -26,6 +26,9 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
                files/pXX/pNNNNNNNN/sNNNNNNNN.txt (in the same tree or under mimic-cxr-reports/);
                mimic-cxr-2.0.0-split.csv (or the .csv.gz MIMIC-CXR-JPG ships) is used for the
                split when present; without it the rows carry no split and one is drawn by patient
+
+A folder holding the files of two layouts (a manifest.jsonl beside VQA-RAD's json) is refused, naming both, until
+the format is named: reading one of them without a word would train on rows nobody chose.
 """
 
 from __future__ import annotations
@@ -80,16 +83,14 @@ def detect_format(path: Path) -> str:
                           "PMC-VQA .csv); pass a data folder or --format")
     if not path.is_dir():
         raise FileNotFoundError(f"data {path} not found")
-    if (path / "manifest.jsonl").is_file():
-        return "jsonl"
-    if (path / VQA_RAD_JSON).is_file() or any((path / f).is_file() for f in MEVF_FILES):
-        return "vqa-rad"
-    if (path / R2GEN_FILE).is_file():
-        return "r2gen"
-    if any((path / f).is_file() for f in SLAKE_FILES):
-        return "slake"
-    if any((path / f).is_file() for pair in PMC_CSVS for f in pair):
-        return "pmc-vqa"
+    found = {fmt: files for fmt, files in _marker_files(path).items() if files}
+    if len(found) > 1:
+        raise FormatError(f"{path}: holds the files of more than one layout ("
+                          + "; ".join(f"{fmt}: {', '.join(files)}" for fmt, files in found.items())
+                          + "); name the one to read with --format (data.format, a site's data-format), or move "
+                          "the other files out")
+    if found:
+        return next(iter(found))
     if (path / "files").is_dir():
         return "mimic-cxr"
     below = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and _recognised(sub))
@@ -98,6 +99,14 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path}: no manifest.jsonl, {VQA_RAD_JSON!r} (or MEVF trainset.json / testset.json), SLAKE "
                       f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE} or MIMIC-CXR files/ tree "
                       f"here{hint}; otherwise name the format with --format (data.format) or point at the file")
+
+
+def _marker_files(folder: Path) -> dict[str, list[str]]:
+    """The files in ``folder`` that mark each layout (a MIMIC-CXR ``files/`` tree is looked for only when none do:
+    one's own manifest may keep its images in a folder of that name)."""
+    markers = {"jsonl": ["manifest.jsonl"], "vqa-rad": [VQA_RAD_JSON, *MEVF_FILES], "r2gen": [R2GEN_FILE],
+               "slake": list(SLAKE_FILES), "pmc-vqa": [f for pair in PMC_CSVS for f in pair]}
+    return {fmt: [name for name in names if (folder / name).is_file()] for fmt, names in markers.items()}
 
 
 def _recognised(path: Path) -> bool:
