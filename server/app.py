@@ -62,6 +62,10 @@ def set_up(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> tuple[Rounds, di
         server_state, state = resumed
         first, records, privacy = server_state["round"] + 1, server_state["records"], server_state["privacy"]
         log.info("resuming %s after round %d", run_dir, first - 1)
+        if [rec["round"] for rec in records] == [0] and not (records[0]["evaluated_hospitals"] or
+                                                              records[0]["not_evaluated"]):
+            records = []    # round 0's evaluation failed everywhere: the start is evaluated again
+            log.info("round 0 (the start) was not evaluated by any hospital: evaluating it again")
     else:
         state, first, records, privacy = skeleton.trainable_state(), 1, [], {}
         save_config(cfg, run_dir)

@@ -69,7 +69,7 @@ def federation(tmp_path):
     overrides = TINY_OVERRIDES + ["data.hospitals=[general,oncology,cardiac]", "federation.local_epochs=1"]
 
     def start(rounds: int, *, extra=(), crash_nodes=(), run_dir=None, kill_at_round=None, silent=None,
-              kill_after_training=None, unavailable=None):
+              kill_after_training=None, unavailable=None, crash_evaluate=False):
         run_config = {"preset": "tiny", "overrides": shlex.join(overrides + list(extra))}
         cfg = load_config("tiny", overrides + list(extra) + [f"federation.rounds={rounds}"])
         nodes = {10 + i: {"partition-id": i} for i in range(3)}
@@ -78,7 +78,8 @@ def federation(tmp_path):
             raise RuntimeError("simulated hospital crash")
 
         grid = InProcessGrid(nodes, {"train": client_app.train, "evaluate": client_app.evaluate}, run_config,
-                             overrides={node: {"train": crash} for node in crash_nodes} or None,
+                             overrides={node: {"train": crash, **({"evaluate": crash} if crash_evaluate else {})}
+                                        for node in crash_nodes} or None,
                              kill_at_round=kill_at_round, silent=silent, kill_after_training=kill_after_training,
                              unavailable=unavailable)
         summary = run_federation(grid, cfg, run_dir or tmp_path / "run")
@@ -197,6 +198,22 @@ def test_a_round_in_which_every_hospital_fails_stops_the_run_saying_why(federati
     assert set(summary["stopped"].split("(", 1)[1].split(")", 1)[0].split(", ")) == {"general", "oncology", "cardiac"}
     assert len(summary["stopped"].splitlines()) == 1
     assert (run_dir / "server-state.json").exists()                 # resumable once the fault is fixed
+
+
+def test_a_run_stopped_at_round_0_evaluates_the_start_again_when_resumed(federation):
+    """Every hospital failing round 0's evaluation stops the run there; resumed once fixed, the start is
+    evaluated again (it was taken as done: the run had no starting accuracy for ever)."""
+    start, run_dir = federation
+    summary, _ = start(1, crash_nodes={10, 11, 12}, crash_evaluate=True)
+    assert summary["stopped"].startswith("stopped at round 0 (evaluating the start): every hospital failed to "
+                                         "evaluate (")
+    assert summary["initial_accuracy"] is None
+    summary, grid = start(1)
+    assert summary["stopped"] == "completed" and summary["initial_accuracy"] is not None
+    assert {int(m.content["config"]["server-round"]) for m in grid.sent if m.metadata.message_type == "evaluate"} \
+        == {0, 1}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1] and records[0]["accuracy"] is not None
 
 
 def test_flowers_and_rays_wrapping_of_an_app_s_exception_is_read_to_its_message():
