@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -56,10 +57,31 @@ def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for host in hosts:
         host = host.strip()
-        if not host or any(c in host for c in " /:") and not _is_ip(host):
-            raise ValueError(f"--host {host!r} is not a host name or IP address (no scheme, port or path)")
-        names.append(x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(host))
+        names.append(x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(_dns_name(host)))
     return names
+
+
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)
+
+
+def _dns_name(host: str) -> str:
+    """``host`` as the ASCII DNS name a certificate carries (an internationalised name in its IDNA form), or a
+    ValueError saying what is wrong: a TLS client would never match the certificate to the address it dials."""
+    bad = f"--host {host!r} is not a host name or IP address"
+    if not host or any(c in host for c in " /:@"):
+        raise ValueError(f"{bad} (give the bare name or address: no scheme, port or path)")
+    try:
+        ascii_name = host.rstrip(".").encode("idna").decode("ascii")
+    except UnicodeError as err:
+        raise ValueError(f"{bad} ({err})") from None
+    if len(ascii_name) > 253:
+        raise ValueError(f"{bad}: {len(ascii_name)} characters, DNS allows 253")
+    labels = ascii_name.split(".")
+    if wrong := [label for label in labels if not _LABEL.fullmatch(label)]:
+        raise ValueError(f"{bad}: {wrong[0]!r} is not a DNS label (letters, digits and inner hyphens, 1-63 of them)")
+    if labels[-1].isdigit():
+        raise ValueError(f"{bad}: it reads as an IPv4 address, but not a valid one")
+    return ascii_name
 
 
 def _is_ip(host: str) -> bool:

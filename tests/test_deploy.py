@@ -44,6 +44,22 @@ def test_certificates_chain_to_the_ca_and_name_the_superlink(tmp_path):
         create_certificates(tmp_path / "other", ["https://coordinator:9092"])
 
 
+def test_a_host_no_tls_client_could_match_is_refused_before_any_key_is_made(tmp_path):
+    """The certificate names exactly what hospitals dial; a name no resolver or TLS client accepts (an IPv4
+    address out of range, a label with '!', an underscore or a leading hyphen) would fail at every site's
+    handshake, so it is refused saying why; an internationalised name is written in its IDNA form."""
+    for host, why in (("256.1.1.1", "IPv4"), ("coord!nator.org", "DNS label"), ("-coord.org", "DNS label"),
+                      ("coord_1.org", "DNS label"), ("a..b", "host name"), ("x" * 64 + ".org", "host name"),
+                      ("user@coord.org", "no scheme")):
+        with pytest.raises(ValueError, match=why):
+            create_certificates(tmp_path / "refused", [host])
+        assert not (tmp_path / "refused" / "ca.key").exists()
+    paths = create_certificates(tmp_path / "idn", ["krankenhaus-münchen.de", "coord.example.org.", "::1"])
+    san = x509.load_pem_x509_certificate(paths.server_cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["xn--krankenhaus-mnchen-y6b.de", "coord.example.org"]
+
+
 def test_node_keys_are_what_flower_node_authentication_loads(tmp_path):
     private, public = create_node_key(tmp_path, "st-mary")
     key = load_ssh_private_key(private.read_bytes(), None)
