@@ -229,6 +229,28 @@ def test_a_transparent_figure_is_laid_on_white_and_a_photograph_is_turned_by_its
     assert as_stored.shape == (20, 30, 3) and as_stored[:5, :5].mean() > 200
 
 
+def test_pillows_warning_about_a_file_is_logged_naming_that_file(tmp_path, caplog):
+    """Pillow warns about a corrupt EXIF block as it opens a JPEG, in words that name no file (in a folder of
+    thousands, nobody could find it): the warning is logged with the file's path, the picture read."""
+    import struct
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 40                                  # ImageDescription, 41 bytes of text ...
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "clean.jpg", exif=exif)
+    raw = bytearray((tmp_path / "clean.jpg").read_bytes())
+    tiff = raw.find(b"Exif") + 6
+    entry = tiff + raw[tiff:].find(b"\x01\x0e\x00\x02")     # big-endian tag 270, type ASCII
+    struct.pack_into(">I", raw, entry + 4, 4000)             # ... said to be 4,000 bytes: past the file's end
+    (tmp_path / "corrupt.jpg").write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        assert np.asarray(load_image(tmp_path / "clean.jpg")).shape == (8, 8, 3)
+        assert not caplog.records                            # a sound file: not a word
+        assert np.asarray(load_image(tmp_path / "corrupt.jpg")).shape == (8, 8, 3)
+    assert len(caplog.records) == 1 and str(tmp_path / "corrupt.jpg") in caplog.text and "270" in caplog.text
+
+
 def test_a_malformed_dicom_element_is_this_file_s_named_problem_whatever_pydicom_raises(tmp_path):
     """pydicom parses elements lazily: a bad one raises where first used, as NotImplementedError,
     TypeError, struct.error... Each must be a ValueError naming the file (a bad row), not a crash of

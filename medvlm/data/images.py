@@ -17,6 +17,7 @@ the same way everywhere; the encoder's own ``preprocess`` does the rest (size, n
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medvlm.config import DicomConfig
+
+log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 # Pillow's grey modes wider than 8 bits (16-bit PNG / TIFF, 32-bit integer and float TIFF)
@@ -55,14 +58,19 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
     if is_dicom(path):
         return Image.fromarray(dicom_to_uint8(path, dicom or DicomConfig()))
     try:
-        with Image.open(path) as im:
-            im.load()
-            image = _upright(im)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            with Image.open(path) as im:
+                im.load()
+                image = _upright(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"image {path} cannot be decoded ({err})") from None
     except Image.DecompressionBombError as err:   # Pillow's guard against a file that decodes into gigabytes
         raise ValueError(f"image {path} is too large to decode ({err}): downsample it (a Med-VQA encoder reads "
                          "a few hundred pixels a side)") from None
+    if said:    # Pillow's own words (a truncated EXIF block, a very large image) name no file: say which
+        log.warning("image %s: %s; the picture was read", path,
+                    "; ".join(dict.fromkeys(str(w.message).rstrip(".") for w in said)))
     if image.mode in HIGH_BIT_DEPTH_MODES:
         values = np.asarray(image, dtype=np.float64)
         if not np.isfinite(values).all():
