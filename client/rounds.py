@@ -77,13 +77,18 @@ def kept(state_dir: str | Path, ledger, server_round: int, key: str) -> Optional
         log.warning("%s: round %d was trained and charged for this very request, but its kept update %s is gone: "
                     "training it again (charged again)", ledger.hospital, server_round, path)
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        if meta.get("key") != key:
-            log.warning("%s: %s holds another request's update: training round %d again", ledger.hospital, path,
-                        server_round)
-            return None
-        state = {name: fh.get_tensor(name) for name in fh.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("key") != key:
+                log.warning("%s: %s holds another request's update: training round %d again", ledger.hospital,
+                            path, server_round)
+                return None
+            state = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError) as err:   # damaged on disk: as if gone (a second release is paid for)
+        log.warning("%s: round %d's kept update %s cannot be read (%s): training it again (charged again)",
+                    ledger.hospital, server_round, path, err)
+        return None
     return state, {k: float(meta[k]) for k in KEPT_METRICS if k in meta}

@@ -64,11 +64,11 @@ def vision_encoder(cfg: VisionConfig):
 def apply_init(model: MedVLM, cfg: ModelConfig) -> None:
     """``model.init`` (the whole trainable state) then ``model.fusion.init`` (the fusion alone)."""
     if cfg.init == "public":
-        from safetensors.torch import load_file
-
+        from medvlm.files import read_tensors
         from medvlm.recipes.foundation import public_state_path
 
-        model.load_adapter_state(load_file(str(public_state_path(cfg))))
+        path = public_state_path(cfg)
+        model.load_adapter_state(read_tensors(path, "it is a cache entry: delete it and it is built again"))
     elif cfg.init != "random":
         from medvlm.runs import load_trainable
 

@@ -1,6 +1,7 @@
 """Atomic writes: whoever reads a file (another process, or this one after a crash) sees the old
 version whole or the new one whole, never a part. Every file the project writes for later (the
-privacy ledger, kept updates, checkpoints, run summaries, caches, keys) goes through here."""
+privacy ledger, kept updates, checkpoints, run summaries, caches, keys) goes through here; tensor files
+are read back through :func:`read_tensors`, which names a damaged one and what to do."""
 
 from __future__ import annotations
 
@@ -47,3 +48,18 @@ def write_bytes(path: str | Path, data: bytes, *, durable: bool = False, mode: i
 
 def write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:
     return write_bytes(path, text.encode(), durable=durable)
+
+
+def read_tensors(path: str | Path, remedy: str, *, framework: str = "pt") -> dict:
+    """The tensors of a safetensors file; a file that is not one (cut short by a copy, damaged on disk, another
+    format under the name) is a ValueError naming it, what safetensors said, and ``remedy``."""
+    import importlib
+
+    from safetensors import SafetensorError
+
+    load_file = importlib.import_module(f"safetensors.{'torch' if framework == 'pt' else framework}").load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as tensors ({err}): the file is damaged or incomplete; {remedy}"
+                         ) from None

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from medvlm.config import ExperimentConfig, to_dict
-from medvlm.model.vlm import MedVLM, read_fusion, save_fusion
+from medvlm.files import read_tensors
+from medvlm.model.vlm import RESTORE, MedVLM, read_fusion, save_fusion
 
 
 def new_run_dir(root: str | Path, kind: str, name: Optional[str] = None) -> Path:
@@ -40,6 +40,9 @@ def saved_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Experime
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: not a medvlm-fl run folder (give the folder "
                                 "`medvlm-fl simulate` or `train-local` wrote)")
+    if not path.read_bytes().strip():   # read as every default: the wrong base model, named as if that were the fault
+        raise ValueError(f"{path} is empty: the run's settings are lost; restore it from a copy (the run's "
+                         "checkpoints hold the weights, not the settings)")
     return load_config(str(path), list(overrides))
 
 
@@ -60,7 +63,13 @@ def check_base(model: MedVLM, directory: Path) -> None:
     path = directory / BASE_FILE
     if not path.is_file():
         return   # exported before base.json existed: the tensor checks below still apply
-    want, have = json.loads(path.read_text()), base_identity(model)
+    try:
+        want = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): {RESTORE}") from None
+    if not isinstance(want, dict):
+        raise ValueError(f"{path} is not a base-model record (a JSON object): {RESTORE}")
+    have = base_identity(model)
     diffs = [f"{k}: adapter {want['language'].get(k)!r}, this model {v!r}" for k, v in have["language"].items()
              if want.get("language", {}).get(k) != v]
     if want.get("vision_width") != have["vision_width"]:
@@ -101,7 +110,7 @@ def load_trainable(model: MedVLM, directory: str | Path) -> None:
 
 def _load_checked(model: MedVLM, directory: Path) -> None:
     state = read_fusion(directory / "fusion.safetensors")
-    adapter = load_file(str(directory / "adapter_model.safetensors"))
+    adapter = read_tensors(directory / "adapter_model.safetensors", RESTORE)
     by_suffix = {k.replace(".default.", "."): k for k in model.adapter_spec() if k.startswith("language.")}
     for key, value in adapter.items():
         ours = by_suffix.get("language." + key)

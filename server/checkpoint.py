@@ -72,17 +72,13 @@ class Checkpoints:
 
     def optimizer_state(self, server_state: dict) -> dict[str, np.ndarray]:
         """The server optimizer's state saved with the checkpoint ``server_state`` names ({} if none)."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from medvlm.files import read_tensors
 
         path = self.run_dir / server_state["checkpoint"] / OPTIMIZER_FILE
         if not path.is_file():
             return {}
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} is not a readable server optimizer state ({err}); restore it from a copy, or "
-                             "resume from an earlier round's checkpoint, or start a new run folder") from None
+        return read_tensors(path, "restore it from a copy, or resume from an earlier round's checkpoint, or start a "
+                                  "new run folder", framework="numpy")
 
     def load(self, cfg: ExperimentConfig) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
         """(server state, global state) of the last completed round, or None for a fresh run."""

@@ -141,6 +141,24 @@ def test_a_round_asked_again_is_resent_not_trained_and_charged_again(run, monkey
     assert "resent" not in status and status["status"] == "budget-exhausted"
 
 
+def test_a_damaged_kept_update_is_trained_again_not_a_crash(tmp_path, caplog):
+    """The kept update of a charged round, damaged on disk (a disk fault, a partial restore): the round is
+    trained again and charged again (a second release, paid for), with a warning naming the file; before,
+    safetensors' error crashed every request for that round."""
+    import torch
+
+    from client import rounds
+
+    ledger = type("L", (), {"kept": {"1": "k"}, "hospital": "cardiac"})()
+    path = rounds.keep(tmp_path, 1, "k", {"fusion.w": torch.ones(3)}, {"train_loss": 0.5})
+    state, metrics = rounds.kept(tmp_path, ledger, 1, "k")
+    assert torch.equal(state["fusion.w"], torch.ones(3)) and metrics == {"train_loss": 0.5}
+    path.write_bytes(path.read_bytes()[:20])                       # cut short
+    with caplog.at_level("WARNING"):
+        assert rounds.kept(tmp_path, ledger, 1, "k") is None
+    assert str(path) in caplog.text and "charged again" in caplog.text
+
+
 def test_a_round_follows_the_piece_of_the_schedule_its_plan_names(run):
     """lr-from / lr-to in the round's plan (federation.lr_schedule=stage): a round at the very end of
     the curve trains at a learning rate near 0; a malformed window is refused before anything is spent."""

@@ -165,6 +165,26 @@ def test_model_init_from_an_exported_adapter_folder(tiny_cfg, tiny_model, tmp_pa
         replace(tiny_cfg.model, init="public", fusion=replace(tiny_cfg.model.fusion, init="x.safetensors"))
 
 
+def test_a_damaged_exported_file_is_named_with_what_to_do(tiny_model, tmp_path):
+    """An exported adapter folder copied in part (a file cut short, base.json truncated): loading it names the
+    file and says to restore it (safetensors' 'invalid header length' or a JSON traceback before), and
+    nothing is loaded."""
+    import shutil
+
+    from medvlm.runs import export_trainable, load_trainable
+
+    before = tiny_model.trainable_state()
+    good = export_trainable(tiny_model, tmp_path / "global")
+    for name, cut in (("fusion.safetensors", 100), ("adapter_model.safetensors", 300), ("base.json", 10)):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(good, broken)
+        (broken / name).write_bytes((good / name).read_bytes()[:cut])
+        with pytest.raises(ValueError) as info:
+            load_trainable(tiny_model, broken)
+        assert str(broken / name) in str(info.value) and "restore it from a copy" in str(info.value), name
+    assert all(torch.equal(v, before[k]) for k, v in tiny_model.trainable_state().items())
+
+
 def test_stage1_alignment_trains_only_the_fusion_towards_report_findings(tiny_model, tiny_splits):
     """Public stage 1: the fusion learns the finding labels of each image's report through a
     throw-away head; LoRA is untouched and the caller's trainable flags are restored."""

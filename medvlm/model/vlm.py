@@ -22,6 +22,9 @@ from medvlm.model.language import build_language_model
 from medvlm.model.vision import build_vision_encoder
 from medvlm.tensors import TensorSpec, spec_of, validate_state
 
+# what to do with an exported or checkpointed weight file that cannot be read
+RESTORE = "restore it from a copy (a run keeps every round's in checkpoints/round-NNN/)"
+
 
 def save_fusion(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     """Write the ``fusion.*`` tensors of a trainable state as safetensors (prefix dropped), atomically."""
@@ -36,11 +39,11 @@ def save_fusion(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
 
 def read_fusion(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a fusion safetensors file back into trainable-state names (``fusion.<param>``)."""
-    from safetensors.torch import load_file
+    from medvlm.files import read_tensors
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"fusion weights {path} not found")
-    return {f"fusion.{k}": v for k, v in load_file(str(path)).items()}
+    return {f"fusion.{k}": v for k, v in read_tensors(path, RESTORE).items()}
 
 
 @torch.no_grad()
