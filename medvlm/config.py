@@ -526,12 +526,39 @@ def _preset_path(preset: str) -> Path:
     return candidate
 
 
+def _read_yaml(path: Path):
+    """A config file's settings; YAML that does not parse, or is not a mapping at its top, named by file and line."""
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"config file {path} is not valid YAML: {getattr(err, 'problem', None) or err}{where}"
+                         ) from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    if not OmegaConf.is_dict(node):
+        raise ValueError(f"config file {path} holds a list at its top, not settings (section: then key: value "
+                         "lines, as configs/tiny.yaml)")
+    return node
+
+
+def _said(err: OmegaConfBaseException) -> str:
+    """OmegaConf's reason on one line, with the key it concerns (its message spans several lines, or is
+    None with the reason only in str(err))."""
+    text = (getattr(err, "msg", None) or str(err)).splitlines()[0].strip().removeprefix("Merge error: ")
+    key = getattr(err, "full_key", None)
+    return f"{key}: {text}" if key and key not in text else text
+
+
 def _load_yaml_chain(preset: str, seen: tuple[str, ...] = ()) -> list:
     """A preset may name a ``base:`` preset it extends; returns the chain base-first."""
     if preset in seen:
         raise ValueError(f"config preset {preset!r} extends itself through {' -> '.join(seen)}")
     path = _preset_path(preset)
-    node = OmegaConf.load(path)
+    node = _read_yaml(path)
     base = node.pop("base", None)
     chain = _load_yaml_chain(str(base), seen + (preset,)) if base else []
     return chain + [(path, node)]
@@ -556,7 +583,8 @@ def _apply_override(merged, item: str):
         parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))["value"]
         OmegaConf.update(merged, key, parsed, merge=True)
     except (OmegaConfBaseException, TypeError) as err:
-        raise ValueError(f"override {item!r} rejected: {err}") from None
+        raise ValueError(f"override {item!r} rejected: {_said(err) if isinstance(err, OmegaConfBaseException) else err}"
+                         ) from None
     return merged
 
 
@@ -580,14 +608,14 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = N
         try:
             merged = OmegaConf.merge(merged, node)
         except OmegaConfBaseException as err:
-            raise ValueError(f"config file {path}: {err.msg if hasattr(err, 'msg') else err}") from None
+            raise ValueError(f"config file {path}: {_said(err)}") from None
     for item in overrides or []:
         merged = _apply_override(merged, item)
     _all_finite(OmegaConf.to_container(merged), "")
     try:
         return OmegaConf.to_object(merged)  # runs every __post_init__
     except OmegaConfBaseException as err:
-        raise ValueError(f"config rejected: {err}") from None
+        raise ValueError(f"config rejected: {_said(err)}") from None
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

@@ -71,6 +71,32 @@ def test_unknown_key_and_malformed_override():
         load_config("no-such-preset")
 
 
+@pytest.mark.parametrize("text, said", [
+    ("model: [\n", r"c\.yaml is not valid YAML: did not find expected node content \(line 2, column 1\)"),
+    ("- train\n", r"c\.yaml holds a list at its top, not settings"),
+    ("model: {vision: 3}\n", r"c\.yaml: int is not a subclass of VisionConfig\. value: 3$"),   # was ': None'
+    ("train: {epochs: abc}\n", r"c\.yaml: train\.epochs: Value 'abc' of type 'str' could not be converted to Float$"),
+])
+def test_a_config_file_that_is_not_settings_is_named_by_file_line_and_key_on_one_line(tmp_path, text, said):
+    """A hand-written preset with a YAML slip (a parser traceback before), a list, a value where a section
+    belongs ('config file c.yaml: None' before) or a wrong type (four lines of OmegaConf internals)."""
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=said) as info:
+        load_config(str(tmp_path / "c.yaml"))
+    assert "\n" not in str(info.value)
+    (tmp_path / "c.yaml").write_bytes(b"\xff\xfetrain: {}")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_a_run_folder_whose_config_is_empty_is_refused_not_read_as_defaults(tmp_path):
+    from medvlm.runs import saved_config
+
+    (tmp_path / "config.yaml").write_text("\n")
+    with pytest.raises(ValueError, match="config.yaml is empty: the run's settings are lost"):
+        saved_config(tmp_path)
+
+
 def test_an_override_names_a_list_entry_by_its_index():
     cfg = load_config("tiny-consortium-tags", ["federation.stages.0.budget=0.2"])
     assert cfg.federation.stages[0].budget == 0.2
