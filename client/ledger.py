@@ -99,6 +99,10 @@ class Ledger:
         except (ValueError, TypeError, KeyError) as err:    # JSONDecodeError is a ValueError
             raise ValueError(f"privacy ledger {path} is unreadable ({err}); it records this hospital's spent "
                              "privacy, so it must be restored from backup, not deleted") from None
+        if ledger.hospital != hospital:   # two sites sharing a state dir would race on one ledger and mix spending
+            raise ValueError(f"privacy ledger {path} belongs to hospital {ledger.hospital!r}, but this site is "
+                             f"{hospital!r}: each hospital keeps its own state dir (a renamed site: give it its old "
+                             "name back)")
         for key, want in (("delta", delta), ("accountant", accountant)):
             if getattr(ledger, key) != want:
                 raise ValueError(f"privacy ledger {path} was kept with {key}={getattr(ledger, key)!r}, but this "

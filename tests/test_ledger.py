@@ -48,6 +48,10 @@ def test_ledger_refuses_mixing_mechanisms_and_rewrites(tmp_path):
     ledger.save(tmp_path)
     with pytest.raises(ValueError, match="delta"):
         _open(tmp_path, delta=1e-6)
+    with pytest.raises(ValueError, match="belongs to hospital 'general', but this site is 'oncology'"):
+        Ledger.open(tmp_path, hospital="oncology", budget=8.0, delta=1e-5, accountant="rdp", max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="own state dir"):       # `ledger init` for another site says so too
+        Ledger.init(tmp_path, hospital="oncology", budget=8.0, delta=1e-5, accountant="rdp", max_grad_norm=1.0)
     with pytest.raises(ValueError, match="sample rate changed"):
         _open(tmp_path).plan(sample_rate=0.1, steps_per_round=10, rounds_left=1)
     with pytest.raises(ValueError, match="fewer than"):
