@@ -90,6 +90,9 @@ def test_not_a_dicom_and_missing_files_are_named(tmp_path):
         load_image(bad)
     with pytest.raises(ValueError, match="nope.png not found"):
         load_image(tmp_path / "nope.png")
+    (tmp_path / "series.png").mkdir()                           # a manifest naming a folder: said, not 'not found'
+    with pytest.raises(ValueError, match="series.png is a folder, not an image file"):
+        load_image(tmp_path / "series.png")
 
 
 def test_synthetic_dicom_round_trips_to_the_same_picture(tmp_path):

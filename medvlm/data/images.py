@@ -54,7 +54,8 @@ def load_image(path: str | Path, dicom: DicomConfig | None = None) -> Image.Imag
         raise ValueError(f"image {str(path)[:200]}{'…' if len(str(path)) > 200 else ''} cannot be looked up "
                          f"({err.strerror}): is the data file's image column the image's path?") from None
     if not found:
-        raise ValueError(f"image {path} not found{_near_miss(path)}")
+        raise ValueError(f"image {path} is a folder, not an image file" if path.is_dir() else
+                         f"image {path} not found{_near_miss(path)}")
     if is_dicom(path):
         return Image.fromarray(dicom_to_uint8(path, dicom or DicomConfig()))
     try:
