@@ -216,6 +216,19 @@ class DataConfig:
                "data, not dealt out: use data.partition=own")
         _check(self.labeler == "synthetic" or ":" in self.labeler, "data.labeler", self.labeler,
                "use synthetic or package.module:function")
+        _check(len(self.hospitals) > 0, "data.hospitals", self.hospitals, "name at least one hospital profile "
+               "(a simulation runs one SuperNode per name; it waited for hospitals that never came)")
+        twice = sorted({h for h in self.hospitals if self.hospitals.count(h) > 1})
+        _check(not twice, "data.hospitals", self.hospitals, f"{', '.join(twice)} named twice (two sites would "
+               "share one privacy ledger): a second site like one is <profile>-<k>, e.g. "
+               f"{twice[0] if twice else ''}-1")
+        from medvlm.data.synthetic import resolve_profile   # the profiles live with the generator
+
+        for name in self.hospitals:
+            try:
+                resolve_profile(name)
+            except ValueError as err:
+                raise ValueError(f"config: data.hospitals: {err}") from None
 
 
 @dataclass

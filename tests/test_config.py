@@ -97,6 +97,19 @@ def test_a_run_folder_whose_config_is_empty_is_refused_not_read_as_defaults(tmp_
         saved_config(tmp_path)
 
 
+def test_the_simulated_hospitals_are_checked_before_anything_starts():
+    """An empty list (the simulation waited node_wait_s for hospitals that never came), a name twice (two
+    SuperNodes shared one ledger) or an unknown profile (every hospital crashed at round 0): refused at
+    once, naming data.hospitals and the way out."""
+    with pytest.raises(ValueError, match=r"data\.hospitals=\[\] is invalid: name at least one"):
+        load_config("tiny", ["data.hospitals=[]"])
+    with pytest.raises(ValueError, match="general named twice.*e.g. general-1"):
+        load_config("tiny", ["data.hospitals=[general,oncology,general]"])
+    with pytest.raises(ValueError, match="data.hospitals: unknown hospital profile 'nosuch'"):
+        load_config("tiny", ["data.hospitals=[general,nosuch]"])
+    assert load_config("tiny", ["data.hospitals=[general,general-1]"]).data.hospitals == ["general", "general-1"]
+
+
 def test_an_override_names_a_list_entry_by_its_index():
     cfg = load_config("tiny-consortium-tags", ["federation.stages.0.budget=0.2"])
     assert cfg.federation.stages[0].budget == 0.2
