@@ -155,6 +155,8 @@ def _write_synthetic(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.images < 1:
         raise ValueError(f"--images {args.images}: give at least 1 image (each has about 9 questions)")
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed}: give a seed >= 0 (numpy's seed sequences take no negative one)")
     if (out / "manifest.jsonl").exists() and not args.force:
         raise FileExistsError(f"{out / 'manifest.jsonl'} exists; pass --force to overwrite it")
     data = generate_hospital(args.hospital, args.images, seed=args.seed, hospital_only=args.hospital_only)

@@ -201,6 +201,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.images_per_hospital > 0, "data.images_per_hospital", self.images_per_hospital, "must be > 0")
+        _check(self.seed >= 0, "data.seed", self.seed, "must be >= 0 (numpy's seed sequences take no negative seed: "
+               "every hospital crashed)")
         _check(0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
         _check(0 <= self.test_fraction < 1, "data.test_fraction", self.test_fraction, "must be in [0, 1)")
         _check(self.val_fraction + self.test_fraction < 1, "data.val_fraction+data.test_fraction",

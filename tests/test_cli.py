@@ -118,6 +118,8 @@ def test_write_synthetic_writes_a_checked_folder_and_refuses_no_images(tmp_path,
     assert len({r["image"] for r in manifest.rows}) == 3 and len(manifest.rows) > 3
     assert main(["write-synthetic", "--hospital", "rural", "--images", "0", "--out", str(tmp_path / "b")]) != 0
     assert "--images 0: give at least 1 image" in caplog.text
+    assert main(["write-synthetic", "--hospital", "rural", "--seed", "-1", "--out", str(tmp_path / "b")]) != 0
+    assert "--seed -1: give a seed >= 0" in caplog.text                 # numpy's 'expected non-negative integer'
     assert not (tmp_path / "b" / "manifest.jsonl").exists()
 
 

@@ -108,6 +108,8 @@ def test_the_simulated_hospitals_are_checked_before_anything_starts():
     with pytest.raises(ValueError, match="data.hospitals: unknown hospital profile 'nosuch'"):
         load_config("tiny", ["data.hospitals=[general,nosuch]"])
     assert load_config("tiny", ["data.hospitals=[general,general-1]"]).data.hospitals == ["general", "general-1"]
+    with pytest.raises(ValueError, match=r"data\.seed=-1 is invalid: must be >= 0"):   # every hospital crashed
+        load_config("tiny", ["data.seed=-1"])
 
 
 def test_an_override_names_a_list_entry_by_its_index():
