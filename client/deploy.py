@@ -49,6 +49,9 @@ def check_site(*, data_path: str | Path, state_dir: str | Path, data_format: str
     for reason, n in manifest.left_out.items():
         log.info("%s: %d row(s) left out: %s", data_path, n, reason)
     state = Path(state_dir)
+    if state.exists() and not state.is_dir():
+        raise NotADirectoryError(f"state-dir {state} is a file: give a folder (the privacy ledger, kept updates and "
+                                 "feature cache live there)")
     state.mkdir(parents=True, exist_ok=True)
     if not os.access(state, os.W_OK):
         raise PermissionError(f"state-dir {state} is not writable: the privacy ledger must persist there")

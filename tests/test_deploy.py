@@ -130,6 +130,9 @@ def test_supernode_checks_the_site_before_it_connects(tmp_path, caplog):
         supernode_command(key=private.with_suffix(".pub"), **common)
     with pytest.raises(ValueError, match="CA certificate"):
         supernode_command(key=None, **{**common, "ca": None})
+    (tmp_path / "state.txt").write_text("notes")
+    with pytest.raises(NotADirectoryError, match="state-dir .*state.txt is a file: give a folder"):   # was Errno 17
+        supernode_command(key=private, **{**common, "state_dir": tmp_path / "state.txt"})
     common["state_dir"] = tmp_path / "state2"
     lines = manifest.read_text().splitlines()
     lines[2] = lines[2].replace('"question": "', '"question": "  ').replace('"answer_type": "closed"',
