@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 from medvlm.build import build_medvlm
-from medvlm.config import ExperimentConfig
+from medvlm.config import ExperimentConfig, stages
 from medvlm.data.dataset import VQARows, preprocess_images, report_row
 from medvlm.data.images import load_image
 from medvlm.evaluate import predict
@@ -26,12 +27,15 @@ from medvlm.model.vlm import MedVLM
 from medvlm.runs import load_trainable, saved_config
 from medvlm.train import resolve_device
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Predictor:
     model: MedVLM
     cfg: ExperimentConfig
     adapter: Path
+    tasks: tuple[str, ...] = ()    # what the run trained it for (its stages; vqa too when it began at the public start)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, adapter: Optional[str | Path] = None, device: str = "auto",
@@ -40,6 +44,7 @@ class Predictor:
         (``<run>/global``, or ``adapter``) loaded; an adapter for other base models is refused."""
         run_dir = Path(run_dir)
         cfg = saved_config(run_dir, overrides)
+        tasks = tuple(dict.fromkeys([s.task for s in stages(cfg)] + (["vqa"] if cfg.model.init == "public" else [])))
         # the adapter replaces the run's starting point: do not build (or require) model.init
         cfg = replace(cfg, model=replace(cfg.model, init="random", fusion=replace(cfg.model.fusion, init="random")))
         path = Path(adapter) if adapter else run_dir / "global"
@@ -48,22 +53,31 @@ class Predictor:
         model = build_medvlm(cfg.model, seed=cfg.federation.seed).to(resolve_device(device))
         load_trainable(model, path)
         model.eval()
-        return cls(model, cfg, path)
+        return cls(model, cfg, path, tasks)
 
     def _run(self, images: Sequence[str | Path], rows: list[dict]) -> list[str]:
         pixels = preprocess_images([load_image(p, self.cfg.data.dicom) for p in images], self.model.vision.preprocess)
         return predict(self.model, VQARows(pixels, rows), max_new_tokens=self.cfg.train.eval_max_new_tokens)
+
+    def trained_for(self, task: str) -> None:
+        """Warn when the run trained no stage of ``task`` (reports asked of a question-answering run, say):
+        its output is then whatever the model does untrained for it, which nothing else would reveal."""
+        if self.tasks and task not in self.tasks:
+            log.warning("%s was trained for %s (data.task / federation.stages), not %s: its %s are untrained",
+                        self.adapter, " + ".join(self.tasks), task, "answers" if task == "vqa" else "reports")
 
     def answer(self, images: Sequence[str | Path], questions: Sequence[str]) -> list[str]:
         """One answer per (image, question) pair."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} image(s) for {len(questions)} question(s): give one question per image")
         check_questions(questions)
+        self.trained_for("vqa")
         rows = [{"image_index": i, "question": q, "answer": "", "answer_type": "open"} for i, q in enumerate(questions)]
         return self._run(images, rows)
 
     def report(self, images: Sequence[str | Path]) -> list[str]:
         """The findings report of each image."""
+        self.trained_for("report")
         return self._run(images, [report_row(i, "") for i in range(len(images))])
 
 

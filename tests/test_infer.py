@@ -41,7 +41,7 @@ def local_run(tmp_path_factory):
     return run_dir
 
 
-def test_the_predictor_answers_as_evaluation_does(local_run, tmp_path):
+def test_the_predictor_answers_as_evaluation_does(local_run, tmp_path, caplog):
     from PIL import Image
 
     from medvlm.data.dataset import preprocess_images
@@ -60,7 +60,9 @@ def test_the_predictor_answers_as_evaluation_does(local_run, tmp_path):
     rows = [{"image_index": i, "question": q, "answer": "", "answer_type": "open"} for i, q in enumerate(questions)]
     pixels = preprocess_images([load_image(p) for p in paths], predictor.model.vision.preprocess)
     assert got == predict(predictor.model, VQARows(pixels, rows), max_new_tokens=predictor.cfg.train.eval_max_new_tokens)
-    assert len(predictor.report(paths)) == 2
+    assert predictor.tasks == ("vqa",) and not caplog.records        # answers from a question-answering run: silent
+    assert len(predictor.report(paths)) == 2                          # reports from it: said to be untrained
+    assert "was trained for vqa (data.task / federation.stages), not report: its reports are untrained" in caplog.text
     with pytest.raises(ValueError, match="2 image.s. for 1 question"):
         predictor.answer(paths, questions[:1])
     with pytest.raises(ValueError, match="question 2 of 2 is empty"):            # was answered as if asked
