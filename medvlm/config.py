@@ -78,6 +78,8 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "model.lora.r", self.r, "rank must be > 0")
+        _check(self.alpha > 0, "model.lora.alpha", self.alpha, "must be > 0 (LoRA scales its update by alpha / r: "
+               "0 trains nothing)")
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "must be in [0, 1)")
         _check(len(self.target_modules) > 0, "model.lora.target_modules", self.target_modules,
                "name at least one module, e.g. [q_proj, v_proj] (Llama) or [query_key_value] (BLOOM)")
@@ -282,6 +284,9 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", self.optimizer, "use adamw or sgd")
         _check(0.0 <= self.momentum < 1.0, "train.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.eval_max_new_tokens >= 1, "train.eval_max_new_tokens", self.eval_max_new_tokens,
+               "must be >= 1 (with none every answer is empty)")
         _check(bool(self.trainable) and set(self.trainable) <= {"fusion", "lora"}, "train.trainable",
                self.trainable, "name a non-empty subset of [fusion, lora]")
 

@@ -45,9 +45,18 @@ class LocalResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):   # torch names every backend it was ever built for
+        raise ValueError(f"train.device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} GPU(s): "
+                         f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device={name!r} but Apple's MPS is not available here; use train.device=cpu or auto")
+    return device
 
 
 def _secret_seed() -> int:

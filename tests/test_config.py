@@ -37,6 +37,9 @@ def test_biomedclip_preset_points_at_local_dirs():
     ("privacy.max_grad_norm=inf", "privacy.max_grad_norm"),      # passed "> 0"; every hospital then crashed
     ("federation.timeout_s=.inf", "federation.timeout_s"),
     ("federation.stages.0.lr=nan", "federation.stages.0.lr"),
+    ("model.lora.alpha=0", "model.lora.alpha"),                  # LoRA scaled by 0: trained nothing, said nothing
+    ("train.weight_decay=-0.5", "train.weight_decay"),
+    ("train.eval_max_new_tokens=0", "train.eval_max_new_tokens"),  # every answer empty: accuracy 0
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.") + "=.* is invalid"):

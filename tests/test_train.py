@@ -178,3 +178,18 @@ def test_rounds_sharing_one_schedule_follow_the_pooled_curve():
     for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5), (0.6, 0.3)):
         with pytest.raises(ValueError, match="window"):
             lr_factor(10, bad)
+
+
+def test_a_device_name_that_is_no_device_here_is_named_with_the_choices():
+    """train.device (or a hospital's node-config device): a typo or a GPU this machine lacks is named with
+    the key and the choices, not torch's list of every backend it was ever built for."""
+    from medvlm.train import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name, said in (("gpu", "is not a device: use auto, cpu, cuda, cuda:N or mps"), ("", "is not a device"),
+                       ("cuda:99", r"(CUDA is not available|this machine has \d+ GPU)"),
+                       ("mps", "MPS is not available")):
+        if name == "mps" and torch.backends.mps.is_available():
+            continue
+        with pytest.raises(ValueError, match=f"train.device={name!r}.*{said}"):
+            resolve_device(name)
