@@ -465,6 +465,21 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     output_dir: str = "runs"
 
+    def __post_init__(self) -> None:
+        if self.data.source != "synthetic":
+            return   # a site's own question types are its data's: read_manifest's rows say which exist
+        from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES, QTYPES
+
+        asked = [("data.qtypes", self.data.qtypes)] + [(f"federation.stages[{s.name}].qtypes", s.qtypes)
+                                                        for s in self.federation.stages]
+        for key, qtypes in asked:
+            unknown = [q for q in qtypes if q not in QTYPES]
+            _check(not unknown, key, list(qtypes), f"the synthetic hospitals ask no {', '.join(map(repr, unknown))} "
+                   f"question (nothing is trained or scored on it): use some of {list(QTYPES)}")
+            hidden = [q for q in qtypes if q in HOSPITAL_ONLY_QTYPES and not self.data.hospital_only]
+            _check(not hidden, key, list(qtypes), f"{', '.join(hidden)} questions are asked only with "
+                   "data.hospital_only=true (the findings the public corpus lacks)")
+
 
 @dataclass(frozen=True)
 class Stage:

@@ -115,6 +115,20 @@ def test_the_simulated_hospitals_are_checked_before_anything_starts():
         load_config("tiny", ["data.seed=-1"])
 
 
+def test_a_question_type_the_synthetic_hospitals_never_ask_is_refused_naming_it():
+    """A typo in data.qtypes (or a stage's qtypes) matched no row and was trained on silently; a hospital-only
+    type without data.hospital_only asked nothing either."""
+    with pytest.raises(ValueError, match=r"data\.qtypes=\['nodule', 'nodles'\].*ask no 'nodles' question"):
+        load_config("tiny", ["data.qtypes=[nodule,nodles]"])
+    with pytest.raises(ValueError, match=r"federation\.stages\[tags\]\.qtypes.*ask no 'pneumo' question"):
+        load_config("tiny-consortium-tags", ["federation.stages.0.qtypes=[pneumo]"])
+    with pytest.raises(ValueError, match="pneumothorax questions are asked only with data.hospital_only=true"):
+        load_config("tiny", ["data.qtypes=[pneumothorax]"])
+    assert load_config("tiny", ["data.qtypes=[pneumothorax]", "data.hospital_only=true"]).data.qtypes == ["pneumothorax"]
+    own = load_config("tiny", ["data.source=/data/vqa-rad", "data.qtypes=[PRES, ABN]"])   # a release's own types
+    assert own.data.qtypes == ["PRES", "ABN"]
+
+
 def test_an_override_names_a_list_entry_by_its_index():
     cfg = load_config("tiny-consortium-tags", ["federation.stages.0.budget=0.2"])
     assert cfg.federation.stages[0].budget == 0.2

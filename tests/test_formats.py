@@ -446,6 +446,22 @@ def test_a_missing_image_is_one_problem_naming_the_rows_that_use_it(vqa_rad):
     assert manifest.left_out["bad row, skipped (on_bad_row=skip)"] == 4 and len(manifest.rows) == 3
 
 
+def test_a_question_type_a_site_s_data_lacks_is_said_with_the_types_it_has(vqa_rad, caplog):
+    """data.qtypes names types of a site's own data: one that no row has is said (it was trained on silently
+    as nothing), with the types the rows do have."""
+    from medvlm.build import build_medvlm
+    from medvlm.config import DataConfig, load_config
+    from medvlm.data.dataset import from_manifest
+    from tests.conftest import TINY_OVERRIDES
+
+    preprocess = build_medvlm(load_config("tiny", TINY_OVERRIDES).model, seed=0).vision.preprocess
+    root, _ = vqa_rad
+    with caplog.at_level("WARNING"):
+        data = from_manifest(str(root), preprocess, cfg=DataConfig(source=str(root), qtypes=["pres", "presence"]))
+    assert {r["qtype"] for r in data.rows} == {"pres"}
+    assert "no question of type 'presence' here (the types here: count, organ, pres)" in caplog.text
+
+
 BOM = b"\xef\xbb\xbf"
 
 

@@ -119,3 +119,13 @@ def test_a_collapsed_lung_never_hides_a_nodule_or_fluid_the_labels_name():
     fluid_px = lambda pick: np.mean([((lower(i) >= 190) & (lower(i) < 235)).sum()  # noqa: E731
                                      for i in ptx if pick(ds.findings[i]) and not ds.findings[i].cardiomegaly])
     assert fluid_px(lambda f: f.effusion == f.pneumothorax) > fluid_px(lambda f: f.effusion == "none") + 40
+
+
+def test_the_question_types_config_may_name_are_exactly_those_the_hospitals_are_asked():
+    """medvlm.data.synthetic.QTYPES is what data.qtypes and a stage's qtypes are checked against: it must
+    hold every type the generator asks (a type missing from it would be refused) and nothing else."""
+    from medvlm.data.synthetic import QTYPES
+
+    asked = {r["qtype"] for name in ("general", "oncology", "cardiac")
+             for r in generate_hospital(name, 60, seed=0, hospital_only=True).rows}
+    assert asked == set(QTYPES) and len(QTYPES) == len(set(QTYPES))

@@ -168,6 +168,10 @@ def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] 
     log.info("%s: %s; %d rows%s", path, manifest.layout, len(manifest.rows),
              "".join(f"; left out {n}: {reason}" for reason, n in manifest.left_out.items()))
     vqa = task_rows(manifest.rows, cfg.task, cfg.qtypes)
+    if cfg.task == "vqa" and (missing := [q for q in cfg.qtypes if not any(r.get("qtype") == q for r in vqa)]):
+        here = sorted({str(r.get("qtype")) for r in manifest.rows if r.get("qtype") is not None})
+        log.warning("%s: no question of type %s here (the types here: %s); the others are used", path,
+                    ", ".join(map(repr, missing)), ", ".join(here[:20]) or "none: the rows name no qtype")
     if not vqa and cfg.task == "vqa":
         raise ValueError(f"{path}: {len(manifest.report_rows)} report row(s) and no question/answer rows"
                          f"{' of qtype ' + str(list(cfg.qtypes)) if cfg.qtypes else ''}; the VQA task needs rows "

@@ -227,6 +227,9 @@ def report_text(f: Findings) -> str:
 
 
 HOSPITAL_ONLY_QTYPES = ("pneumothorax", "device")
+# every question type :func:`questions` asks (what data.qtypes / a stage's qtypes may name for the synthetic data)
+QTYPES = ("effusion", "cardiomegaly", "nodule", "count", "modality", "abnormality", "nodule_side",
+          "nodule_description", "effusion_location", *HOSPITAL_ONLY_QTYPES)
 
 
 def questions(f: Findings, *, hospital_only: bool = False) -> list[tuple[str, str, str, str]]:
