@@ -220,19 +220,6 @@ class DataConfig:
                "data, not dealt out: use data.partition=own")
         _check(self.labeler == "synthetic" or ":" in self.labeler, "data.labeler", self.labeler,
                "use synthetic or package.module:function")
-        _check(len(self.hospitals) > 0, "data.hospitals", self.hospitals, "name at least one hospital profile "
-               "(a simulation runs one SuperNode per name; it waited for hospitals that never came)")
-        twice = sorted({h for h in self.hospitals if self.hospitals.count(h) > 1})
-        _check(not twice, "data.hospitals", self.hospitals, f"{', '.join(twice)} named twice (two sites would "
-               "share one privacy ledger): a second site like one is <profile>-<k>, e.g. "
-               f"{twice[0] if twice else ''}-1")
-        from medvlm.data.synthetic import resolve_profile   # the profiles live with the generator
-
-        for name in self.hospitals:
-            try:
-                resolve_profile(name)
-            except ValueError as err:
-                raise ValueError(f"config: data.hospitals: {err}") from None
 
 
 @dataclass
@@ -464,21 +451,6 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     output_dir: str = "runs"
-
-    def __post_init__(self) -> None:
-        if self.data.source != "synthetic":
-            return   # a site's own question types are its data's: read_manifest's rows say which exist
-        from medvlm.data.synthetic import HOSPITAL_ONLY_QTYPES, QTYPES
-
-        asked = [("data.qtypes", self.data.qtypes)] + [(f"federation.stages[{s.name}].qtypes", s.qtypes)
-                                                        for s in self.federation.stages]
-        for key, qtypes in asked:
-            unknown = [q for q in qtypes if q not in QTYPES]
-            _check(not unknown, key, list(qtypes), f"the synthetic hospitals ask no {', '.join(map(repr, unknown))} "
-                   f"question (nothing is trained or scored on it): use some of {list(QTYPES)}")
-            hidden = [q for q in qtypes if q in HOSPITAL_ONLY_QTYPES and not self.data.hospital_only]
-            _check(not hidden, key, list(qtypes), f"{', '.join(hidden)} questions are asked only with "
-                   "data.hospital_only=true (the findings the public corpus lacks)")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ def simulate(preset: str = "tiny", overrides: Sequence[str] = (), *, run_dir: Op
     if cfg.data.source != "synthetic":
         raise ValueError("simulate runs synthetic hospitals (data.source=synthetic); a manifest belongs to one "
                          "hospital: deploy it with a SuperNode and node config data-path")
+    from medvlm.data.dataset import check_synthetic
+
+    check_synthetic(cfg.data, cfg.federation.stages)   # before Ray starts: a typo would crash every hospital
     # build the built-in models (and the public stage-1/2 state) once, here, before the hospitals
     # start: otherwise every simulated hospital would build them at the same time
     from medvlm.build import build_skeleton

@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from medvlm.config import TASKS, DataConfig
+from medvlm.config import TASKS, DataConfig, StageConfig
 from medvlm.data.images import load_image
 from medvlm.data.manifest import read_manifest, row_patient
-from medvlm.data.synthetic import SyntheticSet, generate_hospital, split_images
+from medvlm.data.synthetic import (HOSPITAL_ONLY_QTYPES, QTYPES, SyntheticSet, generate_hospital, resolve_profile,
+                                   split_images)
 
 IGNORE_INDEX = -100   # label of a prompt token: the loss covers the answer only (PyTorch's cross-entropy default)
 REPORT_PROMPT = "findings:"
@@ -244,6 +245,34 @@ def published_splits(data: VQARows, *, val_fraction: float, seed: int) -> Option
     return {name: _subset(data, rows) for name, rows in groups.items()}
 
 
+def check_synthetic(data: DataConfig, stages: Sequence[StageConfig] = ()) -> None:
+    """What a run on the synthetic hospitals needs of ``data.hospitals`` and the question types it (and each
+    of ``stages``) names, checked before anything starts (these settings mean nothing to a deployed site, which reads its
+    own data): a name twice (two sites on one ledger), an unknown profile or question type (a typo trained
+    on nothing), a hospital-only type without ``data.hospital_only``."""
+    names = data.hospitals
+    if not names:
+        raise ValueError("config: data.hospitals is empty: name at least one hospital profile (a simulation runs "
+                         "one SuperNode per name)")
+    if twice := sorted({h for h in names if names.count(h) > 1}):
+        raise ValueError(f"config: data.hospitals={names}: {', '.join(twice)} named twice (two sites would share "
+                         f"one privacy ledger): a second site like one is <profile>-<k>, e.g. {twice[0]}-1")
+    for name in names:
+        try:
+            resolve_profile(name)
+        except ValueError as err:
+            raise ValueError(f"config: data.hospitals: {err}") from None
+    asked = [("data.qtypes", data.qtypes)] + [(f"federation.stages[{s.name}].qtypes", s.qtypes) for s in stages]
+    for key, qtypes in asked:
+        if unknown := [q for q in qtypes if q not in QTYPES]:
+            raise ValueError(f"config: {key}={list(qtypes)}: the synthetic hospitals ask no "
+                             f"{', '.join(map(repr, unknown))} question (nothing is trained or scored on it): use "
+                             f"some of {list(QTYPES)}")
+        if hidden := [q for q in qtypes if q in HOSPITAL_ONLY_QTYPES and not data.hospital_only]:
+            raise ValueError(f"config: {key}={list(qtypes)}: {', '.join(hidden)} questions are asked only with "
+                             "data.hospital_only=true (the findings the public corpus lacks)")
+
+
 def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[str] | None = None,
                 encode_files: Optional[EncodeFiles] = None) -> dict[str, VQARows]:
     """train/val/test VQARows for the configured data (synthetic hospitals pooled, or a data
@@ -257,6 +286,7 @@ def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[st
                          ", ".join(f"{k} {len(v)} rows" for k, v in published.items()))
                 return published
         return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    check_synthetic(cfg)
     names = list(hospitals or cfg.hospitals)
     held = _iid_partition(cfg, preprocess, names) if cfg.partition == "iid" else {
         name: _own_splits(cfg, name, preprocess) for name in names}
