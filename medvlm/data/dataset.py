@@ -247,9 +247,9 @@ def published_splits(data: VQARows, *, val_fraction: float, seed: int) -> Option
 
 def check_synthetic(data: DataConfig, stages: Sequence[StageConfig] = ()) -> None:
     """What a run on the synthetic hospitals needs of ``data.hospitals`` and the question types it (and each
-    of ``stages``) names, checked before anything starts (these settings mean nothing to a deployed site, which reads its
-    own data): a name twice (two sites on one ledger), an unknown profile or question type (a typo trained
-    on nothing), a hospital-only type without ``data.hospital_only``."""
+    of ``stages``) names, checked before anything starts (these settings mean nothing to a deployed site,
+    which reads its own data): a name twice (two sites on one ledger), an unknown profile or question type
+    (a typo trained on nothing), a hospital-only type without ``data.hospital_only``."""
     names = data.hospitals
     if not names:
         raise ValueError("config: data.hospitals is empty: name at least one hospital profile (a simulation runs "
