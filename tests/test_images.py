@@ -90,6 +90,8 @@ def test_not_a_dicom_and_missing_files_are_named(tmp_path):
         load_image(bad)
     with pytest.raises(ValueError, match="nope.png not found"):
         load_image(tmp_path / "nope.png")
+    with pytest.raises(ValueError, match="a URL: nothing is downloaded here"):      # an exported manifest's links
+        load_image(tmp_path / "https://openi.nlm.nih.gov/imgs/512/1/1/CXR1_1_IM-0001-3001.png")
     (tmp_path / "series.png").mkdir()                           # a manifest naming a folder: said, not 'not found'
     with pytest.raises(ValueError, match="series.png is a folder, not an image file"):
         load_image(tmp_path / "series.png")

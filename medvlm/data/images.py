@@ -101,6 +101,8 @@ def _near_miss(path: Path) -> str:
     Windows or macOS disk, where ``.JPG`` and ``.jpg`` are one name)."""
     if "\\" in str(path) and Path(str(path).replace("\\", "/")).is_file():
         return " (a Windows path: write its folders with / in the data file)"
+    if any(f"{scheme}:/" in str(path) for scheme in ("http", "https", "s3", "gs", "ftp")):
+        return " (a URL: nothing is downloaded here; fetch the images and write their local paths in the data file)"
     try:
         same = _names_by_case(str(path.parent), path.parent.stat().st_mtime_ns).get(path.name.lower())
     except OSError:        # no such folder, or not readable
