@@ -158,7 +158,7 @@ def _supernode(args: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    from client.ledger import LEDGER_FILE, Ledger
+    from client.ledger import LEDGER_FILE, Ledger, exclusive
 
     state = Path(args.state_dir)
     if args.action == "init":
@@ -170,16 +170,19 @@ def _ledger(args: argparse.Namespace) -> int:
     path = state / LEDGER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no privacy ledger in {state}")
+    import contextlib
     import json
 
-    data = json.loads(path.read_text())
-    ledger = Ledger.open(state, hospital=data["hospital"], budget=data["budget"], delta=data["delta"],
-                         accountant=data["accountant"], max_grad_norm=data["max_grad_norm"], must_exist=True)
-    if args.action == "raise":
-        if args.epsilon is None:
-            raise ValueError("ledger raise needs --epsilon (the new budget) and --reason")
-        ledger.raise_budget(args.epsilon, reason=args.reason or "")
-        ledger.save(state)
+    if args.action == "raise" and args.epsilon is None:
+        raise ValueError("ledger raise needs --epsilon (the new budget) and --reason")
+    # raising: read and written back under the ledger's lock, so a round charged meanwhile is not written over
+    with exclusive(state) if args.action == "raise" else contextlib.nullcontext():
+        data = json.loads(path.read_text())
+        ledger = Ledger.open(state, hospital=data["hospital"], budget=data["budget"], delta=data["delta"],
+                             accountant=data["accountant"], max_grad_norm=data["max_grad_norm"], must_exist=True)
+        if args.action == "raise":
+            ledger.raise_budget(args.epsilon, reason=args.reason or "")
+            ledger.save(state)
     print(f"{ledger.hospital}: epsilon {ledger.epsilon:.3f} spent of budget {ledger.budget:g} at delta "
           f"{ledger.delta:g} ({ledger.accountant}); rounds {ledger.rounds}; {ledger.total_steps} DP-SGD steps; "
           f"sigma {ledger.noise_multiplier}, q {ledger.sample_rate}")

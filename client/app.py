@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client import rounds
 from client.egress import as_secure_fit_reply, reply_content
-from client.ledger import Ledger
+from client.ledger import Ledger, exclusive
 from client.rounds import request_key
 from client.site import SiteCache
 from medvlm.metrics import baseline_for, counts_for, load_labeler
@@ -115,9 +115,18 @@ def _ledger_metrics(ledger: Ledger) -> dict[str, float]:
             "total_steps": ledger.total_steps, "max_grad_norm": ledger.max_grad_norm}
 
 
-def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transport: str = "fp32",
-           received: Mapping | None = None, key: str | None = None,
-           lr_window: tuple[float, float] = (0.0, 1.0)) -> RecordDict:
+def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, **kw) -> RecordDict:
+    """One round at this hospital; under DP it holds the ledger (``client.ledger.exclusive``) from reading
+    what is spent to writing the charge, so tasks of concurrent runs charge one after the other."""
+    if not cfg.privacy.enabled:
+        return _train_round(site, cfg, train_cfg, server_round, num_rounds, **kw)
+    with exclusive(site.state_dir):
+        return _train_round(site, cfg, train_cfg, server_round, num_rounds, **kw)
+
+
+def _train_round(site, cfg, train_cfg, server_round: int, num_rounds: int, *, transport: str = "fp32",
+                 received: Mapping | None = None, key: str | None = None,
+                 lr_window: tuple[float, float] = (0.0, 1.0)) -> RecordDict:
     from medvlm.train import dp_records, planned_steps, train_local
 
     metrics: dict[str, float] = {"num-examples": len(site.train)}

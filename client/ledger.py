@@ -11,16 +11,23 @@ A ledger is created once, when a site is set up (``Ledger.init``, run by ``medvl
 Afterwards a deployed site refuses to train without it (a lost ledger would silently restart the
 accounting from zero), and its budget is never raised by opening it: only ``raise_budget``, the
 site's own deliberate act, does that, and the ledger records it.
+
+Whoever reads the ledger to spend from it or change it holds :func:`exclusive` until it is written
+back: a SuperNode serves each run's tasks in a process of their own, so a coordinator starting two
+runs at once would otherwise have two processes read the same spent epsilon, both train, and the
+later write erase the earlier charge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from medvlm.files import write_text
 from medvlm.privacy import History, PrivacyBudgetExceeded, calibrate_noise, epsilon
@@ -29,6 +36,29 @@ if TYPE_CHECKING:
     from medvlm.config import Stage
 
 LEDGER_FILE = "privacy-ledger.json"
+LOCK_FILE = ".privacy-ledger.lock"
+
+log = logging.getLogger("medvlm.client")
+
+
+@contextlib.contextmanager
+def exclusive(state_dir: str | Path) -> Iterator[None]:
+    """Hold this hospital's ledger for one task (read, train, charge, write), waiting while another holds it.
+    An OS file lock (``filelock``): released when its holder exits, crashed or not, so no stale lock remains."""
+    from filelock import FileLock, Timeout
+
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(state / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another task holds this hospital's privacy ledger; waiting for it to finish", state)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass

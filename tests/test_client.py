@@ -58,6 +58,45 @@ def test_train_reply_has_only_allowlisted_tensors_and_aggregate_metrics(run):
     assert m2["epsilon"] <= 8.0 + 1e-6
 
 
+def test_two_runs_training_at_once_are_both_charged(run, monkeypatch):
+    """A SuperNode serves each run's tasks in a process of their own: a coordinator starting two runs at once had
+    two tasks read the same spent epsilon, both train and release, and the later write erase the earlier
+    charge. The ledger's lock makes the second wait until the first has charged."""
+    import threading
+    import time
+
+    from client.ledger import Ledger
+
+    message, context, _, ledger_dir = run
+    real_open = Ledger.open
+
+    def slow_open(*args, **kwargs):              # widen the window between reading the ledger and charging it
+        ledger = real_open(*args, **kwargs)
+        time.sleep(0.5)
+        return ledger
+
+    client_app.evaluate(message("evaluate"), context)             # the site built once (models are not built by
+    monkeypatch.setattr(Ledger, "open", staticmethod(slow_open))  # two threads at once; a SuperNode's tasks are
+    replies, errors = {}, []                                      # processes, each building its own)
+
+    def train(server_round):
+        try:
+            replies[server_round] = client_app.train(message("train", server_round=server_round), context)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=train, args=(r,)) for r in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and set(replies) == {1, 2}
+    ledger = json.loads((ledger_dir / LEDGER_FILE).read_text())
+    assert sorted(ledger["rounds"]) == [1, 2]                       # both releases charged
+    steps = [dict(r.content.metric_records["metrics"])["steps"] for r in replies.values()]
+    assert sum(h[2] for h in ledger["history"]) == sum(steps)
+
+
 def test_evaluate_reply_is_counts_only(run):
     message, context, _, _ = run
     reply = client_app.evaluate(message("evaluate"), context)

@@ -88,3 +88,38 @@ def test_a_ledger_edited_to_hold_what_save_never_writes_is_refused(tmp_path):
         (tmp_path / LEDGER_FILE).write_text(json.dumps({**saved, key: value}))
         with pytest.raises(ValueError, match=f"unreadable .*{named}.*restored from backup"):
             _open(tmp_path)
+
+
+def test_the_ledger_lock_holds_across_processes_and_dies_with_its_holder(tmp_path):
+    """client.ledger.exclusive is an OS lock: a task in another process waits for the holder to write back
+    (the charge of a concurrent run's round), and a holder that dies (killed mid-training) leaves no stale lock."""
+    import subprocess
+    import sys
+    import time
+
+    from client.ledger import exclusive
+
+    holder = ("import sys, time, pathlib; from client.ledger import exclusive\n"
+              "d = pathlib.Path(sys.argv[1])\n"
+              "with exclusive(d):\n"
+              "    (d / 'in').write_text('1'); time.sleep(float(sys.argv[2])); (d / 'out').write_text('1')\n")
+
+    def start(hold_s):
+        for marker in ("in", "out"):
+            (tmp_path / marker).unlink(missing_ok=True)
+        child = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path), str(hold_s)])
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "in").exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the holder never took the lock"
+            time.sleep(0.05)
+        return child
+
+    child = start(1.0)
+    with exclusive(tmp_path):
+        assert (tmp_path / "out").exists()           # entered only once the holder had written back
+    child.wait(timeout=60)
+    child = start(600)
+    child.kill()                                     # dies holding it
+    child.wait(timeout=60)
+    with exclusive(tmp_path):                        # taken at once, no stale lock
+        assert not (tmp_path / "out").exists()
