@@ -155,7 +155,7 @@ class Ledger:
         if (state / LEDGER_FILE).exists():
             return cls.open(state, hospital=hospital, budget=budget, delta=delta, accountant=accountant,
                             max_grad_norm=max_grad_norm), False
-        used = sorted(p.name for p in state.iterdir()) if state.is_dir() else []
+        used = sorted(p.name for p in state.iterdir() if p.name != LOCK_FILE) if state.is_dir() else []
         if used:
             raise ValueError(f"state dir {state} has been used ({', '.join(used[:4])}) but holds no privacy ledger "
                              f"({LEDGER_FILE}): restore the ledger from backup, or give this site a new, empty "
