@@ -102,7 +102,7 @@ def sandbox_paths(node_config: Mapping[str, object], *, extra_read: Sequence[str
     """(read, write) roots of a task process: code, system files, model cache and data to read; the
     state dir, the model cache (public models built on first use) and devices to write."""
     from client.sandbox import SYSTEM_READ, SYSTEM_WRITE
-    from medvlm.recipes.foundation import cache_root
+    from medvlm.files import cache_root
 
     data = []
     for key, value in node_config.items():

@@ -33,6 +33,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+def cache_root() -> Path:
+    """Where built models, the public start and images extracted from data files are kept (``MEDVLM_CACHE``)."""
+    return Path(os.environ.get("MEDVLM_CACHE", Path.home() / ".cache" / "medvlm-fl"))
+
+
 def write_bytes(path: str | Path, data: bytes, *, durable: bool = False, mode: int = 0o644) -> Path:
     """Write ``data`` atomically (created with ``mode``); ``durable``: on disk before it replaces the
     old file (fsync), for records a power cut must not take back, such as privacy spending."""

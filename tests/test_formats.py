@@ -5,6 +5,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -558,3 +559,74 @@ def test_check_data_counts_patients_and_warns_of_one_in_two_splits(mimic):
     split.write_text(split.read_text() + "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014,50414267,10000032,test\n")
     code, out = run_check(mimic)
     assert code == 0 and "WARNING 1 patient(s) have rows in more than one split (e.g. p10000032)" in out
+
+
+# ----------------------------------------------------------------------------- Hugging Face parquet
+def png_bytes(i):
+    buf = io.BytesIO()
+    Image.fromarray(IMAGES[i]).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_parquet(path, rows):
+    """A dataset as the Hub stores it: the Image feature is a struct of the file's bytes and its name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": pa.array([r[0] for r in rows], type=image),
+                             "question": [r[1] for r in rows], "answer": [r[2] for r in rows]}), path)
+
+
+def test_a_hugging_face_parquet_dataset_is_read_with_its_splits_and_its_images_written_once(tmp_path, monkeypatch):
+    """flaviagiammarino/vqa-rad as the Hub serves it (data/train-00000-of-00001.parquet, data/test-…): the
+    images live inside the files; each distinct picture is written once under the cache, named by its content;
+    the split comes from the file's name; yes/no answers are closed questions."""
+    monkeypatch.setenv("MEDVLM_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "vqa-rad"
+    chest = {"bytes": png_bytes(0), "path": "synpic100.jpg"}          # the Hub keeps the original name
+    write_parquet(root / "data" / "train-00000-of-00001.parquet", [
+        (chest, "is there a pleural effusion?", "yes"), (chest, "what organ is shown?", "lung"),
+        ({"bytes": png_bytes(1), "path": None}, "is the heart enlarged?", "No"),
+        (None, "is this an mri?", "no")])                             # a row without its image
+    write_parquet(root / "data" / "test-00000-of-00001.parquet", [(chest, "how many nodules?", "2")])
+    assert detect_format(root) == "parquet"
+    code, out = run_check(root)
+    assert code == 1 and "train-00000-of-00001.parquet[3]: no image in the row" in out and "Hugging Face" in out
+    manifest = read_manifest(root, on_bad_row="skip")
+    rows = {r["question"]: r for r in manifest.rows}
+    assert {(q, r["answer_type"], r["split"]) for q, r in rows.items()} == {
+        ("is there a pleural effusion?", "closed", "train"), ("what organ is shown?", "open", "train"),
+        ("is the heart enlarged?", "closed", "train"), ("how many nodules?", "open", "test")}
+    extracted = sorted((tmp_path / "cache" / "extracted-images").iterdir())
+    assert len(extracted) == 2 and {p.suffix for p in extracted} == {".jpg", ".png"}   # one file per picture
+    assert rows["is there a pleural effusion?"]["image"] == rows["how many nodules?"]["image"]
+    from medvlm.data.images import load_image
+
+    heart = np.asarray(load_image(rows["is the heart enlarged?"]["image"]).convert("L"))
+    assert np.array_equal(heart, IMAGES[1])
+    before = {p: p.stat().st_mtime_ns for p in extracted}
+    read_manifest(root, on_bad_row="skip")                            # read again: nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in extracted} == before
+
+
+def test_the_hubs_parquet_conversion_layout_and_a_parquet_that_is_not_vqa_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVLM_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "path-vqa"
+    write_parquet(root / "default" / "validation" / "0000.parquet", [({"bytes": png_bytes(2), "path": "a.png"},
+                                                                      "is this tissue?", "yes")])
+    assert detect_format(root) == "parquet"
+    assert read_manifest(root).rows[0]["split"] == "val"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [7], "question": ["q?"], "answer": ["yes"]}), tmp_path / "ids.parquet")
+    assert read_rows(tmp_path / "ids.parquet")[1][0].problem == ("its image cell holds int data, not an image's "
+                                                                 "bytes or path")      # not 7 zero bytes
+    pq.write_table(pa.table({"images": [b"x"], "texts": ["q"]}), tmp_path / "finevision.parquet")
+    with pytest.raises(FormatError, match=r"finevision.parquet: no image, question, answer column \(it has"):
+        read_rows(tmp_path / "finevision.parquet")
+    (tmp_path / "cut.parquet").write_bytes((root / "default" / "validation" / "0000.parquet").read_bytes()[:200])
+    with pytest.raises(FormatError, match="cut.parquet: not a readable parquet file"):
+        read_rows(tmp_path / "cut.parquet")

@@ -26,6 +26,10 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
                files/pXX/pNNNNNNNN/sNNNNNNNN.txt (in the same tree or under mimic-cxr-reports/);
                mimic-cxr-2.0.0-split.csv (or the .csv.gz MIMIC-CXR-JPG ships) is used for the
                split when present; without it the rows carry no split and one is drawn by patient
+    parquet    a Hugging Face dataset's parquet files (*.parquet, data/*.parquet or <config>/<split>/*.parquet,
+               as the Hub serves them: flaviagiammarino/vqa-rad, path-vqa): one image, question and answer
+               per row; the split from each file's name; the images, stored inside the files, written once
+               (named by their content) under the cache (MEDVLM_CACHE)/extracted-images/
 
 A folder holding the files of two layouts (a manifest.jsonl beside VQA-RAD's json) is refused, naming both, until
 the format is named: reading one of them without a word would train on rows nobody chose.
@@ -79,6 +83,8 @@ def detect_format(path: Path) -> str:
             return "r2gen"
         if path.suffix == ".csv":
             return "pmc-vqa"
+        if path.suffix == ".parquet":
+            return "parquet"
         raise FormatError(f"{path}: not a recognised data file (a .jsonl manifest, {VQA_RAD_JSON!r} or a "
                           "PMC-VQA .csv); pass a data folder or --format")
     if not path.is_dir():
@@ -97,8 +103,9 @@ def detect_format(path: Path) -> str:
     hint = (f"; the data look one level down, in {', '.join(repr(b) for b in below[:3])}: point at that folder"
             if below else "")
     raise FormatError(f"{path}: no manifest.jsonl, {VQA_RAD_JSON!r} (or MEVF trainset.json / testset.json), SLAKE "
-                      f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE} or MIMIC-CXR files/ tree "
-                      f"here{hint}; otherwise name the format with --format (data.format) or point at the file")
+                      f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE}, parquet files or "
+                      f"MIMIC-CXR files/ tree here{hint}; otherwise name the format with --format (data.format) or "
+                      "point at the file")
 
 
 def _marker_files(folder: Path) -> dict[str, list[str]]:
@@ -106,7 +113,9 @@ def _marker_files(folder: Path) -> dict[str, list[str]]:
     one's own manifest may keep its images in a folder of that name)."""
     markers = {"jsonl": ["manifest.jsonl"], "vqa-rad": [VQA_RAD_JSON, *MEVF_FILES], "r2gen": [R2GEN_FILE],
                "slake": list(SLAKE_FILES), "pmc-vqa": [f for pair in PMC_CSVS for f in pair]}
-    return {fmt: [name for name in names if (folder / name).is_file()] for fmt, names in markers.items()}
+    found = {fmt: [name for name in names if (folder / name).is_file()] for fmt, names in markers.items()}
+    found["parquet"] = [str(f.relative_to(folder)) for f in parquet_files(folder)][:3]
+    return found
 
 
 def _recognised(path: Path) -> bool:
@@ -130,7 +139,9 @@ def describe_layout(path: Path, fmt: str) -> str:
             "PMC-VQA v1 (train.csv / test.csv)"
     return {"jsonl": "the project's manifest.jsonl", "slake": "SLAKE 1.0 (train / validate / test.json + imgs/)",
             "r2gen": f"R2Gen {R2GEN_FILE} (train / val / test studies + images/)",
-            "mimic-cxr": "MIMIC-CXR files/ tree with the studies' reports"}.get(fmt, fmt)
+            "mimic-cxr": "MIMIC-CXR files/ tree with the studies' reports",
+            "parquet": "Hugging Face parquet (image, question, answer per row; images extracted to the cache)"
+            }.get(fmt, fmt)
 
 
 def read_rows(path: str | Path, fmt: str = "auto", *, language: str = "en") -> tuple[str, list[RawRow]]:
@@ -141,7 +152,7 @@ def read_rows(path: str | Path, fmt: str = "auto", *, language: str = "en") -> t
     fmt = detect_format(path) if fmt == "auto" else fmt
     readers: dict[str, Callable[[Path], list[RawRow]]] = {
         "jsonl": read_jsonl, "vqa-rad": read_vqa_rad, "slake": lambda p: read_slake(p, language=language),
-        "pmc-vqa": read_pmc_vqa, "mimic-cxr": read_mimic_cxr, "r2gen": read_r2gen}
+        "pmc-vqa": read_pmc_vqa, "mimic-cxr": read_mimic_cxr, "r2gen": read_r2gen, "parquet": read_parquet}
     if fmt not in readers:
         raise FormatError(f"unknown data format {fmt!r}: use one of {sorted(readers)} or auto")
     return fmt, readers[fmt](path)
@@ -418,3 +429,95 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
                 row["split"] = splits.get(image.stem, "train")
             out.append(RawRow(f"{where}/{image.name}", row))
     return out
+
+
+# ----------------------------------------------------------------------------- Hugging Face parquet
+PARQUET_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
+_SPLIT_WORD = re.compile(r"^(train|validation|valid|val|dev|test)(?![a-z])")
+_MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    """A Hugging Face dataset's parquet files where the Hub puts them: beside each other, under ``data/`` (an
+    uploaded dataset), or under ``<config>/<split>/`` (the Hub's parquet conversion)."""
+    found = [*folder.glob("*.parquet"), *folder.glob("data/*.parquet"),
+             *(f for split in PARQUET_SPLITS for f in folder.glob(f"*/{split}/*.parquet"))]
+    return sorted({f for f in found if f.is_file()})
+
+
+def _parquet_split(file: Path) -> Optional[str]:
+    """train / val / test from the file's name (``train-00000-of-00001``) or its folder's (``default/train/``)."""
+    for name in (file.stem.lower(), file.parent.name.lower()):
+        if m := _SPLIT_WORD.match(name):
+            return PARQUET_SPLITS[m.group(1)]
+    return None
+
+
+def read_parquet(path: Path) -> list[RawRow]:
+    """One row per question; an image stored in the file (the Hub's Image feature: bytes and the original name)
+    is written once under ``<cache>/extracted-images/``, named by its content (the same picture asked about
+    twenty times is one file); an image given as a path is read relative to the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [path] if path.is_file() else parquet_files(path)
+    _need(files, path, "parquet", "*.parquet files (beside each other, in data/ or in <config>/<split>/)")
+    out: list[RawRow] = []
+    for file in files:
+        try:
+            table = pq.ParquetFile(file)
+            columns = set(table.schema_arrow.names)
+        except (pa.ArrowException, OSError) as err:
+            raise FormatError(f"{file}: not a readable parquet file ({err}): download it again") from None
+        if missing := [c for c in ("image", "question", "answer") if c not in columns]:
+            raise FormatError(f"{file}: no {', '.join(missing)} column (it has {sorted(columns)}); the parquet "
+                              "reader takes one image, question and answer per row, as the Hub's VQA datasets "
+                              "(vqa-rad, path-vqa) store them")
+        extra = [c for c in ("answer_type", "qtype", "question_type", "content_type", "modality") if c in columns]
+        split, i = _parquet_split(file), 0
+        try:
+            batches = table.iter_batches(batch_size=64, columns=["image", "question", "answer", *extra])
+            for batch in batches:
+                for item in batch.to_pylist():
+                    out.append(_parquet_row(file, f"{file.name}[{i}]", item, split))
+                    i += 1
+        except (pa.ArrowException, OSError) as err:
+            raise FormatError(f"{file}: cannot be read past row {i} ({err}): download it again") from None
+    return out
+
+
+def _parquet_row(file: Path, where: str, item: dict, split: Optional[str]) -> RawRow:
+    cell = item["image"]
+    data, name = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
+    if isinstance(data, str):            # a path column, not the image itself
+        data, name = None, data
+    if data is not None and not isinstance(data, (bytes, bytearray)) or not isinstance(name, (str, type(None))):
+        return RawRow(where, None, f"its image cell holds {type(cell).__name__} data, not an image's bytes or path")
+    if data:
+        image = str(_extracted(bytes(data), name))
+    elif _text(name):
+        image = str((file.parent / _text(name)).resolve())
+    else:
+        return RawRow(where, None, "no image in the row (its image cell is empty)")
+    answer = _text(item["answer"])
+    kind = _text(item.get("answer_type")).lower() or ("closed" if answer.lower() in ("yes", "no") else "open")
+    qtype = _text(item.get("qtype") or item.get("question_type") or item.get("content_type")).lower() or None
+    return RawRow(where, {"image": image, "question": _text(item["question"]), "answer": answer,
+                          "answer_type": kind, "qtype": qtype, "modality": _text(item.get("modality")) or None,
+                          "split": split})
+
+
+def _extracted(data: bytes, name: Optional[str]) -> Path:
+    """The image bytes of a row as a file under the cache, named by their SHA-256 (written once, atomically)."""
+    import hashlib
+
+    from medvlm.files import cache_root, write_bytes
+
+    suffix = Path(_text(name)).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        suffix = ".dcm" if data[128:132] == b"DICM" else next((s for magic, s in _MAGIC if data.startswith(magic)),
+                                                                ".img")
+    target = cache_root() / "extracted-images" / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+    if not target.is_file():
+        write_bytes(target, data)
+    return target

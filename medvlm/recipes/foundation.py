@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from medvlm.data.synthetic import generate_hospital, public_corpus_text, report_text
-from medvlm.files import atomic_path
+from medvlm.files import atomic_path, cache_root
 from medvlm.loop import fit, sampled_indices
 from medvlm.quiet import no_progress_bars, without_log
 from medvlm.tags import TagHead
@@ -40,10 +39,6 @@ PUBLIC_SEED = 20240416          # the public corpus' seed; hospitals use other s
 PUBLIC_IMAGES = 3000
 CLIP_STEPS, CLIP_BATCH, CLIP_LR = 300, 96, 2e-3
 LM_STEPS, LM_BATCH, LM_LR, LM_MAX_LEN = 400, 64, 3e-3, 32
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MEDVLM_CACHE", Path.home() / ".cache" / "medvlm-fl"))
 
 
 def foundation_key(variant: str) -> str:
