@@ -100,6 +100,16 @@ def slake(tmp_path):
     return root
 
 
+def test_slake_as_the_hub_copies_it_validation_json_and_images_folder(slake):
+    """SLAKE_en on the Hugging Face Hub renames validate.json to validation.json (its 1,053 validation rows were
+    read as nothing: a split drawn from train instead) and some copies keep the pictures in images/."""
+    (slake / "validate.json").rename(slake / "validation.json")
+    (slake / "imgs").rename(slake / "images")
+    manifest = read_manifest(slake)
+    assert [r["split"] for r in manifest.rows if r["question"] == "Which organ is abnormal?"] == ["val"]
+    assert len(manifest.rows) == 4 and all("/images/xmlab" in r["image"] for r in manifest.rows)
+
+
 def test_slake_rows_english_by_default(slake):
     manifest = read_manifest(slake)
     assert manifest.format == "slake" and len(manifest.rows) == 4                    # the zh row is left out

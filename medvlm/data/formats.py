@@ -52,7 +52,9 @@ VQA_RAD_IMAGES = "VQA_RAD Image Folder"
 MEVF_FILES = {"trainset.json": "train", "testset.json": "test"}
 R2GEN_FILE = "annotation.json"
 PMC_IMAGE_DIRS = ("images_2/figures", "images_2", "figures", "images")
-SLAKE_FILES = {"train.json": "train", "validate.json": "val", "test.json": "test"}
+# validation.json: the Hugging Face copies of SLAKE (SLAKE_en) rename the release's validate.json
+SLAKE_FILES = {"train.json": "train", "validate.json": "val", "validation.json": "val", "test.json": "test"}
+SLAKE_IMAGE_DIRS = ("imgs", "images")    # the release's imgs/; some Hub copies call it images/
 PMC_CSVS = (("train_2.csv", "test_2.csv"), ("train.csv", "test.csv"))
 MIMIC_SPLIT = "mimic-cxr-2.0.0-split.csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -265,10 +267,10 @@ def read_vqa_rad(path: Path) -> list[RawRow]:
 # ----------------------------------------------------------------------------- SLAKE
 def read_slake(path: Path, *, language: str = "en") -> list[RawRow]:
     files = [path] if path.is_file() else [path / f for f in SLAKE_FILES if (path / f).is_file()]
-    _need(files, path, "slake", "train.json / validate.json / test.json")
+    _need(files, path, "slake", "train.json / validate.json (or validation.json) / test.json")
     out = []
     for file in files:
-        images = file.parent / "imgs"
+        images = next((file.parent / d for d in SLAKE_IMAGE_DIRS if (file.parent / d).is_dir()), file.parent / "imgs")
         for i, item in enumerate(_load_json_list(file)):
             where = f"{file.name}[{i}]"
             if not isinstance(item, dict):
