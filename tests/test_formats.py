@@ -640,3 +640,13 @@ def test_the_hubs_parquet_conversion_layout_and_a_parquet_that_is_not_vqa_are_na
     (tmp_path / "cut.parquet").write_bytes((root / "default" / "validation" / "0000.parquet").read_bytes()[:200])
     with pytest.raises(FormatError, match="cut.parquet: not a readable parquet file"):
         read_rows(tmp_path / "cut.parquet")
+
+
+def test_a_pickled_release_is_refused_saying_why_and_where_a_readable_copy_is(tmp_path):
+    """PathVQA ships its questions as pickles (qas/train/train_qa.pkl): reading one would run whatever code it
+    holds, so it is refused with the Hub's parquet copy named, not 'no manifest.jsonl here'."""
+    (tmp_path / "pvqa" / "qas" / "train").mkdir(parents=True)
+    (tmp_path / "pvqa" / "qas" / "train" / "train_qa.pkl").write_bytes(b"\x80\x04N.")
+    for target in (tmp_path / "pvqa", tmp_path / "pvqa" / "qas" / "train" / "train_qa.pkl"):
+        with pytest.raises(FormatError, match="train_qa.pkl: a pickle file is not read.*path-vqa"):
+            read_rows(target)

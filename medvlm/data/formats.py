@@ -71,6 +71,10 @@ class RawRow:
     left_out: Optional[str] = None   # a row deliberately not used, and why (counted, never silent)
 
 
+PICKLE = ("a pickle file is not read (unpickling runs whatever code the file holds): use a copy in a data format, "
+          "e.g. PathVQA's on the Hugging Face Hub (flaviagiammarino/path-vqa, parquet)")
+
+
 class FormatError(ValueError):
     """A data folder that no reader recognises, or a file a reader cannot parse at all."""
 
@@ -87,6 +91,8 @@ def detect_format(path: Path) -> str:
             return "pmc-vqa"
         if path.suffix == ".parquet":
             return "parquet"
+        if path.suffix in (".pkl", ".pickle"):
+            raise FormatError(f"{path}: {PICKLE}")
         raise FormatError(f"{path}: not a recognised data file (a .jsonl manifest, {VQA_RAD_JSON!r} or a "
                           "PMC-VQA .csv); pass a data folder or --format")
     if not path.is_dir():
@@ -101,6 +107,8 @@ def detect_format(path: Path) -> str:
         return next(iter(found))
     if (path / "files").is_dir():
         return "mimic-cxr"
+    if pickles := [*path.glob("*.pkl"), *path.glob("qas/*/*.pkl")]:    # PathVQA's release: qas/train/train_qa.pkl
+        raise FormatError(f"{pickles[0]}: {PICKLE}")
     below = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and _recognised(sub))
     hint = (f"; the data look one level down, in {', '.join(repr(b) for b in below[:3])}: point at that folder"
             if below else "")
