@@ -81,7 +81,9 @@ def test_two_runs_training_at_once_are_both_charged(run, monkeypatch):
 
     def train(server_round):
         try:
-            replies[server_round] = client_app.train(message("train", server_round=server_round), context)
+            # rounds 1 and 2 of 4, in either order: the ledger's noise leaves room for both
+            replies[server_round] = client_app.train(message("train", server_round=server_round, num_rounds=4),
+                                                     context)
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -91,6 +93,7 @@ def test_two_runs_training_at_once_are_both_charged(run, monkeypatch):
     for t in threads:
         t.join()
     assert not errors and set(replies) == {1, 2}
+    assert {dict(r.content.config_records["status"])["status"] for r in replies.values()} == {"trained"}
     ledger = json.loads((ledger_dir / LEDGER_FILE).read_text())
     assert sorted(ledger["rounds"]) == [1, 2]                       # both releases charged
     steps = [dict(r.content.metric_records["metrics"])["steps"] for r in replies.values()]
