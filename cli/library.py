@@ -267,7 +267,8 @@ def add_library_commands(sub) -> None:
     from medvlm.config import DATA_FORMATS
 
     p = sub.add_parser("check-data", help="check a hospital's data folder (every row, every image) and summarise it")
-    p.add_argument("path", help="a data folder or file: manifest.jsonl, VQA-RAD, SLAKE, PMC-VQA, MIMIC-CXR-style")
+    p.add_argument("path", help="a data folder or file: manifest.jsonl, VQA-RAD, SLAKE, PMC-VQA, R2Gen, "
+                                "MIMIC-CXR-style, Hugging Face parquet")
     p.add_argument("--format", default="auto", choices=list(DATA_FORMATS), help="default: recognised from the files")
     p.add_argument("--language", default="en", help="SLAKE: which q_lang to keep (default en)")
     p.add_argument("--on-bad-row", default="error", choices=["error", "skip"],

@@ -166,7 +166,7 @@ class DicomConfig:
 @dataclass
 class DataConfig:
     # "synthetic": the built-in generator; otherwise a data folder or file in one of the formats
-    # below (a manifest.jsonl, a VQA-RAD / SLAKE / PMC-VQA / MIMIC-CXR-style folder)
+    # below (a manifest.jsonl, a VQA-RAD / SLAKE / PMC-VQA / R2Gen / MIMIC-CXR-style folder, parquet files)
     source: str = "synthetic"
     # auto (recognised from the folder's files) | jsonl | vqa-rad | slake | pmc-vqa | mimic-cxr
     format: str = "auto"

@@ -93,8 +93,8 @@ def detect_format(path: Path) -> str:
             return "parquet"
         if path.suffix in (".pkl", ".pickle"):
             raise FormatError(f"{path}: {PICKLE}")
-        raise FormatError(f"{path}: not a recognised data file (a .jsonl manifest, {VQA_RAD_JSON!r} or a "
-                          "PMC-VQA .csv); pass a data folder or --format")
+        raise FormatError(f"{path}: not a recognised data file (a .jsonl manifest, {VQA_RAD_JSON!r}, a PMC-VQA "
+                          ".csv or a .parquet); pass a data folder or --format")
     if not path.is_dir():
         raise FileNotFoundError(f"data {path} not found")
     found = {fmt: files for fmt, files in _marker_files(path).items() if files}
