@@ -3,6 +3,7 @@ local data (charging the on-site ledger), or evaluate it, and reply through the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -118,9 +119,7 @@ def _ledger_metrics(ledger: Ledger) -> dict[str, float]:
 def _train(site, cfg, train_cfg, server_round: int, num_rounds: int, **kw) -> RecordDict:
     """One round at this hospital; under DP it holds the ledger (``client.ledger.exclusive``) from reading
     what is spent to writing the charge, so tasks of concurrent runs charge one after the other."""
-    if not cfg.privacy.enabled:
-        return _train_round(site, cfg, train_cfg, server_round, num_rounds, **kw)
-    with exclusive(site.state_dir):
+    with exclusive(site.state_dir) if cfg.privacy.enabled else contextlib.nullcontext():
         return _train_round(site, cfg, train_cfg, server_round, num_rounds, **kw)
 
 
