@@ -608,6 +608,23 @@ def _all_finite(node: object, key: str) -> None:
         _check(math.isfinite(node), key, node, "write a finite number")
 
 
+def _rounds_agree(merged, overrides: list[str]) -> None:
+    """``federation.rounds`` given as an override beside a curriculum must be its stages' sum: a
+    curriculum's length is its stages' rounds (``__post_init__`` replaces ``rounds`` by their sum), so
+    a different figure would be dropped without a word and the run would be shorter or longer than asked."""
+    given = [item.partition("=")[2] for item in overrides if item.partition("=")[0].strip() == "federation.rounds"]
+    plan = OmegaConf.select(merged, "federation.stages", throw_on_missing=False)
+    if not given or not plan:
+        return
+    total = sum(int(s.rounds) for s in plan)
+    asked = OmegaConf.select(merged, "federation.rounds")
+    if asked != total:
+        names = ", ".join(f"{s.name} {s.rounds}" for s in plan)
+        raise ValueError(f"override federation.rounds={given[-1].strip()} disagrees with federation.stages, whose "
+                         f"rounds add up to {total} ({names}): a curriculum runs its stages' rounds; set "
+                         f"federation.stages.N.rounds=... instead, or leave federation.rounds out")
+
+
 def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = None) -> ExperimentConfig:
     """Merge the schema defaults, the preset chain and ``key=value`` overrides; validate."""
     merged = OmegaConf.structured(ExperimentConfig)
@@ -619,6 +636,7 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: Optional[list[str]] = N
     for item in overrides or []:
         merged = _apply_override(merged, item)
     _all_finite(OmegaConf.to_container(merged), "")
+    _rounds_agree(merged, overrides or [])
     try:
         return OmegaConf.to_object(merged)  # runs every __post_init__
     except OmegaConfBaseException as err:

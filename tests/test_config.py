@@ -180,3 +180,15 @@ def test_the_large_consortium_preset_is_the_tags_preset_s_vqa_rounds_alone():
     assert only.last_round - only.first_round == vqa.last_round - vqa.first_round    # as many rounds
     assert large.data == replace(tags.data, images_per_hospital=2400) and large.data.hospital_only
     assert (large.train, large.privacy, large.model) == (tags.train, tags.privacy, tags.model)
+
+
+def test_rounds_beside_a_curriculum_must_be_its_stages_sum():
+    # a curriculum's length is its stages' rounds: federation.rounds=10 on one was dropped without a word
+    with pytest.raises(ValueError, match=r"federation\.rounds=10 disagrees with federation\.stages.*add up to 3 "
+                                         r"\(align 1, vqa-general 1, vqa-domain 1\).*federation\.stages\.N\.rounds"):
+        load_config("tiny-curriculum", ["federation.rounds=10"])
+    assert load_config("tiny-curriculum", ["federation.rounds=3"]).federation.rounds == 3   # agrees: fine
+    longer = load_config("tiny-curriculum", ["federation.stages.2.rounds=4"])
+    assert longer.federation.rounds == 6                      # the stages say how long
+    assert load_config("tiny", ["federation.rounds=10"]).federation.rounds == 10   # no curriculum: as given
+    assert load_config("tiny-curriculum", ["federation.stages=[]", "federation.rounds=7"]).federation.rounds == 7
