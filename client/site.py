@@ -75,6 +75,13 @@ def _hospital_identity(cfg: ExperimentConfig, node_config: Mapping, run_config: 
         if not 0 <= pid < len(cfg.data.hospitals):
             raise ValueError(f"partition-id {pid} but data.hospitals has {len(cfg.data.hospitals)} profiles "
                              f"{cfg.data.hospitals}: run as many supernodes as hospitals")
+        nodes = node_config.get("num-partitions")     # Flower's simulation says how many SuperNodes it runs
+        if nodes is not None and int(nodes) != len(cfg.data.hospitals):
+            left = "some would never take part" if int(nodes) < len(cfg.data.hospitals) else "some nodes have none"
+            raise ValueError(f"the simulation runs {int(nodes)} SuperNodes but data.hospitals has "
+                             f"{len(cfg.data.hospitals)} profiles {cfg.data.hospitals}, so {left}: "
+                             f"run one per hospital (flwr run . --federation-config "
+                             f"\"num-supernodes={len(cfg.data.hospitals)}\")")
         name = cfg.data.hospitals[pid]
     else:
         raise ValueError("node config names no hospital: set hospital=\"<name>\" (and data-path, state-dir)")

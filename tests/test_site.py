@@ -24,6 +24,13 @@ def test_a_node_is_named_by_its_node_config_and_a_missing_piece_is_named():
         _hospital_identity(cfg, {"partition-id": 7}, {"run-dir": "/runs/r"})
     with pytest.raises(ValueError, match="st-mary: node config has no state-dir"):
         _hospital_identity(cfg, {"hospital": "st-mary"}, {})
+    # flwr run . with num-supernodes other than the number of profiles: fewer left hospitals out unsaid
+    name, _ = _hospital_identity(cfg, {"partition-id": 0, "num-partitions": 3}, {"run-dir": "/runs/r"})
+    assert name == cfg.data.hospitals[0]
+    for nodes, why in ((2, "some would never take part"), (5, "some nodes have none")):
+        with pytest.raises(ValueError, match=rf"runs {nodes} SuperNodes but data.hospitals has 3 profiles.*{why}.*"
+                                             r"num-supernodes=3"):
+            _hospital_identity(cfg, {"partition-id": 0, "num-partitions": nodes}, {"run-dir": "/runs/r"})
 
 
 def test_one_site_per_run_node_and_stage_in_a_process(tmp_path):
