@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from medvlm.data.dataset import VQARows, encode_pair, row_prompt
+from medvlm.data.dataset import VQARows, encode_rows
 from medvlm.features import with_frozen_features
 from medvlm.metrics import baseline_for, counts_for, scores, synthetic_labeler
 from medvlm.model.vlm import MedVLM
@@ -22,8 +22,7 @@ def predict(model: MedVLM, data: VQARows, *, max_new_tokens: int = 8, batch_size
     data = with_frozen_features(model, data)
     max_len = model.cfg.max_text_len
     groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = defaultdict(list)
-    for i, r in enumerate(data.rows):
-        ids, _ = encode_pair(model.tokenizer, row_prompt(r), None, max_len)
+    for i, (r, (ids, _)) in enumerate(zip(data.rows, encode_rows(model.tokenizer, data.rows, max_len, answers=False))):
         # a report may run to the text length the model trained on; a short answer stops early
         budget = max(max_new_tokens, max_len - len(ids)) if r.get("answer_type") == "report" else max_new_tokens
         groups[(len(ids), budget)].append((i, ids))

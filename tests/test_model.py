@@ -221,3 +221,26 @@ def test_the_model_package_never_builds_what_a_config_names():
         language_model_dir(LanguageConfig(source="builtin:tiny"))
     local = ModelConfig(vision=VisionConfig(source="local-dir:/models/clip"), language=LanguageConfig(source="/models/lm"))
     assert resolve_sources(local) is local                     # nothing to resolve, nothing built
+
+
+def test_a_row_longer_than_max_text_len_is_said(tiny_model, caplog):
+    from medvlm.data.dataset import VQADataset, VQARows, encode_rows
+
+    tok, max_len = tiny_model.tokenizer, tiny_model.cfg.max_text_len
+    long_q = "given the patient's history of smoking and prior films " * 4 + "is there a nodule?"
+    rows = [{"image_index": 0, "question": "is there a nodule?", "answer": "yes", "answer_type": "closed"},
+            {"image_index": 0, "question": long_q, "answer": "yes", "answer_type": "closed"},
+            {"image_index": 0, "question": "what is seen?", "answer": "a mass " * 30, "answer_type": "open"}]
+    with caplog.at_level("WARNING", logger="medvlm.data.dataset"):
+        VQADataset(VQARows(torch.zeros(1, 3, 8, 8), rows), tok, max_len)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"2 of 3 rows are longer than model.max_text_len={max_len}" in m and "lose their start" in m
+               and "given the patient" in m for m in said), said   # the long question, named (the long
+    #                                                                 answer left its prompt 4 tokens)
+    assert any("1 of 3 rows" in m and "lose their end" in m and "a mass" in m for m in said), said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medvlm.data.dataset"):
+        encode_rows(tok, rows[:1], max_len)
+    assert not caplog.records                                           # a row that fits: nothing said
+    ids, labels = encode_rows(tok, rows[1:2], max_len)[0]
+    assert len(ids) == max_len and ids[-1] == tok.eos_token_id          # still cut from the start, eos kept

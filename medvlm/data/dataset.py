@@ -53,16 +53,54 @@ def report_row(image_index: int, report: str, **extra) -> dict:
             "answer_type": "report", "qtype": "report"}
 
 
+def _fit(tokenizer, prompt: list[int], answer: list[int] | None, max_len: int) -> tuple[list[int], list[int]]:
+    if answer is None:
+        return prompt[-max_len:], [IGNORE_INDEX] * min(len(prompt), max_len)
+    target = answer[: max_len - MIN_PROMPT_TOKENS - 1] + [tokenizer.eos_token_id]
+    prompt = prompt[-(max_len - len(target)):]
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+def _tokens(tokenizer, prompt: str, answer: str | None) -> tuple[list[int], list[int] | None]:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if answer is None:
+        return ids, None
+    return ids, tokenizer(" " + answer.strip().lower(), add_special_tokens=False)["input_ids"]
+
+
 def encode_pair(tokenizer, prompt: str, answer: str | None, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` (a :func:`row_prompt`) + answer + eos, and the labels; truncates the
     prompt from the left and the answer's end, never the eos."""
-    prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if answer is None:
-        return prompt[-max_len:], [IGNORE_INDEX] * min(len(prompt), max_len)
-    target = tokenizer(" " + answer.strip().lower(), add_special_tokens=False)["input_ids"]
-    target = target[: max_len - MIN_PROMPT_TOKENS - 1] + [tokenizer.eos_token_id]
-    prompt = prompt[-(max_len - len(target)):]
-    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+    return _fit(tokenizer, *_tokens(tokenizer, prompt, answer), max_len)
+
+
+_CUTS_SAID: set[tuple] = set()
+
+
+def encode_rows(tokenizer, rows: Sequence[dict], max_len: int, *,
+                answers: bool = True) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_pair` of every row (with its answer, or the prompt alone), and a warning (once
+    per kind of cut) when some did not fit ``max_len`` tokens: a question that loses its start, or an
+    answer (a report) that loses its end, is trained or asked on what is left of it."""
+    out, lost_start, lost_end = [], [], []
+    for r in rows:
+        prompt, answer = _tokens(tokenizer, row_prompt(r), r["answer"] if answers else None)
+        ids, labels = _fit(tokenizer, prompt, answer, max_len)
+        kept = sum(1 for label in labels if label == IGNORE_INDEX)
+        if kept < len(prompt):
+            lost_start.append(r)
+        if answer is not None and len(ids) - kept - 1 < len(answer):
+            lost_end.append(r)
+        out.append((ids, labels))
+    for cut, what in ((lost_start, "lose their start (the question's first words)"),
+                      (lost_end, "lose their end (the answer's last words)")):
+        if cut and (key := (what, max_len, len(cut), len(rows))) not in _CUTS_SAID:
+            _CUTS_SAID.add(key)
+            example = cut[0].get("question") if what.startswith("lose their start") else cut[0].get("answer")
+            log.warning("%d of %d rows are longer than model.max_text_len=%d tokens and %s, e.g. %r: the model "
+                        "sees what is left; set model.max_text_len higher to keep them whole",
+                        len(cut), len(rows), max_len, what, str(example)[:120])
+    return out
 
 
 @dataclass
@@ -101,8 +139,7 @@ class VQADataset(Dataset):
         self.attention_mask = torch.zeros((n, max_len), dtype=torch.long)
         self.labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.long)
         self.image_index = torch.tensor([r["image_index"] for r in data.rows], dtype=torch.long)
-        for i, r in enumerate(data.rows):
-            ids, labels = encode_pair(tokenizer, row_prompt(r), r["answer"], max_len)
+        for i, (ids, labels) in enumerate(encode_rows(tokenizer, data.rows, max_len)):
             self.input_ids[i, : len(ids)] = torch.tensor(ids)
             self.attention_mask[i, : len(ids)] = 1
             self.labels[i, : len(labels)] = torch.tensor(labels)
