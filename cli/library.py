@@ -194,14 +194,14 @@ def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", on_
     skip = on_bad_row == "skip"
     for problem in manifest.problems:
         print(f"  {'SKIPPED' if skip else 'ERROR'} {problem}", file=out)
-    for warning in manifest.warnings:
-        print(f"  WARNING {warning}", file=out)
+    warnings = list(manifest.warnings)
     if two := info["patients_in_two_splits"]:
-        print(f"  WARNING {len(two)} patient(s) have rows in more than one split (e.g. {', '.join(two[:5])}): a "
-              "model is then scored on patients it trained on; keep each patient's rows in one split", file=out)
-    for split, n in info["splits"].items():
-        if n < TINY_SPLIT:
-            print(f"  WARNING split {split!r} has only {n} row(s): its figures will mean little", file=out)
+        warnings.append(f"{len(two)} patient(s) have rows in more than one split (e.g. {', '.join(two[:5])}): a "
+                        "model is then scored on patients it trained on; keep each patient's rows in one split")
+    warnings += [f"split {split!r} has only {n} row(s): its figures will mean little"
+                 for split, n in info["splits"].items() if n < TINY_SPLIT]
+    for warning in warnings:
+        print(f"  WARNING {warning}", file=out)
     if not manifest.problems:
         verdict = "OK"
     elif skip:
@@ -209,7 +209,7 @@ def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", on_
     else:
         verdict = (f"{len(manifest.problems)} error(s): fix these rows, or skip them (--on-bad-row skip here and "
                    "on medvlm-fl supernode)")
-    print(f"{verdict}; {len(manifest.warnings)} warning(s)", file=out)
+    print(f"{verdict}; {len(warnings)} warning(s)", file=out)
     return 0 if not manifest.problems or skip else 1
 
 
@@ -268,7 +268,7 @@ def add_library_commands(sub) -> None:
 
     p = sub.add_parser("check-data", help="check a hospital's data folder (every row, every image) and summarise it")
     p.add_argument("path", help="a data folder or file: manifest.jsonl, VQA-RAD, SLAKE, PMC-VQA, R2Gen, "
-                                "MIMIC-CXR-style, Hugging Face parquet")
+                                "MIMIC-CXR-style, Hugging Face parquet, ImageCLEF VQA-Med")
     p.add_argument("--format", default="auto", choices=list(DATA_FORMATS), help="default: recognised from the files")
     p.add_argument("--language", default="en", help="SLAKE: which q_lang to keep (default en)")
     p.add_argument("--on-bad-row", default="error", choices=["error", "skip"],

@@ -116,7 +116,7 @@ class ModelConfig:
                f"model.fusion.init={self.fusion.init!r} is set too: choose one of them")
 
 
-DATA_FORMATS = ("auto", "jsonl", "vqa-rad", "slake", "pmc-vqa", "mimic-cxr", "r2gen", "parquet")
+DATA_FORMATS = ("auto", "jsonl", "vqa-rad", "slake", "pmc-vqa", "mimic-cxr", "r2gen", "parquet", "vqa-med")
 TASKS = ("vqa", "report")
 # synthetic: who holds which images. own: each hospital its own profile's images (non-IID, the default);
 # iid: the same images, each split pooled across data.hospitals and dealt out at random in the same shares

@@ -650,3 +650,68 @@ def test_a_pickled_release_is_refused_saying_why_and_where_a_readable_copy_is(tm
     for target in (tmp_path / "pvqa", tmp_path / "pvqa" / "qas" / "train" / "train_qa.pkl"):
         with pytest.raises(FormatError, match="train_qa.pkl: a pickle file is not read.*path-vqa"):
             read_rows(target)
+
+
+# ----------------------------------------------------------------------------- ImageCLEF VQA-Med
+@pytest.fixture
+def vqa_med(tmp_path):
+    """VQA-Med 2019 as downloaded: one folder per split, QA pairs beside their images folder."""
+    root = tmp_path / "VQA-Med-2019"
+    train = root / "ImageClef-2019-VQA-Med-Training"
+    for i, image in enumerate(("synpic100", "synpic200")):
+        save(train / "Train_images" / f"{image}.jpg", i)
+    (train / "All_QA_Pairs_train.txt").write_text(
+        "synpic100|what modality is shown?|xr - plain film\n"
+        "synpic100|is \tthis a t1 weighted image?|no\n"            # the release's stray tab
+        "synpic200|what is abnormal in the ct scan?|meningioma\n"
+        "\n"
+        "synpic200|what organ?\n")                                   # a field short: a bad row, named by line
+    (train / "QAPairsByCategory").mkdir()
+    (train / "QAPairsByCategory" / "C1_Modality_train.txt").write_text(
+        "synpic100|what modality is shown?|xr - plain film\nsynpic100|is \tthis a t1 weighted image?|no\n")
+    (train / "QAPairsByCategory" / "C4_Abnormality_train.txt").write_text(
+        "synpic200|what is abnormal in the ct scan?|meningioma\n")
+    val = root / "ImageClef-2019-VQA-Med-Validation"
+    save(val / "Val_images" / "synpic300.jpg", 2)
+    (val / "All_QA_Pairs_val.txt").write_text("synpic300|in which plane is the mri displayed?|axial\n")
+    test = root / "VQAMed2019Test"
+    save(test / "VQAMed2019_Test_Images" / "synpic400.jpg", 3)
+    (test / "VQAMed2019_Test_Questions.txt").write_text("synpic400|what is the primary abnormality in this image?\n")
+    (test / "VQAMed2019_Test_Questions_w_Ref_Answers.txt").write_text(
+        "synpic400|abnormality|what is the primary abnormality in this image?|anaplastic oligodendroglioma#cystic "
+        "mass\n")
+    return root
+
+
+def test_vqa_med_as_downloaded_every_split_its_categories_and_a_short_line_named(vqa_med):
+    assert detect_format(vqa_med) == "vqa-med"
+    with pytest.raises(ManifestError, match=r"All_QA_Pairs_train\.txt:5: 2 field\(s\) where VQA-Med has "
+                                            r"image-id\|question\|answer"):
+        read_manifest(vqa_med)
+    manifest = read_manifest(vqa_med, on_bad_row="skip")
+    rows = {(r["split"], r["question"]): r for r in manifest.rows}
+    assert len(rows) == 5 and {r["split"] for r in manifest.rows} == {"train", "val", "test"}
+    modality = rows[("train", "what modality is shown?")]
+    assert modality["image"].endswith("Train_images/synpic100.jpg") and modality["answer_type"] == "open"
+    assert modality["qtype"] == "modality"                          # from QAPairsByCategory/C1_Modality_train.txt
+    t1 = rows[("train", "is this a t1 weighted image?")]          # the tab read as a space, still categorised
+    assert t1["answer_type"] == "closed" and t1["qtype"] == "modality"
+    assert rows[("train", "what is abnormal in the ct scan?")]["qtype"] == "abnormality"
+    assert rows[("val", "in which plane is the mri displayed?")]["image"].endswith("Val_images/synpic300.jpg")
+    test = rows[("test", "what is the primary abnormality in this image?")]
+    assert test["qtype"] == "abnormality" and test["answer"] == "anaplastic oligodendroglioma"   # first of a#b
+    assert test["image"].endswith("VQAMed2019_Test_Images/synpic400.jpg")
+    code, text = run_check(vqa_med / "ImageClef-2019-VQA-Med-Validation" / "All_QA_Pairs_val.txt")
+    assert code == 0 and "1 question" in text                       # one file, read on its own
+    assert "WARNING split 'val' has only 1 row(s)" in text and "OK; 1 warning(s)" in text   # counted as said
+
+
+def test_vqa_med_test_images_still_zipped_are_named(vqa_med):
+    test = vqa_med / "VQAMed2019Test"
+    for image in (test / "VQAMed2019_Test_Images").iterdir():
+        image.unlink()
+    (test / "VQAMed2019_Test_Images").rmdir()
+    (test / "VQAMed2019_Test_Images.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    with pytest.raises(FormatError, match=r"VQAMed2019_Test_Questions_w_Ref_Answers\.txt: its images are still "
+                                          r"zipped \(VQAMed2019_Test_Images\.zip beside it\): unzip it there"):
+        read_rows(vqa_med)

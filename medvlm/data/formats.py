@@ -26,6 +26,10 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
                files/pXX/pNNNNNNNN/sNNNNNNNN.txt (in the same tree or under mimic-cxr-reports/);
                mimic-cxr-2.0.0-split.csv (or the .csv.gz MIMIC-CXR-JPG ships) is used for the
                split when present; without it the rows carry no split and one is drawn by patient
+    vqa-med    ImageCLEF VQA-Med: image-id|question|answer lines (All_QA_Pairs_train.txt, All_QA_Pairs_val.txt,
+               2020's *QA_pairs*.txt) or image-id|category|question|answer (VQAMed2019_Test_Questions_w_Ref_Answers
+               .txt), each beside its *images/ folder of <image-id>.jpg; the folder as downloaded (one level up from
+               ImageClef-2019-VQA-Med-Training/, -Validation/, VQAMed2019Test/) reads every split
     parquet    a Hugging Face dataset's parquet files (*.parquet, data/*.parquet or <config>/<split>/*.parquet,
                as the Hub serves them: flaviagiammarino/vqa-rad, path-vqa): one image, question and answer
                per row; the split from each file's name; the images, stored inside the files, written once
@@ -91,10 +95,12 @@ def detect_format(path: Path) -> str:
             return "pmc-vqa"
         if path.suffix == ".parquet":
             return "parquet"
+        if _vqa_med_file(path):
+            return "vqa-med"
         if path.suffix in (".pkl", ".pickle"):
             raise FormatError(f"{path}: {PICKLE}")
         raise FormatError(f"{path}: not a recognised data file (a .jsonl manifest, {VQA_RAD_JSON!r}, a PMC-VQA "
-                          ".csv or a .parquet); pass a data folder or --format")
+                          ".csv, a VQA-Med QA-pairs .txt or a .parquet); pass a data folder or --format")
     if not path.is_dir():
         raise FileNotFoundError(f"data {path} not found")
     found = {fmt: files for fmt, files in _marker_files(path).items() if files}
@@ -113,7 +119,8 @@ def detect_format(path: Path) -> str:
     hint = (f"; the data look one level down, in {', '.join(repr(b) for b in below[:3])}: point at that folder"
             if below else "")
     raise FormatError(f"{path}: no manifest.jsonl, {VQA_RAD_JSON!r} (or MEVF trainset.json / testset.json), SLAKE "
-                      f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE}, parquet files or "
+                      f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE}, VQA-Med QA-pairs .txt, parquet "
+                      f"files or "
                       f"MIMIC-CXR files/ tree here{hint}; otherwise name the format with --format (data.format) or "
                       "point at the file")
 
@@ -125,6 +132,7 @@ def _marker_files(folder: Path) -> dict[str, list[str]]:
                "slake": list(SLAKE_FILES), "pmc-vqa": [f for pair in PMC_CSVS for f in pair]}
     found = {fmt: [name for name in names if (folder / name).is_file()] for fmt, names in markers.items()}
     found["parquet"] = [str(f.relative_to(folder)) for f in parquet_files(folder)][:3]
+    found["vqa-med"] = [str(f.relative_to(folder)) for f in vqa_med_files(folder)][:3]
     return found
 
 
@@ -150,7 +158,8 @@ def describe_layout(path: Path, fmt: str) -> str:
     return {"jsonl": "the project's manifest.jsonl", "slake": "SLAKE 1.0 (train / validate / test.json + imgs/)",
             "r2gen": f"R2Gen {R2GEN_FILE} (train / val / test studies + images/)",
             "mimic-cxr": "MIMIC-CXR files/ tree with the studies' reports",
-            "parquet": "Hugging Face parquet (image, question, answer per row; images extracted to the cache)"
+            "parquet": "Hugging Face parquet (image, question, answer per row; images extracted to the cache)",
+            "vqa-med": "ImageCLEF VQA-Med (image-id|question|answer .txt files beside their images folders)"
             }.get(fmt, fmt)
 
 
@@ -162,7 +171,8 @@ def read_rows(path: str | Path, fmt: str = "auto", *, language: str = "en") -> t
     fmt = detect_format(path) if fmt == "auto" else fmt
     readers: dict[str, Callable[[Path], list[RawRow]]] = {
         "jsonl": read_jsonl, "vqa-rad": read_vqa_rad, "slake": lambda p: read_slake(p, language=language),
-        "pmc-vqa": read_pmc_vqa, "mimic-cxr": read_mimic_cxr, "r2gen": read_r2gen, "parquet": read_parquet}
+        "pmc-vqa": read_pmc_vqa, "mimic-cxr": read_mimic_cxr, "r2gen": read_r2gen, "parquet": read_parquet,
+        "vqa-med": read_vqa_med}
     if fmt not in readers:
         raise FormatError(f"unknown data format {fmt!r}: use one of {sorted(readers)} or auto")
     return fmt, readers[fmt](path)
@@ -438,6 +448,83 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
             if splits is not None:
                 row["split"] = splits.get(image.stem, "train")
             out.append(RawRow(f"{where}/{image.name}", row))
+    return out
+
+
+# ----------------------------------------------------------------------------- ImageCLEF VQA-Med
+_VQA_MED_NAME = re.compile(r"(qa_pairs|questions_w_ref_answers).*\.txt$", re.IGNORECASE)
+_VQA_MED_CATEGORY = re.compile(r"^C\d+_(.+?)_(train|val|valid|validation|test)\.txt$", re.IGNORECASE)
+
+
+def _vqa_med_file(path: Path) -> bool:
+    return bool(_VQA_MED_NAME.search(path.name))
+
+
+def vqa_med_files(folder: Path) -> list[Path]:
+    """VQA-Med's question files in ``folder`` or one level down (the download holds one folder per split)."""
+    return sorted(f for pattern in ("*.txt", "*/*.txt") for f in folder.glob(pattern)
+                  if f.is_file() and _vqa_med_file(f))
+
+
+def _vqa_med_split(file: Path) -> Optional[str]:
+    name = file.name.lower()
+    if "ref_answers" in name or "test" in name:
+        return "test"
+    return "val" if re.search(r"(^|[_\-.])(val|valid|validation)([_\-.]|$)", name) else \
+        "train" if "train" in name else None
+
+
+def _vqa_med_categories(folder: Path) -> dict[tuple[str, str], str]:
+    """(image id, question) -> category from the release's QAPairsByCategory/C1_Modality_train.txt, ... files."""
+    out: dict[tuple[str, str], str] = {}
+    for file in sorted((folder / "QAPairsByCategory").glob("*.txt")):
+        if m := _VQA_MED_CATEGORY.match(file.name):
+            for line in _read_text(file).splitlines():
+                fields = line.split("|")
+                if len(fields) == 3:
+                    out[(fields[0].strip(), " ".join(fields[1].split()).lower())] = m.group(1).lower()
+    return out
+
+
+def _vqa_med_images(file: Path) -> Path:
+    """The images folder beside a question file (Train_images/, Val_images/, VQAMed2019_Test_Images/)."""
+    folders = sorted(d for d in file.parent.iterdir() if d.is_dir() and d.name.lower().endswith("images"))
+    if folders:
+        split = _vqa_med_split(file)
+        return next((d for d in folders if split and split in d.name.lower()), folders[0])
+    if zips := sorted(z.name for z in file.parent.glob("*[Ii]mages*.zip")):
+        raise FormatError(f"{file}: its images are still zipped ({zips[0]} beside it): unzip it there")
+    return file.parent
+
+
+def read_vqa_med(path: Path) -> list[RawRow]:
+    """ImageCLEF VQA-Med: one question a line, ``image-id|question|answer`` or, in the 2019 test file,
+    ``image-id|category|question|answer``; the image is ``<images folder>/<image-id>.jpg``. The category comes
+    from the line or from the release's QAPairsByCategory/ files; yes/no answers are closed, the rest open. The
+    test file's reference answers may list alternatives (``a#b``): the first is the answer scored."""
+    files = [path] if path.is_file() else vqa_med_files(path)
+    _need(files, path, "vqa-med", "All_QA_Pairs_*.txt, *QA_pairs*.txt or *_Test_Questions_w_Ref_Answers.txt "
+          "(here or one folder down)")
+    out: list[RawRow] = []
+    for file in files:
+        images, categories, split = _vqa_med_images(file), _vqa_med_categories(file.parent), _vqa_med_split(file)
+        for lineno, line in enumerate(_read_text(file).splitlines(), start=1):
+            if not line.strip():
+                continue
+            where, fields = f"{file.relative_to(path) if path.is_dir() else file.name}:{lineno}", line.split("|")
+            fields = [f.strip() for f in fields]
+            if len(fields) not in (3, 4):
+                out.append(RawRow(where, None, f"{len(fields)} field(s) where VQA-Med has image-id|question|answer "
+                                               "(or image-id|category|question|answer)"))
+                continue
+            image_id, question, answer = fields[0], " ".join(fields[-2].split()), fields[-1]
+            answer = answer.split("#")[0].strip()
+            category = fields[1].lower() if len(fields) == 4 else categories.get((image_id, question.lower()))
+            name = image_id if Path(image_id).suffix.lower() in IMAGE_SUFFIXES else f"{image_id}.jpg"
+            out.append(RawRow(where, {
+                "image": str(images / name) if image_id else "", "question": question, "answer": answer,
+                "answer_type": "closed" if answer.lower() in ("yes", "no") else "open",
+                "qtype": category or None, "split": split}))
     return out
 
 
