@@ -715,3 +715,16 @@ def test_vqa_med_test_images_still_zipped_are_named(vqa_med):
     with pytest.raises(FormatError, match=r"VQAMed2019_Test_Questions_w_Ref_Answers\.txt: its images are still "
                                           r"zipped \(VQAMed2019_Test_Images\.zip beside it\): unzip it there"):
         read_rows(vqa_med)
+
+
+def test_vqa_med_2020_train_and_validation_sets_as_downloaded(tmp_path):
+    root = tmp_path / "VQA-Med-2020-Task1-VQAnswering-TrainVal-Sets"
+    for folder, split, image in (("VQAMed2020-VQAnswering-TrainingSet", "Train", "synpic1"),
+                                 ("VQAMed2020-VQAnswering-ValidationSet", "Val", "synpic2")):
+        save(root / folder / f"VQAnswering_2020_{split}_images" / f"{image}.jpg")
+        name = "VQAnswering_2020_Train_QA_pairs.txt" if split == "Train" else "VQAnswering_2020_Val_QA_Pairs.txt"
+        (root / folder / name).write_text(f"{image}|what abnormality is seen in the image?|meningioma\n")
+    manifest = read_manifest(root)
+    assert manifest.format == "vqa-med"
+    assert {r["split"]: r["image"].split("/")[-2] for r in manifest.rows} == {
+        "train": "VQAnswering_2020_Train_images", "val": "VQAnswering_2020_Val_images"}
