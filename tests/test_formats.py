@@ -728,3 +728,31 @@ def test_vqa_med_2020_train_and_validation_sets_as_downloaded(tmp_path):
     assert manifest.format == "vqa-med"
     assert {r["split"]: r["image"].split("/")[-2] for r in manifest.rows} == {
         "train": "VQAnswering_2020_Train_images", "val": "VQAnswering_2020_Val_images"}
+
+
+def test_a_hugging_face_report_dataset_reads_as_report_rows(tmp_path, monkeypatch):
+    """ROCO's Hub copies (image, image_id, caption) and MIMIC-CXR's (image, findings, impression): one report row
+    per image, the findings first and the impression when a study has none; an empty report is a bad row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("MEDVLM_CACHE", str(tmp_path / "cache"))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": png_bytes(i), "path": f"{i}.png"} for i in range(3)]
+    roco = tmp_path / "roco" / "data"
+    roco.mkdir(parents=True)
+    pq.write_table(pa.table({"image": pa.array(cells[:2], type=image), "image_id": ["ROCO_1", "ROCO_2"],
+                             "caption": [" CT of the chest showing a  right pleural effusion. ", ""]}),
+                   roco / "validation-00000-of-00001.parquet")
+    rows = read_rows(tmp_path / "roco")[1]
+    assert rows[0].row == {"image": rows[0].row["image"], "report": "CT of the chest showing a right pleural effusion.",
+                           "split": "val"}
+    assert rows[1].problem == "no report in the row (its caption cell is empty)"
+    mimic = tmp_path / "mimic.parquet"
+    pq.write_table(pa.table({"image": pa.array(cells, type=image), "findings": ["No effusion.", None, "  "],
+                             "impression": ["Normal.", "Small left effusion.", None]}), mimic)
+    rows = read_rows(mimic)[1]
+    assert [r.row and r.row["report"] for r in rows[:2]] == ["No effusion.", "Small left effusion."]
+    assert rows[2].problem == "no report in the row (its findings / impression cell is empty)"
+    manifest = read_manifest(mimic, on_bad_row="skip")
+    assert len(manifest.report_rows) == 2 and not manifest.vqa_rows

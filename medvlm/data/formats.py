@@ -32,7 +32,8 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
                ImageClef-2019-VQA-Med-Training/, -Validation/, VQAMed2019Test/) reads every split
     parquet    a Hugging Face dataset's parquet files (*.parquet, data/*.parquet or <config>/<split>/*.parquet,
                as the Hub serves them: flaviagiammarino/vqa-rad, path-vqa): one image, question and answer
-               per row; the split from each file's name; the images, stored inside the files, written once
+               per row, or one image and its report (a report / findings / impression / caption column: ROCO's
+               and MIMIC-CXR's copies); the split from each file's name; the images, stored inside the files, written once
                (named by their content) under the cache (MEDVLM_CACHE)/extracted-images/
 
 A folder holding the files of two layouts (a manifest.jsonl beside VQA-RAD's json) is refused, naming both, until
@@ -529,6 +530,8 @@ def read_vqa_med(path: Path) -> list[RawRow]:
 
 
 # ----------------------------------------------------------------------------- Hugging Face parquet
+# a report dataset's text column, first found first: MIMIC-CXR copies' findings (else impression), ROCO's caption
+PARQUET_REPORTS = ("report", "findings", "impression", "caption")
 PARQUET_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
 _SPLIT_WORD = re.compile(r"^(train|validation|valid|val|dev|test)(?![a-z])")
 _MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
@@ -566,24 +569,28 @@ def read_parquet(path: Path) -> list[RawRow]:
             columns = set(table.schema_arrow.names)
         except (pa.ArrowException, OSError) as err:
             raise FormatError(f"{file}: not a readable parquet file ({err}): download it again") from None
-        if missing := [c for c in ("image", "question", "answer") if c not in columns]:
+        texts = [c for c in PARQUET_REPORTS if c in columns]
+        vqa = {"question", "answer"} <= columns
+        if "image" not in columns or not (vqa or texts):
+            missing = [c for c in ("image", "question", "answer") if c not in columns]
             raise FormatError(f"{file}: no {', '.join(missing)} column (it has {sorted(columns)}); the parquet "
                               "reader takes one image, question and answer per row, as the Hub's VQA datasets "
-                              "(vqa-rad, path-vqa) store them")
+                              "(vqa-rad, path-vqa) store them, or one image and its report (a "
+                              f"{' / '.join(PARQUET_REPORTS)} column, as ROCO's and MIMIC-CXR's copies do)")
         extra = [c for c in ("answer_type", "qtype", "question_type", "content_type", "modality") if c in columns]
         split, i = _parquet_split(file), 0
         try:
-            batches = table.iter_batches(batch_size=64, columns=["image", "question", "answer", *extra])
-            for batch in batches:
+            read = ["image", *(["question", "answer", *extra] if vqa else []), *texts]
+            for batch in table.iter_batches(batch_size=64, columns=read):
                 for item in batch.to_pylist():
-                    out.append(_parquet_row(file, f"{file.name}[{i}]", item, split))
+                    out.append(_parquet_row(file, f"{file.name}[{i}]", item, split, texts))
                     i += 1
         except (pa.ArrowException, OSError) as err:
             raise FormatError(f"{file}: cannot be read past row {i} ({err}): download it again") from None
     return out
 
 
-def _parquet_row(file: Path, where: str, item: dict, split: Optional[str]) -> RawRow:
+def _parquet_row(file: Path, where: str, item: dict, split: Optional[str], texts: list[str]) -> RawRow:
     cell = item["image"]
     data, name = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
     if isinstance(data, str):            # a path column, not the image itself
@@ -596,12 +603,17 @@ def _parquet_row(file: Path, where: str, item: dict, split: Optional[str]) -> Ra
         image = str((file.parent / _text(name)).resolve())
     else:
         return RawRow(where, None, "no image in the row (its image cell is empty)")
+    report = next((report_text(_text(item[c])) for c in texts if _text(item[c])), None)
+    if "question" not in item:           # a report dataset: one report row per image
+        if not report:
+            return RawRow(where, None, f"no report in the row (its {' / '.join(texts)} cell is empty)")
+        return RawRow(where, {"image": image, "report": report, "split": split})
     answer = _text(item["answer"])
     kind = _text(item.get("answer_type")).lower() or ("closed" if answer.lower() in ("yes", "no") else "open")
     qtype = _text(item.get("qtype") or item.get("question_type") or item.get("content_type")).lower() or None
     return RawRow(where, {"image": image, "question": _text(item["question"]), "answer": answer,
                           "answer_type": kind, "qtype": qtype, "modality": _text(item.get("modality")) or None,
-                          "split": split})
+                          "split": split, **({"report": report} if report else {})})
 
 
 def _extracted(data: bytes, name: Optional[str]) -> Path:
