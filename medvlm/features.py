@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from medvlm.data.dataset import VQARows
+from medvlm.data.dataset import VQARows, reserve
 from medvlm.model.vlm import MedVLM
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,21 @@ class FeatureCache:
         (``load``: path -> preprocessed pixels), encoded and written to the cache."""
         model, started = self.model, time.perf_counter()
         keys = [self.digest(p) for p in paths]
-        out: list[Optional[torch.Tensor]] = [self.get(k) for k in keys]
-        todo = [i for i, f in enumerate(out) if f is None]
+        out: Optional[torch.Tensor] = None   # one tensor filled in place (a list stacked at the end held
+        todo = []                            # every image twice), sized by the first image's tokens
+
+        def place(i: int, feats: torch.Tensor) -> None:
+            nonlocal out
+            if out is None:
+                out = reserve((len(paths), *feats.shape), "the images' patch tokens")
+            out[i] = feats
+
+        for i, key in enumerate(keys):
+            feats = self.get(key)
+            if feats is None or out is not None and feats.shape != out.shape[1:]:   # a foreign entry: encode
+                todo.append(i)
+            else:
+                place(i, feats)
         self.hits += len(paths) - len(todo)
         self.misses += len(todo)
         batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
@@ -138,12 +151,11 @@ class FeatureCache:
             pixels = torch.stack([load(paths[i]) for i in batch]).to(model.device)
             for i, feats in zip(batch, model.encode_images(pixels).cpu()):
                 self.put(keys[i], feats)
-                out[i] = feats
+                place(i, feats)
         log.info("feature cache %s: %d image(s) read, %d encoded (%.1fs)", self.dir, len(paths) - len(todo),
                  len(todo), time.perf_counter() - started)
-        if not out:
-            return torch.zeros((0, model.vision.num_patches, model.vision.width))
-        return torch.stack(out)
+        return out if out is not None else torch.zeros((0, model.vision.num_patches, model.vision.width))
+
 
 
 def cached_encoder(model: MedVLM, root: Optional[str | Path], data_cfg, *,

@@ -116,3 +116,25 @@ def test_a_warm_cache_skips_decoding_in_the_check_too(tiny_model, dicom_folder, 
         from_manifest(str(dicom_folder), tiny_model.vision.preprocess,
                       encode_files=cached_encoder(tiny_model, tmp_path / "cache", DataConfig()))
     assert decoded == [str(changed)]
+
+
+def test_a_site_that_does_not_fit_in_memory_is_refused_with_the_figures(tiny_model, dicom_folder, tmp_path,
+                                                                        monkeypatch):
+    """Allocation succeeds on Linux whatever its size: a site that outgrew its machine was killed by the kernel
+    part-way through reading its images, with nothing said."""
+    import collections
+
+    import psutil
+
+    paths = sorted(str(p) for p in (dicom_folder / "images").iterdir())
+    cache = FeatureCache(tmp_path / "cache", tiny_model, {"dicom": {}})
+    fits = cache(paths, counting_loader(tiny_model, []))            # one tensor, filled in place
+    assert fits.shape == (5, tiny_model.vision.num_patches, tiny_model.vision.width) and fits.is_contiguous()
+    memory = collections.namedtuple("svmem", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=fits.numel() * 4 - 1))
+    with pytest.raises(MemoryError, match=r"the images' patch tokens: 5 image\(s\) × \d+ × \d+ float32 values need "
+                                          r"0\.0 GiB, and this machine has 0\.0 GiB free: give this site fewer images"):
+        FeatureCache(tmp_path / "cache", tiny_model, {"dicom": {}})(paths, counting_loader(tiny_model, []))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=0))
+    with pytest.raises(MemoryError, match=r"the images' pixels: 5 image\(s\) × 3 × \d+ × \d+ float32"):
+        from_manifest(str(dicom_folder), tiny_model.vision.preprocess)

@@ -14,6 +14,7 @@ vision encoder's own ``preprocess`` once, when the dataset is built.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -223,10 +224,37 @@ def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] 
     def load(p: str) -> torch.Tensor:
         return preprocess(load_image(p, cfg.dicom))
 
-    pixels = encode_files(paths, load) if encode_files else (torch.stack([load(p) for p in paths]) if paths
-                                                              else torch.empty(0))
+    pixels = encode_files(paths, load) if encode_files else _decoded(paths, load)
     rows = [dict(r, image_index=index[r["image"]], qtype=r.get("qtype") or "all") for r in vqa]
     return VQARows(pixels, rows, tokens=encode_files is not None)   # a feature cache hands back patch tokens
+
+
+def _decoded(paths: list[str], load: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Every image decoded into one tensor, filled in place (the memory it needs checked first)."""
+    if not paths:
+        return torch.empty(0)
+    first = load(paths[0])
+    out = reserve((len(paths), *first.shape), "the images' pixels")
+    out[0] = first
+    for i, path in enumerate(paths[1:], start=1):
+        out[i] = load(path)
+    return out
+
+
+def reserve(shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """An empty float32 tensor for a site's images, refused with the figures when it cannot fit in the memory
+    this machine has free: allocation succeeds on Linux either way, and a site that outgrew its machine would
+    otherwise be killed by the kernel part-way through reading, with nothing said."""
+    import psutil
+
+    need = 4 * math.prod(shape)
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise MemoryError(f"{what}: {shape[0]} image(s) × {' × '.join(map(str, shape[1:]))} float32 values need "
+                          f"{need / 2**30:.1f} GiB, and this machine has {free / 2**30:.1f} GiB free: give this "
+                          "site fewer images (a data folder holding a part of them, or data.qtypes), or run it on "
+                          "a machine with more memory")
+    return torch.empty(shape)
 
 
 def split_rows(data: VQARows, *, val_fraction: float, test_fraction: float, seed: int) -> dict[str, VQARows]:
