@@ -19,6 +19,7 @@ BENCHMARKS = {
     "bytes": ("benchmarks.bytes_per_round", []),
     "dp": ("benchmarks.dp_overhead", []),
     "cache": ("benchmarks.feature_cache", []),
+    "memory": ("benchmarks.site_memory", []),
     "utility": ("benchmarks.utility", []),
     "scale": ("benchmarks.scale", []),
     "wire": ("benchmarks.wire", []),

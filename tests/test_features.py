@@ -138,3 +138,33 @@ def test_a_site_that_does_not_fit_in_memory_is_refused_with_the_figures(tiny_mod
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=0))
     with pytest.raises(MemoryError, match=r"the images' pixels: 5 image\(s\) × 3 × \d+ × \d+ float32"):
         from_manifest(str(dicom_folder), tiny_model.vision.preprocess)
+
+
+@pytest.mark.parametrize("split_source", ["dataset", "redraw"])
+def test_a_site_reads_each_split_s_images_once_into_the_same_splits(tiny_model, tmp_path, split_source):
+    """load_splits splits a folder's rows first and reads each split's images into its own tensor: the same rows
+    over the same pixels (or cached tokens) as reading every image and then copying them into the splits, which
+    held every image twice."""
+    from medvlm.data.dataset import load_splits, published_splits, split_rows
+
+    hospital = generate_hospital("general", 24, seed=0)
+    write_manifest(hospital, tmp_path / "data")
+    if split_source == "dataset":                                    # a release's own split on every row
+        rows = [json.loads(line) for line in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+        for r in rows:
+            r["split"] = "test" if r["image"].endswith(("0.png", "5.png")) else "train"
+        (tmp_path / "data" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source=str(tmp_path / "data"), split_source=split_source)
+    preprocess = tiny_model.vision.preprocess
+    everything = from_manifest(cfg.source, preprocess, cfg=cfg)
+    before = published_splits(everything, val_fraction=cfg.val_fraction, seed=cfg.seed) \
+        if split_source == "dataset" else None
+    before = before or split_rows(everything, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                  seed=cfg.seed)
+    for encode in (None, FeatureCache(tmp_path / "cache", tiny_model, {"dicom": {}})):
+        after = load_splits(cfg, preprocess, encode_files=encode)
+        assert after.keys() == before.keys()
+        for name, part in after.items():
+            assert part.rows == before[name].rows and part.tokens == (encode is not None)
+            want = with_frozen_features(tiny_model, before[name]).pixels if encode else before[name].pixels
+            assert part.pixels.shape == want.shape and torch.allclose(part.pixels, want, atol=1e-5), name

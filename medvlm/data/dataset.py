@@ -196,11 +196,12 @@ class EncodeFiles(Protocol):
 
 
 def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] = None,
-                  encode_files: Optional[EncodeFiles] = None) -> VQARows:
+                  encode_files: Optional[EncodeFiles] = None, images: bool = True) -> VQARows:
     """The VQA rows of a data folder/file in any supported format (checked row by row). Images
     are decoded with ``load_image`` and the encoder's ``preprocess``; with ``encode_files``
     (a :class:`medvlm.features.FeatureCache`'s) they come back as frozen patch tokens instead,
-    cached ones without being decoded at all (not even by the check)."""
+    cached ones without being decoded at all (not even by the check). ``images=False``: the rows
+    alone (pixels None), each row's ``image_index`` naming its image for :func:`with_images`."""
     cfg = cfg or DataConfig(source=str(path))
     manifest = read_manifest(path, fmt=cfg.format, on_bad_row=cfg.on_bad_row, dicom=cfg.dicom, language=cfg.language,
                              known_good=encode_files.cached if encode_files else None)
@@ -218,15 +219,32 @@ def from_manifest(path: str, preprocess: Callable, *, cfg: Optional[DataConfig] 
     if not vqa:
         raise ValueError(f"{path}: no image has a report; the report task needs report rows (image, report) or "
                          "question rows that carry a 'report' field (or set data.task=vqa)")
-    paths = list(dict.fromkeys(r["image"] for r in vqa))
-    index = {p: i for i, p in enumerate(paths)}
+    index = {p: i for i, p in enumerate(dict.fromkeys(r["image"] for r in vqa))}
+    rows = VQARows(None, [dict(r, image_index=index[r["image"]], qtype=r.get("qtype") or "all") for r in vqa])
+    return with_images(rows, preprocess, cfg.dicom, encode_files) if images else rows
+
+
+def with_images(data: VQARows, preprocess: Callable, dicom=None, encode_files: Optional[EncodeFiles] = None
+                ) -> VQARows:
+    """Rows read without their images (``from_manifest(images=False)``, then split) over their images: image
+    ``i`` is the file the rows with ``image_index`` i name. A site splits its rows first and reads each split's
+    images into its own tensor: reading all of them and then copying them into the splits held every image
+    twice."""
+    paths: list[str] = [""] * _image_count(data)
+    for r in data.rows:
+        paths[r["image_index"]] = r["image"]
 
     def load(p: str) -> torch.Tensor:
-        return preprocess(load_image(p, cfg.dicom))
+        return preprocess(load_image(p, dicom))
 
     pixels = encode_files(paths, load) if encode_files else _decoded(paths, load)
-    rows = [dict(r, image_index=index[r["image"]], qtype=r.get("qtype") or "all") for r in vqa]
-    return VQARows(pixels, rows, tokens=encode_files is not None)   # a feature cache hands back patch tokens
+    return VQARows(pixels, data.rows, tokens=encode_files is not None)   # a feature cache hands back patch tokens
+
+
+def _image_count(data: VQARows) -> int:
+    if data.pixels is not None:
+        return len(data.pixels)
+    return 1 + max((r["image_index"] for r in data.rows), default=-1)
 
 
 def _decoded(paths: list[str], load: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -261,7 +279,7 @@ def split_rows(data: VQARows, *, val_fraction: float, test_fraction: float, seed
     """Split by image, so no image's questions straddle train and test; by patient where the rows
     name one (``patient``), so no patient's images do either (two views of one study, or a follow-up
     study, in train and test would score recall, not reading)."""
-    parts = draw_split(data.rows, list(range(len(data.pixels))), val_fraction=val_fraction,
+    parts = draw_split(data.rows, list(range(_image_count(data))), val_fraction=val_fraction,
                        test_fraction=test_fraction, seed=seed)
     return {name: _subset(data, [r for r in data.rows if r["image_index"] in keep]) for name, keep in parts.items()}
 
@@ -285,8 +303,8 @@ def _subset(data: VQARows, rows: Sequence[dict]) -> VQARows:
     """The rows given, with only the images they use (re-indexed)."""
     keep = sorted({r["image_index"] for r in rows})
     remap = {old: new for new, old in enumerate(keep)}
-    return VQARows(data.pixels[keep] if keep else data.pixels[:0],
-                   [dict(r, image_index=remap[r["image_index"]]) for r in rows], data.tokens)
+    pixels = None if data.pixels is None else data.pixels[keep] if keep else data.pixels[:0]
+    return VQARows(pixels, [dict(r, image_index=remap[r["image_index"]]) for r in rows], data.tokens)
 
 
 PUBLISHED_SPLITS = {"train": "train", "val": "val", "validate": "val", "valid": "val", "test": "test"}
@@ -342,15 +360,16 @@ def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[st
                 encode_files: Optional[EncodeFiles] = None) -> dict[str, VQARows]:
     """train/val/test VQARows for the configured data (synthetic hospitals pooled, or a data
     folder in any supported format; ``encode_files``: see :func:`from_manifest`)."""
-    if cfg.source != "synthetic":
-        data = from_manifest(cfg.source, preprocess, cfg=cfg, encode_files=encode_files)
-        if cfg.split_source == "dataset":
-            published = published_splits(data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-            if published is not None:
-                log.info("%s: the release's own splits: %s", cfg.source,
-                         ", ".join(f"{k} {len(v)} rows" for k, v in published.items()))
-                return published
-        return split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    if cfg.source != "synthetic":   # split the rows, then read each split's images (each image held once)
+        data = from_manifest(cfg.source, preprocess, cfg=cfg, encode_files=encode_files, images=False)
+        parts = published_splits(data, val_fraction=cfg.val_fraction, seed=cfg.seed) \
+            if cfg.split_source == "dataset" else None
+        if parts is not None:
+            log.info("%s: the release's own splits: %s", cfg.source,
+                     ", ".join(f"{k} {len(v)} rows" for k, v in parts.items()))
+        else:
+            parts = split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        return {name: with_images(part, preprocess, cfg.dicom, encode_files) for name, part in parts.items()}
     check_synthetic(cfg)
     names = list(hospitals or cfg.hospitals)
     held = _iid_partition(cfg, preprocess, names) if cfg.partition == "iid" else {
