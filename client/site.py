@@ -140,7 +140,7 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
     cache = state_dir / "features" if data_cfg.source != "synthetic" else None
     splits = load_splits(data_cfg, model.vision.preprocess,
                          hospitals=[name] if data_cfg.source == "synthetic" else None,
-                         encode_files=cached_encoder(model, cache, data_cfg))
+                         encode_files=cached_encoder(model, cache, data_cfg), only=("train", "val"))
     train = with_frozen_features(model, splits["train"])
     val = with_frozen_features(model, splits["val"])
     log.info("hospital %s, stage %s (%s): %d train / %d val rows, ledger in %s", name, stage.name, stage.task,

@@ -90,7 +90,8 @@ def test_a_hospital_caches_in_its_state_dir(dicom_folder, tmp_path):
     node = {"hospital": "st-mary", "data-path": str(dicom_folder), "state-dir": str(tmp_path / "state"), "epsilon": 8.0}
     site = build_site(run_config, node)
     entries = list((tmp_path / "state" / "features").glob("*/*/*.safetensors"))
-    assert len(entries) == 5 and site.train.pixels.dim() == 3
+    assert site.train.pixels.dim() == 3                  # of 5 images, the test split's is never read at a site
+    assert len(entries) == len(site.train.pixels) + len(site.val.pixels) == 4
     again = build_site(run_config, node)       # the next round's process: same features, read back
     assert torch.equal(again.train.pixels, site.train.pixels)
     dealt = build_site({**run_config, "overrides": shlex.join([*TINY_OVERRIDES, "data.partition=iid"])}, node)
@@ -168,3 +169,13 @@ def test_a_site_reads_each_split_s_images_once_into_the_same_splits(tiny_model, 
             assert part.rows == before[name].rows and part.tokens == (encode is not None)
             want = with_frozen_features(tiny_model, before[name]).pixels if encode else before[name].pixels
             assert part.pixels.shape == want.shape and torch.allclose(part.pixels, want, atol=1e-5), name
+    calls = []
+    site = load_splits(cfg, counting_loader_of(preprocess, calls), only=("train", "val"))   # what a site reads
+    assert site.keys() == {"train", "val"} and len(calls) == len(site["train"].pixels) + len(site["val"].pixels)
+
+
+def counting_loader_of(preprocess, calls):
+    def counted(image):
+        calls.append(image)
+        return preprocess(image)
+    return counted

@@ -357,9 +357,10 @@ def check_synthetic(data: DataConfig, stages: Sequence[StageConfig] = ()) -> Non
 
 
 def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[str] | None = None,
-                encode_files: Optional[EncodeFiles] = None) -> dict[str, VQARows]:
+                encode_files: Optional[EncodeFiles] = None, only: Sequence[str] = SPLITS) -> dict[str, VQARows]:
     """train/val/test VQARows for the configured data (synthetic hospitals pooled, or a data
-    folder in any supported format; ``encode_files``: see :func:`from_manifest`)."""
+    folder in any supported format; ``encode_files``: see :func:`from_manifest`). A folder's images are
+    read for the splits in ``only`` (a site trains on train and scores val: its test images stay unread)."""
     if cfg.source != "synthetic":   # split the rows, then read each split's images (each image held once)
         data = from_manifest(cfg.source, preprocess, cfg=cfg, encode_files=encode_files, images=False)
         parts = published_splits(data, val_fraction=cfg.val_fraction, seed=cfg.seed) \
@@ -369,7 +370,8 @@ def load_splits(cfg: DataConfig, preprocess: Callable, *, hospitals: Sequence[st
                      ", ".join(f"{k} {len(v)} rows" for k, v in parts.items()))
         else:
             parts = split_rows(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-        return {name: with_images(part, preprocess, cfg.dicom, encode_files) for name, part in parts.items()}
+        return {name: with_images(part, preprocess, cfg.dicom, encode_files) for name, part in parts.items()
+                if name in only}
     check_synthetic(cfg)
     names = list(hospitals or cfg.hospitals)
     held = _iid_partition(cfg, preprocess, names) if cfg.partition == "iid" else {
