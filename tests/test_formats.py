@@ -756,3 +756,32 @@ def test_a_hugging_face_report_dataset_reads_as_report_rows(tmp_path, monkeypatc
     assert rows[2].problem == "no report in the row (its findings / impression cell is empty)"
     manifest = read_manifest(mimic, on_bad_row="skip")
     assert len(manifest.report_rows) == 2 and not manifest.vqa_rows
+
+
+def test_vqa_med_2021_validation_and_a_test_whose_answers_are_in_their_own_file(tmp_path):
+    """2021's validation set (image-id|question|answer) and the 2020 / 2021 tests: image-id|question in
+    *Questions.txt, image-id|answer in *ReferenceAnswers.txt, joined by image."""
+    root = tmp_path / "VQA-Med-2021"
+    val = root / "VQA-Med-2021-Tasks-1-2-NewValidationSets"
+    save(val / "ImageCLEF-2021-VQA-Med-New-Validation-Images" / "synpic1.jpg")
+    (val / "VQA-Med-2021-VQAnswering-Task1-New-ValidationSet.txt").write_text(
+        "synpic1|what abnormality is seen in the image?|pulmonary embolus\n")
+    test = root / "Task1-VQA-2021-TestSet-w-GroundTruth"
+    save(test / "VQA-Med-2021-Test-Images" / "synpic2.jpg", 1)
+    save(test / "VQA-Med-2021-Test-Images" / "synpic3.jpg", 2)
+    (test / "Task1-VQA-2021-TestSet-Questions.txt").write_text(
+        "synpic2|what is most alarming about this ct scan?\nsynpic3|what is the primary abnormality?\n")
+    (test / "Task1-VQA-2021-TestSet-ReferenceAnswers.txt").write_text(
+        "synpic2|appendicitis#acute appendicitis\nsynpic3|meningioma\nsynpic9|osteoma\n")
+    with pytest.raises(ManifestError, match=r"ReferenceAnswers\.txt:3: image 'synpic9' has no question in "
+                                            r"Task1-VQA-2021-TestSet-Questions\.txt"):
+        read_manifest(root)
+    rows = {r["question"]: r for r in read_manifest(root, on_bad_row="skip").rows}
+    assert rows["what abnormality is seen in the image?"]["split"] == "val"
+    alarming = rows["what is most alarming about this ct scan?"]
+    assert (alarming["split"], alarming["answer"]) == ("test", "appendicitis")
+    assert alarming["image"].endswith("VQA-Med-2021-Test-Images/synpic2.jpg")
+    (test / "Task1-VQA-2021-TestSet-Questions.txt").unlink()
+    with pytest.raises(FormatError, match=r"reference answers without their questions "
+                                          r"\(Task1-VQA-2021-TestSet-Questions\.txt beside them\)"):
+        read_rows(root)

@@ -29,7 +29,8 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
     vqa-med    ImageCLEF VQA-Med: image-id|question|answer lines (All_QA_Pairs_train.txt, All_QA_Pairs_val.txt,
                2020's *QA_pairs*.txt) or image-id|category|question|answer (VQAMed2019_Test_Questions_w_Ref_Answers
                .txt), each beside its *images/ folder of <image-id>.jpg; the folder as downloaded (one level up from
-               ImageClef-2019-VQA-Med-Training/, -Validation/, VQAMed2019Test/) reads every split
+               ImageClef-2019-VQA-Med-Training/, -Validation/, VQAMed2019Test/) reads every split; 2021's
+               *ValidationSet.txt; the 2020 / 2021 tests' *ReferenceAnswers.txt joined to their *Questions.txt
     parquet    a Hugging Face dataset's parquet files (*.parquet, data/*.parquet or <config>/<split>/*.parquet,
                as the Hub serves them: flaviagiammarino/vqa-rad, path-vqa): one image, question and answer
                per row, or one image and its report (a report / findings / impression / caption column: ROCO's
@@ -453,7 +454,12 @@ def read_mimic_cxr(path: Path) -> list[RawRow]:
 
 
 # ----------------------------------------------------------------------------- ImageCLEF VQA-Med
-_VQA_MED_NAME = re.compile(r"(qa_pairs|questions_w_ref_answers).*\.txt$", re.IGNORECASE)
+# 2019: All_QA_Pairs_*.txt, VQAMed2019_Test_Questions_w_Ref_Answers.txt; 2020: VQAnswering_2020_*_QA_Pairs.txt;
+# 2021: VQA-Med-2021-VQAnswering-Task1-New-ValidationSet.txt; the 2020 / 2021 tests: *ReferenceAnswers.txt (image-id|
+# answer) beside *Questions.txt (image-id|question)
+_VQA_MED_NAME = re.compile(r"(qa_pairs|questions_w_ref_answers|validationset|referenceanswers).*\.txt$",
+                           re.IGNORECASE)
+_REFERENCES = "referenceanswers"
 _VQA_MED_CATEGORY = re.compile(r"^C\d+_(.+?)_(train|val|valid|validation|test)\.txt$", re.IGNORECASE)
 
 
@@ -471,7 +477,7 @@ def _vqa_med_split(file: Path) -> Optional[str]:
     name = file.name.lower()
     if "ref_answers" in name or "test" in name:
         return "test"
-    return "val" if re.search(r"(^|[_\-.])(val|valid|validation)([_\-.]|$)", name) else \
+    return "val" if re.search(r"(^|[_\-.])(val|valid|validation)(set)?([_\-.]|$)", name) else \
         "train" if "train" in name else None
 
 
@@ -485,6 +491,21 @@ def _vqa_med_categories(folder: Path) -> dict[tuple[str, str], str]:
                 if len(fields) == 3:
                     out[(fields[0].strip(), " ".join(fields[1].split()).lower())] = m.group(1).lower()
     return out
+
+
+def _vqa_med_questions(references: Path) -> tuple[str, dict[str, str]]:
+    """The Questions file beside a test's ReferenceAnswers file: its name, and image id -> question."""
+    name = re.sub(_REFERENCES, "Questions", references.name, flags=re.IGNORECASE)
+    file = references.parent / name
+    if not file.is_file():
+        raise FormatError(f"{references}: reference answers without their questions ({name} beside them): put the "
+                          "test's questions file there")
+    out: dict[str, str] = {}
+    for line in _read_text(file).splitlines():
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) == 2 and fields[0]:
+            out.setdefault(fields[0], fields[1])
+    return name, out
 
 
 def _vqa_med_images(file: Path) -> Path:
@@ -502,18 +523,27 @@ def read_vqa_med(path: Path) -> list[RawRow]:
     """ImageCLEF VQA-Med: one question a line, ``image-id|question|answer`` or, in the 2019 test file,
     ``image-id|category|question|answer``; the image is ``<images folder>/<image-id>.jpg``. The category comes
     from the line or from the release's QAPairsByCategory/ files; yes/no answers are closed, the rest open. The
-    test file's reference answers may list alternatives (``a#b``): the first is the answer scored."""
+    2020 and 2021 tests keep ``image-id|answer`` in *ReferenceAnswers.txt beside ``image-id|question`` in
+    *Questions.txt: joined by image. Reference answers may list alternatives (``a#b``): the first is scored."""
     files = [path] if path.is_file() else vqa_med_files(path)
-    _need(files, path, "vqa-med", "All_QA_Pairs_*.txt, *QA_pairs*.txt or *_Test_Questions_w_Ref_Answers.txt "
-          "(here or one folder down)")
+    _need(files, path, "vqa-med", "All_QA_Pairs_*.txt, *QA_pairs*.txt, *ValidationSet.txt, *ReferenceAnswers.txt "
+          "or *_Test_Questions_w_Ref_Answers.txt (here or one folder down)")
     out: list[RawRow] = []
     for file in files:
         images, categories, split = _vqa_med_images(file), _vqa_med_categories(file.parent), _vqa_med_split(file)
+        asked, questions = _vqa_med_questions(file) if _REFERENCES in file.name.lower() else ("", None)
         for lineno, line in enumerate(_read_text(file).splitlines(), start=1):
             if not line.strip():
                 continue
             where, fields = f"{file.relative_to(path) if path.is_dir() else file.name}:{lineno}", line.split("|")
             fields = [f.strip() for f in fields]
+            if questions is not None:        # the 2020 / 2021 tests: image-id|answer, the question in its own file
+                if len(fields) != 2 or fields[0] not in questions:
+                    out.append(RawRow(where, None, f"{len(fields)} field(s) where the reference answers have "
+                                      "image-id|answer" if len(fields) != 2 else
+                                      f"image {fields[0]!r} has no question in {asked}"))
+                    continue
+                fields = [fields[0], questions[fields[0]], fields[1]]
             if len(fields) not in (3, 4):
                 out.append(RawRow(where, None, f"{len(fields)} field(s) where VQA-Med has image-id|question|answer "
                                                "(or image-id|category|question|answer)"))
