@@ -34,8 +34,8 @@ format, in :mod:`medvlm.data.manifest`. Layouts recognised by ``detect_format``:
     parquet    a Hugging Face dataset's parquet files (*.parquet, data/*.parquet or <config>/<split>/*.parquet,
                as the Hub serves them: flaviagiammarino/vqa-rad, path-vqa): one image, question and answer
                per row, or one image and its report (a report / findings / impression / caption column: ROCO's
-               and MIMIC-CXR's copies); the split from each file's name; the images, stored inside the files, written once
-               (named by their content) under the cache (MEDVLM_CACHE)/extracted-images/
+               and MIMIC-CXR's copies); the split from each file's name; the images, stored inside the files,
+               written once (named by their content) under the cache (MEDVLM_CACHE)/extracted-images/
 
 A folder holding the files of two layouts (a manifest.jsonl beside VQA-RAD's json) is refused, naming both, until
 the format is named: reading one of them without a word would train on rows nobody chose.
@@ -121,9 +121,8 @@ def detect_format(path: Path) -> str:
     hint = (f"; the data look one level down, in {', '.join(repr(b) for b in below[:3])}: point at that folder"
             if below else "")
     raise FormatError(f"{path}: no manifest.jsonl, {VQA_RAD_JSON!r} (or MEVF trainset.json / testset.json), SLAKE "
-                      f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE}, VQA-Med QA-pairs .txt, parquet "
-                      f"files or "
-                      f"MIMIC-CXR files/ tree here{hint}; otherwise name the format with --format (data.format) or "
+                      f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE}, VQA-Med QA-pairs "
+                      f".txt, parquet files or MIMIC-CXR files/ tree here{hint}; otherwise name the format with --format (data.format) or "
                       "point at the file")
 
 
