@@ -122,8 +122,8 @@ def detect_format(path: Path) -> str:
             if below else "")
     raise FormatError(f"{path}: no manifest.jsonl, {VQA_RAD_JSON!r} (or MEVF trainset.json / testset.json), SLAKE "
                       f"train/validate/test.json, PMC-VQA train/test csv, R2Gen {R2GEN_FILE}, VQA-Med QA-pairs "
-                      f".txt, parquet files or MIMIC-CXR files/ tree here{hint}; otherwise name the format with --format (data.format) or "
-                      "point at the file")
+                      f".txt, parquet files or MIMIC-CXR files/ tree here{hint}; otherwise name the format with "
+                      "--format (data.format) or point at the file")
 
 
 def _marker_files(folder: Path) -> dict[str, list[str]]:
