@@ -138,15 +138,36 @@ def build_site(run_config: Mapping, node_config: Mapping, stage: Optional[Stage]
     model = sites.model(cfg)
     # a hospital's own images: frozen features cached in its state directory, never sent anywhere
     cache = state_dir / "features" if data_cfg.source != "synthetic" else None
-    splits = load_splits(data_cfg, model.vision.preprocess,
-                         hospitals=[name] if data_cfg.source == "synthetic" else None,
-                         encode_files=cached_encoder(model, cache, data_cfg), only=("train", "val"))
+    try:
+        splits = load_splits(data_cfg, model.vision.preprocess,
+                             hospitals=[name] if data_cfg.source == "synthetic" else None,
+                             encode_files=cached_encoder(model, cache, data_cfg), only=("train", "val"))
+    except (ValueError, OSError) as err:
+        if "hospital" not in node_config:     # a simulation: the researcher's own synthetic data, said in full
+            raise
+        raise _unread(name, err) from err     # Flower sends str() of what a ClientApp raised, never its cause
     train = with_frozen_features(model, splits["train"])
     val = with_frozen_features(model, splits["val"])
     log.info("hospital %s, stage %s (%s): %d train / %d val rows, ledger in %s", name, stage.name, stage.task,
              len(train), len(val), state_dir)
     return Site(name, cfg, state_dir, policy.epsilon or 0.0, policy.delta, model, model.trainable_spec(), train, val,
                 stage, policy, tuple(notes), deployed="hospital" in node_config, canaries=_canaries(name, node_config))
+
+
+def _unread(name: str, err: Exception) -> SiteDataError:
+    """What a deployed hospital whose data cannot be read tells the coordinator: the kind of fault and how many
+    rows, never the files, paths or rows themselves (an exception's message leaves in Flower's error reply, and a
+    path can name a patient: MIMIC-CXR's p10000032/s50414267); those go to the hospital's own log."""
+    log.error("hospital %s: its data could not be read: %s", name, err)
+    problems = getattr(err, "problems", None)
+    kind = f"{len(problems)} bad row(s)" if problems else type(err).__name__
+    return SiteDataError(f"hospital {name}: its data could not be read ({kind}); the files and rows at fault are "
+                         "named in the hospital's own log, not sent: its IT runs medvlm-fl check-data on its "
+                         "data-path")
+
+
+class SiteDataError(RuntimeError):
+    """A deployed hospital's data could not be read; the details stay at the hospital."""
 
 
 def _canaries(name: str, node_config: Mapping) -> Optional[GradientCanaries]:

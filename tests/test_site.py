@@ -54,3 +54,25 @@ def test_the_site_cache_is_bounded_and_drops_the_oldest(tmp_path):
     sites.site(run, {"partition-id": 1})
     sites.site(run, {"partition-id": 2})                                 # the oldest (general) goes
     assert len(sites._sites) == 2 and sites.site(run, {"partition-id": 0}) is not first
+
+
+def test_a_deployed_site_whose_data_cannot_be_read_names_no_file_or_row_to_the_coordinator(tmp_path, caplog):
+    """An exception's message leaves in Flower's error reply, and a path can name a patient (MIMIC-CXR's
+    p10000032/s50414267): the coordinator hears the kind of fault and how many rows; the hospital's log, all."""
+    import json
+
+    from client.site import SiteDataError, build_site
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "manifest.jsonl").write_text(json.dumps({
+        "image": "files/p10/p10000032/s50414267/view1.jpg", "question": "is there an effusion?", "answer": "yes",
+        "answer_type": "closed"}) + "\n")
+    node = {"hospital": "st-mary", "data-path": str(folder), "state-dir": str(tmp_path / "state"), "epsilon": 8.0}
+    with caplog.at_level("ERROR", logger="client.site"), pytest.raises(SiteDataError) as raised:
+        build_site(RUN, node)
+    sent = str(raised.value)
+    assert sent.startswith("hospital st-mary: its data could not be read (1 bad row(s))") and "check-data" in sent
+    assert "p10000032" not in sent and "effusion" not in sent and str(folder) not in sent
+    assert any("p10000032" in r.getMessage() for r in caplog.records)       # the hospital's own log has it all
+    assert "p10000032" in str(raised.value.__cause__)     # and its traceback (Flower logs it there, sends str())
