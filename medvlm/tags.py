@@ -69,7 +69,8 @@ def image_tags(data: VQARows) -> list[set[str]]:
     for i, row in enumerate(data.rows):
         k = int(row["image_index"])
         if not 0 <= k < n:
-            raise ValueError(f"row {i} ({row.get('question', '')!r}) names image_index {k}, but the split has {n} images")
+            # the row by its index, not its question: at a deployed site this message reaches the coordinator
+            raise ValueError(f"row {i} names image_index {k}, but the split has {n} images")
         tags[k].add(tag_of(row))
     return tags
 
