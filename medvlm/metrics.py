@@ -193,8 +193,10 @@ def report_counts(predictions: Sequence[str], rows: Sequence[Mapping], labeler=s
         pred, gold = set(labeler(hyp)), set(labeler(ref))
         for label in pred | gold:
             if not _LABEL.match(label):
-                raise ValueError(f"finding label {label!r} from the labeler: use short plain labels "
-                                 "(letters, digits, _:=.- and spaces, at most 40 characters)")
+                # the label is not quoted: it may be report text, and a deployed site's error reaches the coordinator
+                raise ValueError(f"the labeler gave a finding label of {len(label)} character(s) that is not a short "
+                                 "plain label (letters, digits, _:=.- and spaces, at most 40 characters); run the "
+                                 "labeler on the site's reports there to see which")
             kind = "tp" if label in pred and label in gold else ("fp" if label in pred else "fn")
             c[f"finding/{label}_{kind}"] += 1
     return dict(c)

@@ -100,3 +100,12 @@ def test_only_report_statistics_may_leave_a_site():
         with pytest.raises(EgressError):
             check_metrics(bad, kind="evaluate")
     assert json.dumps(counts)      # numbers only
+
+
+def test_a_labeler_that_returns_report_text_is_refused_without_quoting_it():
+    """The labeler is the site's own; one that returns sentences is refused, and the message (which a deployed
+    site's error sends to the coordinator) says how long the label was, never what it said."""
+    report = "left pleural effusion in patient john doe, 67"
+    with pytest.raises(ValueError, match=r"finding label of 45 character\(s\) that is not a short plain label") as bad:
+        report_counts([report], [{"answer": report, "answer_type": "report"}], labeler=lambda text: [text])
+    assert "john doe" not in str(bad.value)
