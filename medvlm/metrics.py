@@ -45,14 +45,15 @@ def vqa_counts(predictions: Sequence[str], rows: Sequence[Mapping]) -> dict:
         raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows")
     c: dict = defaultdict(float)
     for pred, row in zip(predictions, rows):
-        hit = float(normalize(pred) == normalize(row["answer"]))
+        accepted = [row["answer"], *row.get("alternatives", ())]   # a release's other accepted answers (a#b)
+        hit = float(normalize(pred) in {normalize(a) for a in accepted})
         kind = row["answer_type"]
         c[f"{kind}_correct"] += hit
         c[f"{kind}_total"] += 1
         c[f"qtype/{row.get('qtype', 'all')}_correct"] += hit
         c[f"qtype/{row.get('qtype', 'all')}_total"] += 1
         if kind == "open":
-            c["open_recall_sum"] += token_recall(pred, row["answer"])
+            c["open_recall_sum"] += max(token_recall(pred, a) for a in accepted)
     return dict(c)
 
 

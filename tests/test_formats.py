@@ -702,6 +702,10 @@ def test_vqa_med_as_downloaded_every_split_its_categories_and_a_short_line_named
     assert rows[("val", "in which plane is the mri displayed?")]["image"].endswith("Val_images/synpic300.jpg")
     test = rows[("test", "what is the primary abnormality in this image?")]
     assert test["qtype"] == "abnormality" and test["answer"] == "anaplastic oligodendroglioma"   # first of a#b
+    assert test["alternatives"] == ["cystic mass"] and "alternatives" not in modality
+    from medvlm.metrics import vqa_counts                             # any of a#b scores, as VQA-Med's evaluation
+    assert [vqa_counts([said], [test])["open_correct"] for said in ("Cystic mass", "mass", "anaplastic "
+                                                                    "oligodendroglioma")] == [1.0, 0.0, 1.0]
     assert test["image"].endswith("VQAMed2019_Test_Images/synpic400.jpg")
     code, text = run_check(vqa_med / "ImageClef-2019-VQA-Med-Validation" / "All_QA_Pairs_val.txt")
     assert code == 0 and "1 question" in text                       # one file, read on its own
@@ -781,7 +785,8 @@ def test_vqa_med_2021_validation_and_a_test_whose_answers_are_in_their_own_file(
     rows = {r["question"]: r for r in read_manifest(root, on_bad_row="skip").rows}
     assert rows["what abnormality is seen in the image?"]["split"] == "val"
     alarming = rows["what is most alarming about this ct scan?"]
-    assert (alarming["split"], alarming["answer"]) == ("test", "appendicitis")
+    assert (alarming["split"], alarming["answer"], alarming["alternatives"]) == ("test", "appendicitis",
+                                                                                ["acute appendicitis"])
     assert alarming["image"].endswith("VQA-Med-2021-Test-Images/synpic2.jpg")
     (test / "Task1-VQA-2021-TestSet-Questions.txt").unlink()
     with pytest.raises(FormatError, match=r"reference answers without their questions "

@@ -69,3 +69,20 @@ def test_a_row_without_answer_type_is_told_what_the_two_values_mean(tmp_path):
         read_manifest(tmp_path)
     assert ("manifest.jsonl:1: missing key(s) ['answer_type'] (answer_type: closed when the answer is one of"
             in str(info.value))
+
+
+def test_alternatives_must_be_a_list_of_answers(tmp_path):
+    import json
+
+    from medvlm.data.manifest import ManifestError, read_manifest
+    from medvlm.data.synthetic import generate_hospital, write_manifest
+
+    write_manifest(generate_hospital("general", 4, seed=0), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    rows[0]["alternatives"] = ["a right pleural effusion"]
+    rows[1]["alternatives"] = "effusion"                                # one text, not a list
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:2: alternatives must be a list of other accepted"):
+        read_manifest(tmp_path)
+    kept = read_manifest(tmp_path, on_bad_row="skip").rows
+    assert kept[0]["alternatives"] == ["a right pleural effusion"] and len(kept) == len(rows) - 1

@@ -523,7 +523,8 @@ def read_vqa_med(path: Path) -> list[RawRow]:
     ``image-id|category|question|answer``; the image is ``<images folder>/<image-id>.jpg``. The category comes
     from the line or from the release's QAPairsByCategory/ files; yes/no answers are closed, the rest open. The
     2020 and 2021 tests keep ``image-id|answer`` in *ReferenceAnswers.txt beside ``image-id|question`` in
-    *Questions.txt: joined by image. Reference answers may list alternatives (``a#b``): the first is scored."""
+    *Questions.txt: joined by image. Reference answers may list alternatives (``a#b``): the first is the answer
+    trained on, and any of them scores (``alternatives``), as VQA-Med's own evaluation has it."""
     files = [path] if path.is_file() else vqa_med_files(path)
     _need(files, path, "vqa-med", "All_QA_Pairs_*.txt, *QA_pairs*.txt, *ValidationSet.txt, *ReferenceAnswers.txt "
           "or *_Test_Questions_w_Ref_Answers.txt (here or one folder down)")
@@ -547,14 +548,14 @@ def read_vqa_med(path: Path) -> list[RawRow]:
                 out.append(RawRow(where, None, f"{len(fields)} field(s) where VQA-Med has image-id|question|answer "
                                                "(or image-id|category|question|answer)"))
                 continue
-            image_id, question, answer = fields[0], " ".join(fields[-2].split()), fields[-1]
-            answer = answer.split("#")[0].strip()
+            image_id, question = fields[0], " ".join(fields[-2].split())
+            answer, *also = [a.strip() for a in fields[-1].split("#") if a.strip()] or [""]
             category = fields[1].lower() if len(fields) == 4 else categories.get((image_id, question.lower()))
             name = image_id if Path(image_id).suffix.lower() in IMAGE_SUFFIXES else f"{image_id}.jpg"
             out.append(RawRow(where, {
                 "image": str(images / name) if image_id else "", "question": question, "answer": answer,
                 "answer_type": "closed" if answer.lower() in ("yes", "no") else "open",
-                "qtype": category or None, "split": split}))
+                "qtype": category or None, "split": split, "alternatives": also or None}))
     return out
 
 

@@ -76,6 +76,9 @@ def _row_problem(row: dict, images: dict[str, Optional[str]], dicom: DicomConfig
                 return f"empty or non-text {key!r}"
         if row["answer_type"] not in ANSWER_TYPES:
             return f"answer_type {row['answer_type']!r} is not one of {list(ANSWER_TYPES)}"
+        also = row.get("alternatives")
+        if also is not None and not (isinstance(also, list) and all(_is_text(a) for a in also)):
+            return "alternatives must be a list of other accepted answers (texts)"
     else:
         for key in ("image", "report"):
             if not _is_text(row.get(key)):
