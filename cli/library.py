@@ -189,6 +189,8 @@ def check_data(path: str | Path, *, fmt: str = "auto", language: str = "en", on_
           + (f" of {info['patients']} patients" if info["patients"] else ""), file=out)
     print(f"  closed {info['closed']}, open {info['open']}; answer vocabulary {info['answer_vocabulary']}", file=out)
     print(f"  modalities {info['modalities']}; rows per split {info['splits']}", file=out)
+    if info["qtypes"]:
+        print(f"  question types (data.qtypes) {info['qtypes']}", file=out)
     for reason, n in info["left_out"].items():
         print(f"  left out: {n} row(s): {reason}", file=out)
     skip = on_bad_row == "skip"

@@ -710,6 +710,8 @@ def test_vqa_med_as_downloaded_every_split_its_categories_and_a_short_line_named
     code, text = run_check(vqa_med / "ImageClef-2019-VQA-Med-Validation" / "All_QA_Pairs_val.txt")
     assert code == 0 and "1 question" in text                       # one file, read on its own
     assert "WARNING split 'val' has only 1 row(s)" in text and "OK; 1 warning(s)" in text   # counted as said
+    _, text = run_check(vqa_med, on_bad_row="skip")
+    assert "question types (data.qtypes) {'modality': 2, 'abnormality': 2}" in text   # what data.qtypes can name
 
 
 def test_vqa_med_test_images_still_zipped_are_named(vqa_med):

@@ -203,6 +203,8 @@ def summarize(manifest: Manifest) -> dict:
         "image_types": dict(Counter(Path(i).suffix.lower() or "(none)"
                                     for i in {r["image"] for r in manifest.rows}).most_common()),
         "answer_vocabulary": len({r["answer"].lower() for r in vqa}),
+        # what data.qtypes (or a stage's qtypes) can name: the question types the rows carry, most asked first
+        "qtypes": dict(Counter(str(r["qtype"]) for r in vqa if r.get("qtype") is not None).most_common()),
         "splits": dict(Counter(str(r.get("split", "unsplit")) for r in manifest.rows).most_common()),
         "patients": len(patients),
         "patients_in_two_splits": sorted(p for p, s in patients.items() if len(s) > 1),
