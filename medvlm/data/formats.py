@@ -462,6 +462,16 @@ _REFERENCES = "referenceanswers"
 _VQA_MED_CATEGORY = re.compile(r"^C\d+_(.+?)_(train|val|valid|validation|test)\.txt$", re.IGNORECASE)
 
 
+def _bar_fields(line: str) -> list[str]:
+    """A VQA-Med line's ``|``-separated fields, stripped."""
+    return [f.strip() for f in line.split("|")]
+
+
+def _yes_no_closed(answer: str) -> str:
+    """The answer type of a release that gives none (VQA-Med, the Hub's VQA-RAD): yes/no closed, the rest open."""
+    return "closed" if answer.lower() in ("yes", "no") else "open"
+
+
 def _vqa_med_file(path: Path) -> bool:
     return bool(_VQA_MED_NAME.search(path.name))
 
@@ -485,10 +495,9 @@ def _vqa_med_categories(folder: Path) -> dict[tuple[str, str], str]:
     out: dict[tuple[str, str], str] = {}
     for file in sorted((folder / "QAPairsByCategory").glob("*.txt")):
         if m := _VQA_MED_CATEGORY.match(file.name):
-            for line in _read_text(file).splitlines():
-                fields = line.split("|")
+            for fields in map(_bar_fields, _read_text(file).splitlines()):
                 if len(fields) == 3:
-                    out[(fields[0].strip(), " ".join(fields[1].split()).lower())] = m.group(1).lower()
+                    out[(fields[0], " ".join(fields[1].split()).lower())] = m.group(1).lower()
     return out
 
 
@@ -500,8 +509,7 @@ def _vqa_med_questions(references: Path) -> tuple[str, dict[str, str]]:
         raise FormatError(f"{references}: reference answers without their questions ({name} beside them): put the "
                           "test's questions file there")
     out: dict[str, str] = {}
-    for line in _read_text(file).splitlines():
-        fields = [f.strip() for f in line.split("|")]
+    for fields in map(_bar_fields, _read_text(file).splitlines()):
         if len(fields) == 2 and fields[0]:
             out.setdefault(fields[0], fields[1])
     return name, out
@@ -535,8 +543,7 @@ def read_vqa_med(path: Path) -> list[RawRow]:
         for lineno, line in enumerate(_read_text(file).splitlines(), start=1):
             if not line.strip():
                 continue
-            where, fields = f"{file.relative_to(path) if path.is_dir() else file.name}:{lineno}", line.split("|")
-            fields = [f.strip() for f in fields]
+            where, fields = f"{file.relative_to(path) if path.is_dir() else file.name}:{lineno}", _bar_fields(line)
             if questions is not None:        # the 2020 / 2021 tests: image-id|answer, the question in its own file
                 if len(fields) != 2 or fields[0] not in questions:
                     out.append(RawRow(where, None, f"{len(fields)} field(s) where the reference answers have "
@@ -554,7 +561,7 @@ def read_vqa_med(path: Path) -> list[RawRow]:
             name = image_id if Path(image_id).suffix.lower() in IMAGE_SUFFIXES else f"{image_id}.jpg"
             out.append(RawRow(where, {
                 "image": str(images / name) if image_id else "", "question": question, "answer": answer,
-                "answer_type": "closed" if answer.lower() in ("yes", "no") else "open",
+                "answer_type": _yes_no_closed(answer),
                 "qtype": category or None, "split": split, "alternatives": also or None}))
     return out
 
@@ -639,7 +646,7 @@ def _parquet_row(file: Path, where: str, item: dict, split: Optional[str], texts
             return RawRow(where, None, f"no report in the row (its {' / '.join(texts)} cell is empty)")
         return RawRow(where, {"image": image, "report": report, "split": split})
     answer = _text(item["answer"])
-    kind = _text(item.get("answer_type")).lower() or ("closed" if answer.lower() in ("yes", "no") else "open")
+    kind = _text(item.get("answer_type")).lower() or _yes_no_closed(answer)
     qtype = _text(item.get("qtype") or item.get("question_type") or item.get("content_type")).lower() or None
     return RawRow(where, {"image": image, "question": _text(item["question"]), "answer": answer,
                           "answer_type": kind, "qtype": qtype, "modality": _text(item.get("modality")) or None,
